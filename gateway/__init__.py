@@ -1,0 +1,1 @@
+"""WebSocket gateway for moving chat clients from URL-token auth to message auth."""

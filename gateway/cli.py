@@ -1,0 +1,219 @@
+"""``ws-gateway``: serve, demo, and the tools ops and QA use around a rollout.
+
+`main(argv)` returns an exit code and never lets a traceback out, so tests call it in
+process and scripts can trust the exit status: 0 ok, 1 runtime failure, 2 bad config or
+usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from .app import create_app
+from .auth import mint_token
+from .config import Config, ConfigError, load_config, parse_config
+from .logs import setup_logging
+from .routing import choose_backend
+from .server import run, start_site, wait_for_signal
+from .stub_backend import create_stub_app
+
+log = logging.getLogger("gateway")
+DEFAULT_CONFIG = "config/gateway.yaml"
+
+
+def _config_path(given: str | None) -> str:
+    return given or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ws-gateway",
+        description="WebSocket gateway for migrating chat clients from URL-token auth to message auth.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = f"config file (default: $GATEWAY_CONFIG, else {DEFAULT_CONFIG})"
+
+    p = sub.add_parser("serve", help="run the gateway")
+    p.add_argument("--config", help=config_help)
+
+    p = sub.add_parser("demo", help="run the gateway with built-in stub backends on localhost")
+    p.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    p.add_argument("--new-percent", type=float, default=50.0, help="share of users routed to the new backend")
+
+    p = sub.add_parser("check-config", help="validate a config file: prints OK, or the problems and exits 2")
+    p.add_argument("path")
+
+    p = sub.add_parser("route", help="which backend a user goes to, and why")
+    p.add_argument("user_id")
+    p.add_argument("--config", help=config_help)
+
+    p = sub.add_parser("token", help="mint a token with the configured HMAC secret (staging tests)")
+    p.add_argument("user_id")
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (default 3600)")
+
+    p = sub.add_parser("stub-backend", help="run a reference backend for one auth style")
+    p.add_argument("--style", choices=("old", "new"), required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--config", help=config_help + "; its auth section verifies tokens")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        if args.command == "check-config":
+            load_config(args.path)
+            print("OK")
+            return 0
+        if args.command == "route":
+            config = load_config(_config_path(args.config))
+            route = choose_backend(args.user_id, config.rollout)
+            print(f"{route.backend} ({route.explain()})")
+            return 0
+        if args.command == "token":
+            config = load_config(_config_path(args.config))
+            if args.ttl <= 0:
+                print("error: --ttl must be positive", file=sys.stderr)
+                return 2
+            print(mint_token(config.auth, args.user_id, args.ttl))
+            return 0
+        if args.command == "serve":
+            config = load_config(_config_path(args.config))
+            setup_logging(config.log_level, config.auth.query_param)
+            return run(lambda: serve(config))
+        if args.command == "stub-backend":
+            config = load_config(_config_path(args.config))
+            setup_logging(config.log_level, config.auth.query_param)
+            return run(lambda: serve_stub(args.style, config, args.host, args.port))
+        if args.command == "demo":
+            setup_logging("INFO")
+            return run(lambda: demo(args.port, args.new_percent))
+    except ConfigError as exc:
+        print(f"error: invalid config {exc.source or ''}".rstrip(), file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(args.command)
+
+
+def main_entry() -> None:
+    sys.exit(main())
+
+
+async def serve(config: Config) -> int:
+    runner, port = await _listen(create_app(config), config.listen.host, config.listen.port)
+    log.info("listening", extra={"host": config.listen.host, "port": port, "path": config.path})
+    try:
+        await wait_for_signal()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+async def serve_stub(style: str, config: Config, host: str, port: int) -> int:
+    app = create_stub_app(style, config.auth, path=config.path, max_message_bytes=config.limits.max_message_bytes)
+    runner, bound = await _listen(app, host, port)
+    log.info("stub backend listening", extra={"style": style, "host": host, "port": bound, "path": config.path})
+    try:
+        await wait_for_signal()
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+async def _listen(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    try:
+        return await start_site(app, host, port)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def demo_config(secret: str, old_port: int, new_port: int, port: int, new_percent: float) -> Config:
+    return parse_config(
+        {
+            "listen": {"host": "127.0.0.1", "port": port},
+            "auth": {"algorithms": ["HS256"], "secret": secret},
+            "backends": {
+                "old": {"url": f"ws://127.0.0.1:{old_port}/ws/chat", "auth": "query"},
+                "new": {"url": f"ws://127.0.0.1:{new_port}/ws/chat", "auth": "message"},
+            },
+            "rollout": {"new_percent": new_percent, "salt": "demo"},
+        },
+        env={},
+    )
+
+
+async def demo(port: int, new_percent: float) -> int:
+    secret = secrets.token_urlsafe(32)
+    auth = demo_config(secret, 1, 1, port, new_percent).auth
+    runners = []
+    try:
+        old_runner, old_port = await _listen(create_stub_app("old", auth), "127.0.0.1", 0)
+        runners.append(old_runner)
+        new_runner, new_port = await _listen(create_stub_app("new", auth), "127.0.0.1", 0)
+        runners.append(new_runner)
+        config = demo_config(secret, old_port, new_port, port, new_percent)
+        gateway_runner, bound = await _listen(create_app(config), "127.0.0.1", port)
+        runners.append(gateway_runner)
+        print(demo_banner(config, bound, old_port, new_port), flush=True)
+        await wait_for_signal()
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+    return 0
+
+
+def demo_banner(config: Config, port: int, old_port: int, new_port: int) -> str:
+    users = {}
+    for n in range(1, 1000):
+        user = f"user-{n}"
+        users.setdefault(choose_backend(user, config.rollout).backend, user)
+        if len(users) == 2:
+            break
+    url = f"ws://127.0.0.1:{port}{config.path}"
+    lines = [
+        f"ws-gateway demo: gateway on {url}",
+        f"  old backend (token in URL):   ws://127.0.0.1:{old_port}{config.path}",
+        f"  new backend (authenticate):   ws://127.0.0.1:{new_port}{config.path}",
+        f"  rollout: {config.rollout.new_percent:g}% of users to the new backend",
+        "",
+    ]
+    for backend, user in sorted(users.items()):
+        token = mint_token(config.auth, user, 3600)
+        lines += [
+            f"{user} is routed to the {backend} backend ({choose_backend(user, config.rollout).explain()}). Token:",
+            f"  {token}",
+            "  legacy app:  websocat '" + url + "?token=" + token + "'",
+            "  current app: websocat " + url,
+            '               then send {"type":"authenticate","token":"' + token + '"}',
+            "",
+        ]
+    lines.append("Anything you send after that is echoed by the backend. Ctrl-C stops the demo.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,448 @@
+"""The gateway's configuration: a frozen model, parsed and validated once.
+
+`parse_config` is pure: it takes the mapping YAML produced plus the environment and
+returns a `Config` or raises `ConfigError` listing *every* problem, each with its dotted
+key path and the offending value (secrets are never echoed). `load_config` is the only
+place that touches the filesystem. Hot reload and `check-config` both go through it, so
+what ops validate by hand is exactly what the gateway accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+PUBLIC_KEY_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+BACKEND_NAMES = ("old", "new")
+UPSTREAM_STYLES = ("query", "message")
+DEFAULT_CONNECTED_MESSAGE = '{"type":"connected","message":"Connected to Wealth Coach AI"}'
+SECRET_KEYS = frozenset({"secret"})
+
+
+class ConfigError(Exception):
+    """A config that cannot be served. `problems` holds one line per bad key."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        prefix = f"{source}: " if source else ""
+        super().__init__(prefix + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    host: str = "0.0.0.0"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    algorithms: tuple[str, ...] = ("HS256",)
+    secret: str | None = field(default=None, repr=False)
+    public_key_file: str | None = None
+    public_key: str | None = field(default=None, repr=False)
+    user_id_claim: str = "user_id"
+    query_param: str = "token"
+    timeout_seconds: float = 30.0
+    audience: tuple[str, ...] = ()
+    issuer: str | None = None
+    leeway_seconds: float = 0.0
+    connected_message: str = DEFAULT_CONNECTED_MESSAGE
+
+    @property
+    def verification_key(self) -> str:
+        key = self.secret if self.secret is not None else self.public_key
+        assert key is not None, "parse_config guarantees a key"
+        return key
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    url: str
+    auth: str
+    query_param: str = "token"
+    connect_timeout_seconds: float = 10.0
+    handshake_timeout_seconds: float = 10.0
+    compress: bool = False
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    new_percent: float = 0.0
+    salt: str = "chat-auth-migration"
+    force_new: frozenset[str] = frozenset()
+    force_old: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_message_bytes: int = 1024 * 1024
+    hold_buffer_bytes: int = 4 * 1024 * 1024
+    hold_buffer_frames: int = 1000
+    ping_interval_seconds: float = 20.0
+    max_upstream_connections: int = 10000
+
+
+@dataclass(frozen=True)
+class Config:
+    auth: AuthConfig
+    backends: Mapping[str, BackendConfig]
+    listen: ListenConfig = ListenConfig()
+    path: str = "/ws/chat"
+    rollout: RolloutConfig = RolloutConfig()
+    limits: LimitsConfig = LimitsConfig()
+    log_level: str = "INFO"
+
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Reader:
+    """Walks the raw mapping, converting values and collecting errors by key path."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def error(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def bad(self, path: str, value: Any, expected: str) -> None:
+        shown = "<hidden>" if path.rsplit(".", 1)[-1] in SECRET_KEYS else repr(value)
+        self.error(path, f"expected {expected}, got {shown}")
+
+    def expand(self, path: str, value: str) -> str:
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in self.env:
+                return self.env[name]
+            if default is not None:
+                return default
+            self.error(path, f"environment variable {name} is not set")
+            return ""
+
+        return _ENV_PATTERN.sub(substitute, value)
+
+    def section(self, raw: Any, path: str, allowed: set[str]) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, Mapping):
+            self.bad(path or "<top level>", raw, "a mapping")
+            return {}
+        for key in raw:
+            if key not in allowed:
+                where = f"{path}.{key}" if path else str(key)
+                self.error(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        return dict(raw)
+
+    def string(self, raw: Mapping[str, Any], path: str, key: str, default: Any) -> Any:
+        if key not in raw or raw[key] is None:
+            return default
+        value = raw[key]
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            self.bad(_join(path, key), value, "a string")
+            return default
+        return self.expand(_join(path, key), str(value))
+
+    def number(
+        self,
+        raw: Mapping[str, Any],
+        path: str,
+        key: str,
+        default: float,
+        *,
+        low: float,
+        high: float = math.inf,
+        integer: bool = False,
+        low_inclusive: bool = True,
+    ) -> Any:
+        if key not in raw or raw[key] is None:
+            return default
+        value = raw[key]
+        where = _join(path, key)
+        if isinstance(value, str):
+            expanded = self.expand(where, value)
+            try:
+                value = int(expanded) if integer else float(expanded)
+            except ValueError:
+                self.bad(where, value, "an integer" if integer else "a number")
+                return default
+        kind = "an integer" if integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.bad(where, value, kind)
+            return default
+        if integer and not float(value).is_integer():
+            self.bad(where, value, kind)
+            return default
+        if math.isnan(value) or value > high or value < low or (value == low and not low_inclusive):
+            bound = "[" if low_inclusive else "("
+            self.error(where, f"{value!r} is out of range {bound}{low:g}, {high:g}]")
+            return default
+        return int(value) if integer else float(value)
+
+    def boolean(self, raw: Mapping[str, Any], path: str, key: str, default: bool) -> bool:
+        if key not in raw or raw[key] is None:
+            return default
+        value = raw[key]
+        if not isinstance(value, bool):
+            self.bad(_join(path, key), value, "true or false")
+            return default
+        return value
+
+    def string_list(self, raw: Mapping[str, Any], path: str, key: str) -> tuple[str, ...]:
+        if key not in raw or raw[key] is None:
+            return ()
+        value = raw[key]
+        where = _join(path, key)
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            self.bad(where, value, "a list of strings")
+            return ()
+        items = []
+        for index, item in enumerate(value):
+            if isinstance(item, bool) or not isinstance(item, (str, int)):
+                self.bad(f"{where}[{index}]", item, "a string")
+                continue
+            items.append(self.expand(f"{where}[{index}]", str(item)))
+        return tuple(items)
+
+    def choice(self, raw: Mapping[str, Any], path: str, key: str, default: str, options: tuple[str, ...]) -> str:
+        value = self.string(raw, path, key, default)
+        if value not in options:
+            self.error(_join(path, key), f"{value!r} is not one of {', '.join(options)}")
+            return default
+        return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def parse_config(
+    raw: Any,
+    *,
+    env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+    read_text: Callable[[Path], str] = lambda p: p.read_text(encoding="utf-8"),
+) -> Config:
+    """Validate the raw YAML mapping into a `Config`, or raise `ConfigError` with every problem."""
+    r = _Reader(os.environ if env is None else env)
+    top = r.section(
+        raw, "", {"listen", "path", "auth", "backends", "rollout", "limits", "log_level"}
+    )
+    if raw is None:
+        r.error("<top level>", "the config is empty")
+
+    listen_raw = r.section(top.get("listen"), "listen", {"host", "port"})
+    listen = ListenConfig(
+        host=r.string(listen_raw, "listen", "host", ListenConfig.host),
+        port=r.number(listen_raw, "listen", "port", ListenConfig.port, low=0, high=65535, integer=True),
+    )
+
+    path = r.string(top, "", "path", "/ws/chat")
+    if not path.startswith("/") or "?" in path:
+        r.error("path", f"{path!r} must start with / and carry no query string")
+
+    auth = _parse_auth(r, top.get("auth"), base_dir or Path.cwd(), read_text)
+    backends = _parse_backends(r, top.get("backends"))
+    rollout = _parse_rollout(r, top.get("rollout"))
+    limits = _parse_limits(r, top.get("limits"))
+    log_level = r.choice(top, "", "log_level", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    if r.problems:
+        raise ConfigError(r.problems)
+    return Config(
+        listen=listen,
+        path=path,
+        auth=auth,
+        backends=backends,
+        rollout=rollout,
+        limits=limits,
+        log_level=log_level,
+    )
+
+
+def _parse_auth(
+    r: _Reader, raw: Any, base_dir: Path, read_text: Callable[[Path], str]
+) -> AuthConfig:
+    p = "auth"
+    a = r.section(
+        raw,
+        p,
+        {
+            "algorithms", "secret", "public_key_file", "user_id_claim", "query_param",
+            "timeout_seconds", "audience", "issuer", "leeway_seconds", "connected_message",
+        },
+    )
+    if raw is None:
+        r.error(p, "missing: the gateway cannot verify tokens without it")
+    algorithms = r.string_list(a, p, "algorithms") or ("HS256",)
+    known = HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS
+    for alg in algorithms:
+        if alg not in known:
+            r.error(f"{p}.algorithms", f"{alg!r} is not supported (use {', '.join(sorted(known))})")
+    hmac = [alg for alg in algorithms if alg in HMAC_ALGORITHMS]
+    public = [alg for alg in algorithms if alg in PUBLIC_KEY_ALGORITHMS]
+    if hmac and public:
+        r.error(f"{p}.algorithms", "mixing HMAC and public-key algorithms is not supported")
+
+    secret = r.string(a, p, "secret", None)
+    key_file = r.string(a, p, "public_key_file", None)
+    public_key = None
+    if hmac and not public:
+        if not secret:
+            r.error(f"{p}.secret", "required (non-empty) for HMAC algorithms")
+        if key_file:
+            r.error(f"{p}.public_key_file", "not used with HMAC algorithms; set auth.secret")
+    if public and not hmac:
+        if secret:
+            r.error(f"{p}.secret", "not used with public-key algorithms; set auth.public_key_file")
+        if not key_file:
+            r.error(f"{p}.public_key_file", "required for public-key algorithms")
+        else:
+            key_path = Path(key_file)
+            if not key_path.is_absolute():
+                key_path = base_dir / key_path
+            try:
+                public_key = read_text(key_path)
+            except OSError as exc:
+                r.error(f"{p}.public_key_file", f"cannot read {str(key_path)!r}: {exc.strerror or exc}")
+            else:
+                if "PUBLIC KEY" not in public_key:
+                    r.error(f"{p}.public_key_file", f"{str(key_path)!r} is not a PEM public key")
+
+    connected = r.string(a, p, "connected_message", DEFAULT_CONNECTED_MESSAGE)
+    try:
+        decoded = json.loads(connected)
+    except ValueError:
+        decoded = None
+    if not isinstance(decoded, dict) or decoded.get("type") != "connected":
+        r.error(f"{p}.connected_message", 'must be a JSON object with "type": "connected"')
+
+    return AuthConfig(
+        algorithms=algorithms,
+        secret=secret,
+        public_key_file=key_file,
+        public_key=public_key,
+        user_id_claim=r.string(a, p, "user_id_claim", "user_id"),
+        query_param=_parameter_name(r, a, p, "query_param"),
+        timeout_seconds=r.number(a, p, "timeout_seconds", 30.0, low=0, high=3600, low_inclusive=False),
+        audience=r.string_list(a, p, "audience"),
+        issuer=r.string(a, p, "issuer", None),
+        leeway_seconds=r.number(a, p, "leeway_seconds", 0.0, low=0, high=3600),
+        connected_message=connected,
+    )
+
+
+def _parameter_name(r: _Reader, raw: Mapping[str, Any], path: str, key: str) -> str:
+    name = r.string(raw, path, key, "token")
+    if not name or not re.fullmatch(r"[A-Za-z0-9_.~-]+", name):
+        r.error(_join(path, key), f"{name!r} is not a plain URL parameter name")
+        return "token"
+    return name
+
+
+def _parse_backends(r: _Reader, raw: Any) -> dict[str, BackendConfig]:
+    section = r.section(raw, "backends", set(BACKEND_NAMES))
+    if raw is None:
+        r.error("backends", "missing: both backends.old and backends.new are required")
+    backends = {}
+    for name in BACKEND_NAMES:
+        p = f"backends.{name}"
+        if name not in section:
+            if raw is not None:
+                r.error(p, "missing")
+            continue
+        b = r.section(
+            section[name],
+            p,
+            {"url", "auth", "query_param", "connect_timeout_seconds", "handshake_timeout_seconds", "compress"},
+        )
+        url = r.string(b, p, "url", "")
+        if not re.fullmatch(r"wss?://[^/?#\s]+(/[^#\s]*)?", url):
+            r.error(f"{p}.url", f"{url!r} is not a ws:// or wss:// URL")
+        if "auth" not in b:
+            r.error(f"{p}.auth", "missing: say which auth style this backend speaks (query or message)")
+        backends[name] = BackendConfig(
+            url=url,
+            auth=r.choice(b, p, "auth", "query", UPSTREAM_STYLES),
+            query_param=_parameter_name(r, b, p, "query_param"),
+            connect_timeout_seconds=r.number(b, p, "connect_timeout_seconds", 10.0, low=0, high=300, low_inclusive=False),
+            handshake_timeout_seconds=r.number(b, p, "handshake_timeout_seconds", 10.0, low=0, high=300, low_inclusive=False),
+            compress=r.boolean(b, p, "compress", False),
+        )
+    return backends
+
+
+def _parse_rollout(r: _Reader, raw: Any) -> RolloutConfig:
+    p = "rollout"
+    s = r.section(raw, p, {"new_percent", "salt", "force_new", "force_old"})
+    force_new = frozenset(r.string_list(s, p, "force_new"))
+    force_old = frozenset(r.string_list(s, p, "force_old"))
+    both = sorted(force_new & force_old)
+    if both:
+        r.error(f"{p}.force_new", f"users in both force_new and force_old: {', '.join(both[:10])}")
+    salt = r.string(s, p, "salt", RolloutConfig.salt)
+    if not salt:
+        r.error(f"{p}.salt", "must not be empty")
+    return RolloutConfig(
+        new_percent=r.number(s, p, "new_percent", 0.0, low=0, high=100),
+        salt=salt,
+        force_new=force_new,
+        force_old=force_old,
+    )
+
+
+def _parse_limits(r: _Reader, raw: Any) -> LimitsConfig:
+    p = "limits"
+    s = r.section(
+        raw,
+        p,
+        {"max_message_bytes", "hold_buffer_bytes", "hold_buffer_frames", "ping_interval_seconds", "max_upstream_connections"},
+    )
+    d = LimitsConfig()
+    max_message = r.number(s, p, "max_message_bytes", d.max_message_bytes, low=1, high=2**31, integer=True)
+    hold_bytes = r.number(s, p, "hold_buffer_bytes", max(d.hold_buffer_bytes, max_message), low=1, high=2**33, integer=True)
+    if hold_bytes < max_message:
+        r.error(f"{p}.hold_buffer_bytes", f"{hold_bytes} is smaller than limits.max_message_bytes ({max_message})")
+    return LimitsConfig(
+        max_message_bytes=max_message,
+        hold_buffer_bytes=hold_bytes,
+        hold_buffer_frames=r.number(s, p, "hold_buffer_frames", d.hold_buffer_frames, low=1, high=10**6, integer=True),
+        ping_interval_seconds=r.number(s, p, "ping_interval_seconds", d.ping_interval_seconds, low=0, high=3600),
+        max_upstream_connections=r.number(s, p, "max_upstream_connections", d.max_upstream_connections, low=1, high=10**6, integer=True),
+    )
+
+
+def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the YAML file at `path`; every failure is a `ConfigError` naming it."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {exc.strerror or exc}"], source) from None
+    except UnicodeDecodeError:
+        raise ConfigError(["the file is not UTF-8 text"], source) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError([f"{where}{problem}"], source) from None
+    try:
+        return parse_config(raw, env=env, base_dir=Path(path).resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, source) from None

@@ -1,0 +1,262 @@
+"""The aiohttp shell around `protocol.Session`: upgrade, handshake, relay, one teardown.
+
+Two tasks per connection, because aiohttp allows only one reader per socket: the
+request handler reads the client; a child task opens the upstream and reads it. Until
+the relay starts, both feed the session under one lock and perform its actions in
+order, so held frames always reach the backend before later ones. After that each task
+runs `pump.pump` in its direction with no lock and no per-frame work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from yarl import URL
+
+from . import closecodes
+from .closecodes import Leg
+from .protocol import (
+    Action,
+    CloseClient,
+    CloseUpstream,
+    OpenUpstream,
+    Phase,
+    SendClient,
+    SendUpstream,
+    Session,
+    StartRelay,
+)
+from .pump import Flow, close_leg, pump
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+log = logging.getLogger("gateway.relay")
+
+_DATA = (WSMsgType.TEXT, WSMsgType.BINARY)
+_REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+
+
+def request_id(request: web.Request) -> str:
+    """The caller's X-Request-ID when it is a sane token, else a fresh one."""
+    given = request.headers.get("X-Request-ID", "")
+    if 0 < len(given) <= 128 and set(given) <= _REQUEST_ID_CHARS:
+        return given
+    return uuid.uuid4().hex
+
+
+def upstream_headers(request: web.Request, rid: str) -> dict[str, str]:
+    """Headers that tell the backend who the client is, as a reverse proxy would."""
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    headers = {
+        "X-Forwarded-For": f"{prior}, {peer}" if prior else peer,
+        "X-Forwarded-Proto": "https" if request.secure else "http",
+        "X-Request-ID": rid,
+    }
+    for name in ("User-Agent", "Origin", "Accept-Language"):
+        value = request.headers.get(name)
+        if value is not None:
+            headers[name] = value
+    return headers
+
+
+@dataclass(eq=False)
+class Connection:
+    """Everything one client connection owns; `handle` drives it."""
+
+    gateway: Gateway
+    request: web.Request
+    ws: web.WebSocketResponse
+    session: Session
+    request_id: str
+    started: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
+    upstream: aiohttp.ClientWebSocketResponse | None = None
+    upstream_task: asyncio.Task[None] | None = None
+    relaying: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    to_upstream: Flow = field(default_factory=Flow)
+    to_client: Flow = field(default_factory=Flow)
+
+    # -- actions -----------------------------------------------------------------------
+
+    async def perform(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendUpstream):
+                assert self.upstream is not None
+                await _send(self.upstream, action.data)
+            elif isinstance(action, SendClient):
+                await _send(self.ws, action.data)
+            elif isinstance(action, OpenUpstream):
+                self.upstream_task = asyncio.create_task(self.run_upstream(action))
+            elif isinstance(action, CloseClient):
+                await close_leg(self.ws, action.code, action.reason)
+            elif isinstance(action, CloseUpstream):
+                if self.upstream is not None:
+                    await close_leg(self.upstream, action.code, action.reason)
+            elif isinstance(action, StartRelay):
+                self.ready_at = time.monotonic()
+                self.relaying = True
+
+    async def feed(self, event: Any, *args: Any) -> None:
+        """Feed one event to the session and perform its actions, atomically w.r.t. the other task."""
+        async with self.lock:
+            await self.perform(event(*args))
+
+    # -- the client side (request handler task) ------------------------------------------
+
+    async def run(self) -> None:
+        session = self.session
+        await self.perform(session.start())
+        if session.phase is Phase.AUTHENTICATING:
+            await self.authenticate()
+        while session.phase in (Phase.CONNECTING, Phase.UPSTREAM_HANDSHAKE) and not self.relaying:
+            msg = await self.ws.receive()
+            if msg.type in _DATA:
+                await self.feed(session.client_frame, msg.data)
+            elif msg.type is WSMsgType.CLOSING:
+                return  # the upstream task closed the client
+            else:
+                await self.client_left(msg)
+                return
+        if self.relaying:
+            async with self.lock:  # wait until the held frames are flushed
+                pass
+            await pump(self.ws, self.upstream, Leg.UPSTREAM, self.to_upstream)
+
+    async def authenticate(self) -> None:
+        session = self.session
+        deadline = asyncio.get_running_loop().time() + session.auth_timeout
+        while session.phase is Phase.AUTHENTICATING:
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                msg = await self.ws.receive(timeout=remaining)
+            except TimeoutError:
+                await self.perform(session.auth_timed_out())
+                return
+            if msg.type in _DATA:
+                await self.perform(session.client_frame(msg.data))
+            else:
+                await self.client_left(msg)
+                return
+
+    async def client_left(self, msg: aiohttp.WSMessage) -> None:
+        """The client closed or vanished before the relay started: tell the session, echo a close."""
+        code, reason = _close_of(msg)
+        self.to_upstream.close_code, self.to_upstream.close_reason = code, reason
+        await self.feed(self.session.client_closed, code, reason)
+        if msg.type is WSMsgType.CLOSE:
+            await close_leg(self.ws, code if code in closecodes.SENDABLE else closecodes.NORMAL, "")
+
+    # -- the upstream side (child task) ----------------------------------------------------
+
+    async def run_upstream(self, action: OpenUpstream) -> None:
+        session = self.session
+        try:
+            async with asyncio.timeout(session.connect_timeout):
+                upstream = await self.gateway.client.ws_connect(
+                    URL(action.url, encoded=True),
+                    headers=upstream_headers(self.request, self.request_id),
+                    autoclose=False,
+                    autoping=True,
+                    heartbeat=session.config.limits.ping_interval_seconds or None,
+                    max_msg_size=session.config.limits.max_message_bytes + 1,
+                    compress=15 if action.config.compress else 0,
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            log.warning(
+                "upstream refused the upgrade",
+                extra={"request_id": self.request_id, "backend": action.backend, "status": exc.status},
+            )
+            if exc.status in (401, 403):
+                await self.feed(session.upstream_closed, closecodes.POLICY_VIOLATION, "")
+            else:
+                await self.feed(session.upstream_failed, "connect")
+            return
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.warning(
+                "upstream unreachable",
+                extra={"request_id": self.request_id, "backend": action.backend, "error": type(exc).__name__},
+            )
+            await self.feed(session.upstream_failed, "connect")
+            return
+
+        self.upstream = upstream
+        if session.phase is Phase.CLOSED:  # the client left or overflowed while we connected
+            await close_leg(upstream, closecodes.GOING_AWAY, "client closed")
+            return
+        await self.feed(session.upstream_opened)
+        if session.phase is Phase.UPSTREAM_HANDSHAKE:
+            await self.upstream_handshake(upstream)
+        if self.relaying:
+            await pump(upstream, self.ws, Leg.CLIENT, self.to_client)
+
+    async def upstream_handshake(self, upstream: aiohttp.ClientWebSocketResponse) -> None:
+        session = self.session
+        deadline = asyncio.get_running_loop().time() + session.handshake_timeout
+        while session.phase is Phase.UPSTREAM_HANDSHAKE:
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                msg = await upstream.receive(timeout=remaining)
+            except TimeoutError:
+                log.warning("upstream handshake timed out", extra={"request_id": self.request_id, "backend": session.backend})
+                await self.feed(session.upstream_failed, "handshake")
+                return
+            if msg.type in _DATA:
+                await self.feed(session.upstream_frame, msg.data)
+            elif msg.type is WSMsgType.CLOSING:
+                return
+            else:
+                code, reason = _close_of(msg)
+                self.to_client.close_code, self.to_client.close_reason = code, reason
+                await self.feed(session.upstream_closed, code, reason)
+                if msg.type is WSMsgType.CLOSE:
+                    await close_leg(upstream, code if code in closecodes.SENDABLE else closecodes.NORMAL, "")
+                return
+
+    # -- teardown ----------------------------------------------------------------------------
+
+    async def finish(self) -> None:
+        """Leave no leg half-open, whichever way the connection ended."""
+        task = self.upstream_task
+        if task is not None and not task.done():
+            if self.upstream is not None:
+                # The upstream task is closing a leg or pumping its last frames: let it finish.
+                done, _ = await asyncio.wait({task}, timeout=self.gateway.close_timeout)
+                if not done:
+                    task.cancel()
+            else:
+                task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if self.upstream is not None and not self.upstream.closed:
+            await close_leg(self.upstream, closecodes.GOING_AWAY, "client closed")
+        if not self.ws.closed:
+            await close_leg(self.ws, closecodes.INTERNAL_ERROR, "gateway error")
+
+
+def _close_of(msg: aiohttp.WSMessage) -> tuple[int | None, str]:
+    if msg.type is WSMsgType.CLOSE:
+        return msg.data, msg.extra or ""
+    return closecodes.ABNORMAL, ""
+
+
+async def _send(ws: Any, data: str | bytes) -> None:
+    if isinstance(data, str):
+        await ws.send_str(data)
+    else:
+        await ws.send_bytes(data)
