@@ -21,6 +21,7 @@ def runner_for(app: web.Application) -> web.AppRunner:
         access_log_class=AccessLogger,
         access_log=logging.getLogger("gateway.access"),
         handle_signals=False,
+        shutdown_timeout=5.0,
     )
 
 
@@ -28,7 +29,7 @@ async def start_site(app: web.Application, host: str, port: int) -> tuple[web.Ap
     """Start `app` on host:port (0 picks a free port); returns the runner and the bound port."""
     runner = runner_for(app)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, shutdown_timeout=5.0)
+    site = web.TCPSite(runner, host, port)
     try:
         await site.start()
     except OSError:

@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from .helpers import Stack, start_stack
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Stack]:
+    """Gateway plus stub old and new backends; every user goes old unless a test reroutes."""
+    s = await start_stack()
+    try:
+        yield s
+    finally:
+        await s.close()
