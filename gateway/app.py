@@ -1,76 +1,28 @@
-"""The aiohttp application: one route, one `Gateway` holding what connections share."""
+"""The aiohttp application: the chat route in front of a shared `Gateway`."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-import weakref
+from email.utils import formatdate
 
-import aiohttp
 from aiohttp import web
 
 from . import closecodes
-from .auth import Verifier
 from .config import Config
 from .protocol import Session
-from .pump import close_leg
 from .relay import Connection, request_id
-from .routing import Route, choose_backend
+from .runtime import Gateway
 
 log = logging.getLogger("gateway")
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 
 
-class Gateway:
-    """The live config and the resources every connection shares."""
-
-    close_timeout = 5.0
-
-    def __init__(self, config: Config, client: aiohttp.ClientSession | None = None) -> None:
-        self._client = client
-        self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
-        self.apply(config)
-
-    def apply(self, config: Config) -> None:
-        """Serve `config` to new connections; established ones keep the one they started with."""
-        self.config = config
-        self.verifier = Verifier(config.auth)
-
-    def route(self, user_id: str) -> Route:
-        return choose_backend(user_id, self.config.rollout)
-
-    @property
-    def client(self) -> aiohttp.ClientSession:
-        assert self._client is not None, "the app has not started"
-        return self._client
-
-    async def start(self) -> None:
-        if self._client is None:
-            connector = aiohttp.TCPConnector(limit=self.config.limits.max_upstream_connections, limit_per_host=0)
-            self._client = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=None),
-                skip_auto_headers=("User-Agent",),
-            )
-
-    async def stop(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-
-    async def close_all(self, code: int, reason: str) -> None:
-        """Close every open connection on both legs (shutdown)."""
-        closing = []
-        for conn in list(self.connections):
-            closing.append(close_leg(conn.ws, code, reason))
-            if conn.upstream is not None:
-                closing.append(close_leg(conn.upstream, closecodes.GOING_AWAY, "gateway shutting down"))
-        await asyncio.gather(*closing)
-
-
 async def chat(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     config = gateway.config
+    if not gateway.accepting:
+        return web.Response(status=503, text="gateway restarting, retry shortly\n", headers={"Retry-After": "5"})
     ws = web.WebSocketResponse(
         autoclose=False,
         autoping=True,
@@ -82,10 +34,13 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return web.Response(status=426, text="WebSocket upgrade required\n", headers={"Upgrade": "websocket"})
     rid = request_id(request)
     ws.headers["X-Request-ID"] = rid
-    await ws.prepare(request)
-
     raw_query = request.raw_path.partition("?")[2]
     session = Session(config, gateway.verifier, gateway.route, raw_query)
+    if session.auth_style == "legacy" and config.auth.legacy == "deprecate":
+        ws.headers.update(deprecation_headers(config))
+    gateway.metrics.attempts.labels(session.auth_style).inc()
+    await ws.prepare(request)
+
     conn = Connection(gateway=gateway, request=request, ws=ws, session=session, request_id=rid)
     gateway.connections.add(conn)
     try:
@@ -94,15 +49,24 @@ async def chat(request: web.Request) -> web.StreamResponse:
         log.error("connection failed", extra={"request_id": rid, "error": type(exc).__name__})
     finally:
         await conn.finish()
-        gateway.connections.discard(conn)
+        gateway.session_ended(conn)
         log_connection(conn)
     return ws
+
+
+def deprecation_headers(config: Config) -> dict[str, str]:
+    """RFC 9745 Deprecation and RFC 8594 Sunset for URL-token clients: seen by monitoring, not by apps."""
+    headers = {}
+    if config.auth.legacy_deprecated_at is not None:
+        headers["Deprecation"] = f"@{config.auth.legacy_deprecated_at}"
+    if config.auth.legacy_sunset is not None:
+        headers["Sunset"] = formatdate(config.auth.legacy_sunset, usegmt=True)
+    return headers
 
 
 def log_connection(conn: Connection) -> None:
     """One line per finished connection: who, which path, how it ended. Never the token."""
     session = conn.session
-    now = time.monotonic()
     log.info(
         "connection closed",
         extra={
@@ -110,15 +74,18 @@ def log_connection(conn: Connection) -> None:
             "user_id": session.identity.user_id if session.identity else None,
             "auth_style": session.auth_style,
             "backend": session.backend,
+            "fell_back": session.fell_back,
             "failure": session.failure,
             "ready_s": round(conn.ready_at - conn.started, 4) if conn.ready_at else None,
-            "duration_s": round(now - conn.started, 3),
+            "duration_s": round(time.monotonic() - conn.started, 3),
             "client_frames": conn.to_upstream.frames,
             "client_bytes": conn.to_upstream.bytes,
             "backend_frames": conn.to_client.frames,
             "backend_bytes": conn.to_client.bytes,
-            "client_close": conn.to_upstream.close_code,
-            "backend_close": conn.to_client.close_code,
+            "client_close_code": conn.to_upstream.close_code,
+            "client_close_reason": conn.to_upstream.close_reason,
+            "backend_close_code": conn.to_client.close_code,
+            "backend_close_reason": conn.to_client.close_reason,
         },
     )
 
@@ -133,7 +100,7 @@ def create_app(config: Config, *, gateway: Gateway | None = None) -> web.Applica
         await gateway.start()
 
     async def on_shutdown(app: web.Application) -> None:
-        await gateway.close_all(closecodes.GOING_AWAY, "server shutting down")
+        await gateway.close_all(closecodes.SERVICE_RESTART, "server restarting")
 
     async def on_cleanup(app: web.Application) -> None:
         await gateway.stop()

@@ -13,8 +13,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
+import warnings
 
+import jwt
+from jwt.warnings import InsecureKeyLengthWarning
+
+# PyJWT warns (multi-line, on stderr) on every use of a short HMAC key; the gateway
+# cannot choose the secret the old backend uses, so it says so once in its own log instead.
+warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
 from .config import AuthConfig
 
 MAX_TOKEN_BYTES = 8 * 1024
@@ -41,6 +47,7 @@ REASONS: dict[str, str] = {
     "not_authenticate": 'first frame must be {"type":"authenticate","token":...}',
     "timeout": "authentication timed out",
     "upstream_rejected": "token rejected by backend",
+    "legacy_denied": "token-in-URL auth is no longer supported: please update the app",
 }
 
 
@@ -71,7 +78,7 @@ def parse_authenticate_frame(data: str | bytes) -> tuple[str, dict[str, Any]]:
         raise AuthError("token_too_large")
     try:
         message = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting ("[[[[…") raises RecursionError
         raise AuthError("bad_frame") from None
     if not isinstance(message, dict) or message.get("type") != "authenticate":
         raise AuthError("not_authenticate")
@@ -113,7 +120,7 @@ class Verifier:
     def verify(self, token: str | None) -> Identity:
         if not token:
             raise AuthError("missing_token")
-        if len(token) > MAX_TOKEN_BYTES:
+        if len(token) > MAX_TOKEN_BYTES or len(token.encode("utf-8", "surrogatepass")) > MAX_TOKEN_BYTES:
             raise AuthError("token_too_large")
         cfg = self._config
         try:

@@ -8,21 +8,20 @@ usage.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
+import math
 import os
 import secrets
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
 
 from .app import create_app
 from .auth import mint_token
 from .config import Config, ConfigError, load_config, parse_config
 from .logs import setup_logging
 from .routing import choose_backend
-from .server import run, start_site, wait_for_signal
+from .server import Signals, run, serve, start_site
 from .stub_backend import create_stub_app
 
 log = logging.getLogger("gateway")
@@ -31,6 +30,27 @@ DEFAULT_CONFIG = "config/gateway.yaml"
 
 def _config_path(given: str | None) -> str:
     return given or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG
+
+
+def _port(text: str) -> int:
+    """A TCP port for argparse; uvloop would silently bind 70000 as 70000 % 65536."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is out of range [0, 65535]")
+    return port
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 100:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is out of range [0, 100]")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help=config_help)
 
     p = sub.add_parser("demo", help="run the gateway with built-in stub backends on localhost")
-    p.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
-    p.add_argument("--new-percent", type=float, default=50.0, help="share of users routed to the new backend")
+    p.add_argument("--port", type=_port, default=8080, help="gateway port (default 8080)")
+    p.add_argument("--new-percent", type=_percent, default=50.0, help="share of users routed to the new backend")
 
     p = sub.add_parser("check-config", help="validate a config file: prints OK, or the problems and exits 2")
     p.add_argument("path")
@@ -62,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stub-backend", help="run a reference backend for one auth style")
     p.add_argument("--style", choices=("old", "new"), required=True)
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=_port, required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--config", help=config_help + "; its auth section verifies tokens")
     return parser
@@ -86,15 +106,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "token":
             config = load_config(_config_path(args.config))
-            if args.ttl <= 0:
-                print("error: --ttl must be positive", file=sys.stderr)
+            # exp is whole seconds: a TTL under 1 s would mint an already-expired token,
+            # and inf / nan would escape as a traceback from int().
+            if not math.isfinite(args.ttl) or args.ttl < 1:
+                print("error: --ttl must be a finite number of seconds, at least 1", file=sys.stderr)
                 return 2
             print(mint_token(config.auth, args.user_id, args.ttl))
             return 0
         if args.command == "serve":
             config = load_config(_config_path(args.config))
             setup_logging(config.log_level, config.auth.query_param)
-            return run(lambda: serve(config))
+            return run(lambda: serve(config, _config_path(args.config)))
         if args.command == "stub-backend":
             config = load_config(_config_path(args.config))
             setup_logging(config.log_level, config.auth.query_param)
@@ -103,9 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup_logging("INFO")
             return run(lambda: demo(args.port, args.new_percent))
     except ConfigError as exc:
-        print(f"error: invalid config {exc.source or ''}".rstrip(), file=sys.stderr)
+        # One self-contained line per problem, so a single problem is a single line and
+        # each line survives grep and log shippers: "error: FILE: key.path: what is wrong".
+        where = f"{exc.source}: " if exc.source else ""
         for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+            print(f"error: {where}{problem}", file=sys.stderr)
         return 2
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -122,33 +146,16 @@ def main_entry() -> None:
     sys.exit(main())
 
 
-async def serve(config: Config) -> int:
-    runner, port = await _listen(create_app(config), config.listen.host, config.listen.port)
-    log.info("listening", extra={"host": config.listen.host, "port": port, "path": config.path})
-    try:
-        await wait_for_signal()
-        log.info("shutting down")
-    finally:
-        await runner.cleanup()
-    return 0
-
-
 async def serve_stub(style: str, config: Config, host: str, port: int) -> int:
     app = create_stub_app(style, config.auth, path=config.path, max_message_bytes=config.limits.max_message_bytes)
-    runner, bound = await _listen(app, host, port)
-    log.info("stub backend listening", extra={"style": style, "host": host, "port": bound, "path": config.path})
-    try:
-        await wait_for_signal()
-    finally:
-        await runner.cleanup()
+    with Signals() as signals:
+        runner, bound = await start_site(app, host, port)
+        log.info("stub backend listening", extra={"style": style, "host": host, "port": bound, "path": config.path})
+        try:
+            await signals.stop.wait()
+        finally:
+            await runner.cleanup()
     return 0
-
-
-async def _listen(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    try:
-        return await start_site(app, host, port)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def demo_config(secret: str, old_port: int, new_port: int, port: int, new_percent: float) -> Config:
@@ -170,19 +177,20 @@ async def demo(port: int, new_percent: float) -> int:
     secret = secrets.token_urlsafe(32)
     auth = demo_config(secret, 1, 1, port, new_percent).auth
     runners = []
-    try:
-        old_runner, old_port = await _listen(create_stub_app("old", auth), "127.0.0.1", 0)
-        runners.append(old_runner)
-        new_runner, new_port = await _listen(create_stub_app("new", auth), "127.0.0.1", 0)
-        runners.append(new_runner)
-        config = demo_config(secret, old_port, new_port, port, new_percent)
-        gateway_runner, bound = await _listen(create_app(config), "127.0.0.1", port)
-        runners.append(gateway_runner)
-        print(demo_banner(config, bound, old_port, new_port), flush=True)
-        await wait_for_signal()
-    finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
+    with Signals() as signals:
+        try:
+            old_runner, old_port = await start_site(create_stub_app("old", auth), "127.0.0.1", 0)
+            runners.append(old_runner)
+            new_runner, new_port = await start_site(create_stub_app("new", auth), "127.0.0.1", 0)
+            runners.append(new_runner)
+            config = demo_config(secret, old_port, new_port, port, new_percent)
+            gateway_runner, bound = await start_site(create_app(config), "127.0.0.1", port)
+            runners.append(gateway_runner)
+            print(demo_banner(config, bound, old_port, new_port), flush=True)
+            await signals.stop.wait()
+        finally:
+            for runner in reversed(runners):
+                await runner.cleanup()
     return 0
 
 

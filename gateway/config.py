@@ -15,6 +15,8 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ BACKEND_NAMES = ("old", "new")
 UPSTREAM_STYLES = ("query", "message")
 DEFAULT_CONNECTED_MESSAGE = '{"type":"connected","message":"Connected to Wealth Coach AI"}'
 SECRET_KEYS = frozenset({"secret"})
+LEGACY_MODES = ("allow", "deprecate", "deny")
 
 
 class ConfigError(Exception):
@@ -59,6 +62,9 @@ class AuthConfig:
     issuer: str | None = None
     leeway_seconds: float = 0.0
     connected_message: str = DEFAULT_CONNECTED_MESSAGE
+    legacy: str = "allow"
+    legacy_deprecated_at: int | None = None
+    legacy_sunset: int | None = None
 
     @property
     def verification_key(self) -> str:
@@ -78,11 +84,25 @@ class BackendConfig:
 
 
 @dataclass(frozen=True)
+class GuardConfig:
+    enabled: bool = True
+    window_seconds: float = 60.0
+    max_failure_ratio: float = 0.05
+    min_samples: int = 20
+    cooldown_seconds: float = 60.0
+    step_seconds: float = 30.0
+    recovery_steps: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0)
+    spare_forced: bool = False
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
     new_percent: float = 0.0
     salt: str = "chat-auth-migration"
     force_new: frozenset[str] = frozenset()
     force_old: frozenset[str] = frozenset()
+    fallback_to_old: bool = True
+    guard: GuardConfig = GuardConfig()
 
 
 @dataclass(frozen=True)
@@ -92,6 +112,32 @@ class LimitsConfig:
     hold_buffer_frames: int = 1000
     ping_interval_seconds: float = 20.0
     max_upstream_connections: int = 10000
+    auth_failures_per_ip_per_minute: int | None = None
+    max_sessions_per_user: int | None = None
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = field(repr=False)
+    timeout_seconds: float = 0.25
+
+
+@dataclass(frozen=True)
+class UsageConfig:
+    retention_days: int = 120
+    legacy_threshold_percent: float = 1.0
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    host: str = "127.0.0.1"
+    port: int = 9090
+
+
+@dataclass(frozen=True)
+class DrainConfig:
+    grace_seconds: float = 5.0
+    window_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -102,7 +148,28 @@ class Config:
     path: str = "/ws/chat"
     rollout: RolloutConfig = RolloutConfig()
     limits: LimitsConfig = LimitsConfig()
+    admin: AdminConfig | None = None
+    drain: DrainConfig = DrainConfig()
+    redis: RedisConfig | None = None
+    usage: UsageConfig = UsageConfig()
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
     log_level: str = "INFO"
+
+
+# Keys bound to sockets at start-up: a reload that changes them is reported, not applied.
+RESTART_KEYS = ("listen", "path", "admin", "redis", "limits.max_upstream_connections")
+
+
+def restart_required(old: Config, new: Config) -> list[str]:
+    """The restart-only keys that differ between two configs."""
+    changed = []
+    for key in RESTART_KEYS:
+        a, b = old, new
+        for part in key.split("."):
+            a, b = getattr(a, part), getattr(b, part)
+        if a != b:
+            changed.append(key)
+    return changed
 
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -240,7 +307,12 @@ def parse_config(
     """Validate the raw YAML mapping into a `Config`, or raise `ConfigError` with every problem."""
     r = _Reader(os.environ if env is None else env)
     top = r.section(
-        raw, "", {"listen", "path", "auth", "backends", "rollout", "limits", "log_level"}
+        raw,
+        "",
+        {
+            "listen", "path", "auth", "backends", "rollout", "limits", "admin", "drain", "redis", "usage",
+            "trusted_proxies", "log_level",
+        },
     )
     if raw is None:
         r.error("<top level>", "the config is empty")
@@ -259,6 +331,41 @@ def parse_config(
     backends = _parse_backends(r, top.get("backends"))
     rollout = _parse_rollout(r, top.get("rollout"))
     limits = _parse_limits(r, top.get("limits"))
+    admin = None
+    if top.get("admin") is not None:
+        admin_raw = r.section(top.get("admin"), "admin", {"host", "port"})
+        admin = AdminConfig(
+            host=r.string(admin_raw, "admin", "host", AdminConfig.host),
+            port=r.number(admin_raw, "admin", "port", AdminConfig.port, low=0, high=65535, integer=True),
+        )
+        if admin.port and admin.port == listen.port:
+            r.error("admin.port", f"{admin.port} is the public port; the admin listener needs its own")
+    drain_raw = r.section(top.get("drain"), "drain", {"grace_seconds", "window_seconds"})
+    drain = DrainConfig(
+        grace_seconds=r.number(drain_raw, "drain", "grace_seconds", DrainConfig.grace_seconds, low=0, high=3600),
+        window_seconds=r.number(drain_raw, "drain", "window_seconds", DrainConfig.window_seconds, low=0, high=3600),
+    )
+    redis = None
+    if top.get("redis") is not None:
+        redis_raw = r.section(top.get("redis"), "redis", {"url", "timeout_seconds"})
+        url = r.string(redis_raw, "redis", "url", "")
+        if not re.fullmatch(r"(redis|rediss|unix)://\S+", url):
+            r.error("redis.url", "expected a redis://, rediss:// or unix:// URL")
+        redis = RedisConfig(
+            url=url,
+            timeout_seconds=r.number(redis_raw, "redis", "timeout_seconds", 0.25, low=0, high=30, low_inclusive=False),
+        )
+    usage_raw = r.section(top.get("usage"), "usage", {"retention_days", "legacy_threshold_percent"})
+    usage = UsageConfig(
+        retention_days=r.number(usage_raw, "usage", "retention_days", 120, low=1, high=3650, integer=True),
+        legacy_threshold_percent=r.number(usage_raw, "usage", "legacy_threshold_percent", 1.0, low=0, high=100),
+    )
+    proxies = []
+    for index, item in enumerate(r.string_list(top, "", "trusted_proxies")):
+        try:
+            proxies.append(ip_network(item, strict=False))
+        except ValueError:
+            r.bad(f"trusted_proxies[{index}]", item, "an IP address or CIDR network")
     log_level = r.choice(top, "", "log_level", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
 
     if r.problems:
@@ -270,6 +377,11 @@ def parse_config(
         backends=backends,
         rollout=rollout,
         limits=limits,
+        admin=admin,
+        drain=drain,
+        redis=redis,
+        usage=usage,
+        trusted_proxies=tuple(proxies),
         log_level=log_level,
     )
 
@@ -284,6 +396,7 @@ def _parse_auth(
         {
             "algorithms", "secret", "public_key_file", "user_id_claim", "query_param",
             "timeout_seconds", "audience", "issuer", "leeway_seconds", "connected_message",
+            "legacy", "legacy_deprecated_at", "legacy_sunset",
         },
     )
     if raw is None:
@@ -331,6 +444,12 @@ def _parse_auth(
     if not isinstance(decoded, dict) or decoded.get("type") != "connected":
         r.error(f"{p}.connected_message", 'must be a JSON object with "type": "connected"')
 
+    legacy = r.choice(a, p, "legacy", "allow", LEGACY_MODES)
+    deprecated_at = _timestamp(r, a, p, "legacy_deprecated_at")
+    sunset = _timestamp(r, a, p, "legacy_sunset")
+    if legacy == "deprecate" and deprecated_at is None:
+        r.error(f"{p}.legacy_deprecated_at", "required when auth.legacy is deprecate (the date legacy auth was deprecated)")
+
     return AuthConfig(
         algorithms=algorithms,
         secret=secret,
@@ -343,7 +462,32 @@ def _parse_auth(
         issuer=r.string(a, p, "issuer", None),
         leeway_seconds=r.number(a, p, "leeway_seconds", 0.0, low=0, high=3600),
         connected_message=connected,
+        legacy=legacy,
+        legacy_deprecated_at=deprecated_at,
+        legacy_sunset=sunset,
     )
+
+
+def _timestamp(r: _Reader, raw: Mapping[str, Any], path: str, key: str) -> int | None:
+    """A date, an ISO 8601 date-time, or unix seconds, as unix seconds (UTC)."""
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            r.bad(_join(path, key), value, "a date (2027-03-01), a date-time or unix seconds")
+            return None
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return int(moment.timestamp())
+    if isinstance(value, date):
+        return int(datetime(value.year, value.month, value.day, tzinfo=timezone.utc).timestamp())
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    r.bad(_join(path, key), value, "a date (2027-03-01), a date-time or unix seconds")
+    return None
 
 
 def _parameter_name(r: _Reader, raw: Mapping[str, Any], path: str, key: str) -> str:
@@ -388,7 +532,7 @@ def _parse_backends(r: _Reader, raw: Any) -> dict[str, BackendConfig]:
 
 def _parse_rollout(r: _Reader, raw: Any) -> RolloutConfig:
     p = "rollout"
-    s = r.section(raw, p, {"new_percent", "salt", "force_new", "force_old"})
+    s = r.section(raw, p, {"new_percent", "salt", "force_new", "force_old", "fallback_to_old", "guard"})
     force_new = frozenset(r.string_list(s, p, "force_new"))
     force_old = frozenset(r.string_list(s, p, "force_old"))
     both = sorted(force_new & force_old)
@@ -402,6 +546,42 @@ def _parse_rollout(r: _Reader, raw: Any) -> RolloutConfig:
         salt=salt,
         force_new=force_new,
         force_old=force_old,
+        fallback_to_old=r.boolean(s, p, "fallback_to_old", True),
+        guard=_parse_guard(r, s.get("guard")),
+    )
+
+
+def _parse_guard(r: _Reader, raw: Any) -> GuardConfig:
+    p = "rollout.guard"
+    g = r.section(
+        raw,
+        p,
+        {
+            "enabled", "window_seconds", "max_failure_ratio", "min_samples", "cooldown_seconds",
+            "step_seconds", "recovery_steps", "spare_forced",
+        },
+    )
+    d = GuardConfig()
+    steps: tuple[float, ...] = d.recovery_steps
+    if g.get("recovery_steps") is not None:
+        value = g["recovery_steps"]
+        if not isinstance(value, list) or not value or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 100 for v in value
+        ):
+            r.bad(f"{p}.recovery_steps", value, "a non-empty list of percentages in (0, 100]")
+        elif list(value) != sorted(value) or value[-1] != 100:
+            r.error(f"{p}.recovery_steps", f"{value!r} must rise and end at 100")
+        else:
+            steps = tuple(float(v) for v in value)
+    return GuardConfig(
+        enabled=r.boolean(g, p, "enabled", d.enabled),
+        window_seconds=r.number(g, p, "window_seconds", d.window_seconds, low=0, high=86400, low_inclusive=False),
+        max_failure_ratio=r.number(g, p, "max_failure_ratio", d.max_failure_ratio, low=0, high=1),
+        min_samples=r.number(g, p, "min_samples", d.min_samples, low=1, high=10**6, integer=True),
+        cooldown_seconds=r.number(g, p, "cooldown_seconds", d.cooldown_seconds, low=0, high=86400),
+        step_seconds=r.number(g, p, "step_seconds", d.step_seconds, low=0, high=86400),
+        recovery_steps=steps,
+        spare_forced=r.boolean(g, p, "spare_forced", d.spare_forced),
     )
 
 
@@ -410,7 +590,10 @@ def _parse_limits(r: _Reader, raw: Any) -> LimitsConfig:
     s = r.section(
         raw,
         p,
-        {"max_message_bytes", "hold_buffer_bytes", "hold_buffer_frames", "ping_interval_seconds", "max_upstream_connections"},
+        {
+            "max_message_bytes", "hold_buffer_bytes", "hold_buffer_frames", "ping_interval_seconds",
+            "max_upstream_connections", "auth_failures_per_ip_per_minute", "max_sessions_per_user",
+        },
     )
     d = LimitsConfig()
     max_message = r.number(s, p, "max_message_bytes", d.max_message_bytes, low=1, high=2**31, integer=True)
@@ -423,7 +606,24 @@ def _parse_limits(r: _Reader, raw: Any) -> LimitsConfig:
         hold_buffer_frames=r.number(s, p, "hold_buffer_frames", d.hold_buffer_frames, low=1, high=10**6, integer=True),
         ping_interval_seconds=r.number(s, p, "ping_interval_seconds", d.ping_interval_seconds, low=0, high=3600),
         max_upstream_connections=r.number(s, p, "max_upstream_connections", d.max_upstream_connections, low=1, high=10**6, integer=True),
+        auth_failures_per_ip_per_minute=r.number(s, p, "auth_failures_per_ip_per_minute", None, low=1, high=10**9, integer=True),
+        max_sessions_per_user=r.number(s, p, "max_sessions_per_user", None, low=1, high=10**6, integer=True),
     )
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of letting the last one win silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
@@ -436,7 +636,7 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
     except UnicodeDecodeError:
         raise ConfigError(["the file is not UTF-8 text"], source) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -59,6 +59,7 @@ class OpenUpstream:
     backend: str
     url: str
     config: BackendConfig
+    fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,9 +109,14 @@ def split_query(raw_query: str, param: str) -> tuple[str | None, list[str]]:
 
 
 def upstream_url(backend: BackendConfig, kept_query: list[str], token: str) -> str:
-    """The backend URL with the client's other parameters and, for ``query`` backends, the token."""
+    """The backend URL with the client's other parameters and, for ``query`` backends, the token.
+
+    For a ``query`` backend the client's own pieces named like the backend's token parameter
+    are dropped, so the only token the backend sees is the one the gateway verified.
+    """
     pieces = list(kept_query)
     if backend.auth == "query":
+        pieces = [p for p in pieces if unquote_plus(p.partition("=")[0]) != backend.query_param]
         pieces.append(f"{quote(backend.query_param, safe='')}={quote(token, safe='')}")
     if not pieces:
         return backend.url
@@ -123,7 +129,7 @@ def is_connected_frame(data: Frame) -> bool:
         return False
     try:
         message = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting ("[[[[…") raises RecursionError
         return False
     return isinstance(message, dict) and message.get("type") == "connected"
 
@@ -151,6 +157,8 @@ class Session:
         self.route: Route | None = None
         self.backend: str | None = None
         self.failure: str | None = None
+        self.fell_back = False
+        self.fallback_reason: str | None = None
         self._auth_frame: str | None = None
         self._held: list[Frame] = []
         self._held_bytes = 0
@@ -185,6 +193,8 @@ class Session:
     def start(self) -> list[Action]:
         """The client's upgrade completed. Legacy clients are verified right away."""
         if self.auth_style == "legacy":
+            if self._config.auth.legacy == "deny":
+                return self._reject(AuthError("legacy_denied"))
             return self._authenticated(self._token)
         return []
 
@@ -275,7 +285,7 @@ class Session:
 
     def _hold(self, data: Frame) -> list[Action]:
         self._held.append(data)
-        self._held_bytes += len(data)
+        self._held_bytes += len(data.encode("utf-8", "surrogatepass")) if isinstance(data, str) else len(data)
         if len(self._held) > self._hold_limit_frames or self._held_bytes > self._hold_limit_bytes:
             close_upstream = self.phase is Phase.UPSTREAM_HANDSHAKE
             self.phase = Phase.CLOSED
@@ -297,10 +307,20 @@ class Session:
         return actions
 
     def _upstream_failed(self, kind: str, *, close_upstream: bool) -> list[Action]:
-        self.phase = Phase.CLOSED
-        self.failure = kind
+        """Give up on this upstream: fall back to the old backend once if allowed, else 1014."""
         actions: list[Action] = []
         if close_upstream:
             actions.append(CloseUpstream(closecodes.PROTOCOL_ERROR, "authentication handshake failed"))
+        if self.backend == "new" and self._config.rollout.fallback_to_old and not self.fell_back:
+            assert self._token is not None
+            self.fell_back = True
+            self.fallback_reason = kind
+            self.backend = "old"
+            self.phase = Phase.CONNECTING
+            backend = self._config.backends["old"]
+            url = upstream_url(backend, self._kept_query, self._token)
+            return actions + [OpenUpstream("old", url, backend, fallback=True)]
+        self.phase = Phase.CLOSED
+        self.failure = kind
         actions.append(CloseClient(closecodes.BAD_GATEWAY, "backend unavailable"))
         return actions

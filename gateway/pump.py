@@ -31,6 +31,7 @@ class Flow:
     bytes: int = 0
     close_code: int | None = None
     close_reason: str = ""
+    lost: bool = False  # the source vanished or broke the protocol instead of closing
 
 
 async def close_leg(ws: Any, code: int, reason: str) -> None:
@@ -78,5 +79,6 @@ async def pump(src: Any, dst: Any, to: Leg, flow: Flow) -> None:
     # CLOSED or ERROR: src vanished, failed a ping, or broke the protocol (aiohttp has
     # already closed it with the right code, e.g. 1009 for an oversized frame).
     flow.close_code = src.close_code or closecodes.ABNORMAL
+    flow.lost = True
     code, reason = closecodes.forward(closecodes.ABNORMAL, "", to)
     await close_leg(dst, code, reason)

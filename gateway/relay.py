@@ -86,6 +86,11 @@ class Connection:
     to_upstream: Flow = field(default_factory=Flow)
     to_client: Flow = field(default_factory=Flow)
 
+    @property
+    def upstream_dropped(self) -> bool:
+        """The backend vanished (or broke the protocol) mid-session rather than closing."""
+        return self.to_client.lost
+
     # -- actions -----------------------------------------------------------------------
 
     async def perform(self, actions: list[Action]) -> None:
@@ -151,12 +156,19 @@ class Connection:
                 return
 
     async def client_left(self, msg: aiohttp.WSMessage) -> None:
-        """The client closed or vanished before the relay started: tell the session, echo a close."""
+        """The client closed or vanished while this task was not yet pumping: tell the session,
+        pass the close on if the relay has started meanwhile (as the pump would), echo a close."""
         code, reason = _close_of(msg)
         self.to_upstream.close_code, self.to_upstream.close_reason = code, reason
-        await self.feed(self.session.client_closed, code, reason)
+        async with self.lock:  # `relaying` only changes under the lock
+            relaying = self.relaying
+            await self.perform(self.session.client_closed(code, reason))
+        closing = []
+        if relaying and self.upstream is not None:
+            closing.append(close_leg(self.upstream, *closecodes.forward(code, reason, Leg.UPSTREAM)))
         if msg.type is WSMsgType.CLOSE:
-            await close_leg(self.ws, code if code in closecodes.SENDABLE else closecodes.NORMAL, "")
+            closing.append(close_leg(self.ws, code if code in closecodes.SENDABLE else closecodes.NORMAL, ""))
+        await asyncio.gather(*closing)
 
     # -- the upstream side (child task) ----------------------------------------------------
 
@@ -231,8 +243,10 @@ class Connection:
     async def finish(self) -> None:
         """Leave no leg half-open, whichever way the connection ended."""
         task = self.upstream_task
-        if task is not None and not task.done():
-            if self.upstream is not None:
+        if task is not None:
+            if task.done():
+                pass
+            elif self.upstream is not None:
                 # The upstream task is closing a leg or pumping its last frames: let it finish.
                 done, _ = await asyncio.wait({task}, timeout=self.gateway.close_timeout)
                 if not done:
@@ -243,6 +257,8 @@ class Connection:
                 await task
             except asyncio.CancelledError:
                 pass
+            except Exception as exc:  # e.g. a send on a leg that died under it: still close both legs
+                log.warning("upstream task failed", extra={"request_id": self.request_id, "error": type(exc).__name__})
         if self.upstream is not None and not self.upstream.closed:
             await close_leg(self.upstream, closecodes.GOING_AWAY, "client closed")
         if not self.ws.closed:

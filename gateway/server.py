@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from . import closecodes
+from .admin import create_admin_app
+from .app import create_app
+from .config import Config
 from .logs import AccessLogger
+from .reload import Reloader
+from .runtime import Gateway
 
 log = logging.getLogger("gateway")
 
@@ -32,22 +39,111 @@ async def start_site(app: web.Application, host: str, port: int) -> tuple[web.Ap
     site = web.TCPSite(runner, host, port)
     try:
         await site.start()
-    except OSError:
+    except OSError as exc:
         await runner.cleanup()
-        raise
+        # asyncio's own text repeats the address; the errno's name says it once.
+        reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {reason}") from None
     return runner, runner.addresses[0][1]
 
 
-async def wait_for_signal() -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+async def serve(config: Config, config_path: str | None = None) -> int:
+    """Run the gateway until SIGTERM/SIGINT, then drain; the sequence ops can rely on:
+
+    1. SIGTERM: /readyz turns 503 so the load balancer stops sending new clients.
+    2. After ``drain.grace_seconds`` new upgrades get HTTP 503.
+    3. Established sessions are closed with 1012, spread evenly over ``drain.window_seconds``.
+    4. Whatever is left is closed the same way; the process exits 0.
+
+    A second SIGTERM or SIGINT at any point closes everything at once. SIGHUP reloads
+    the config file, which is also watched for changes.
+    """
+    gateway = Gateway(config, config_path=config_path)
+    signals = Signals()
+    runners = []
+    reloader = None
     try:
-        await stop.wait()
+        runner, port = await start_site(create_app(config, gateway=gateway), config.listen.host, config.listen.port)
+        runners.append(runner)
+        log.info("listening", extra={"host": config.listen.host, "port": port, "path": config.path})
+        if config.admin is not None:
+            admin_runner, admin_port = await start_site(create_admin_app(gateway), config.admin.host, config.admin.port)
+            runners.append(admin_runner)
+            log.info("admin listening", extra={"host": config.admin.host, "port": admin_port})
+        if config_path is not None:
+            reloader = Reloader(config_path, gateway.reload, gateway.reload_failed)
+            reloader.start()
+        if reloader is not None:
+            signals.on_hangup(reloader.reload)
+        await signals.stop.wait()
+        await drain(gateway, signals)
     finally:
+        signals.close()
+        if reloader is not None:
+            await reloader.stop()
+        for runner in reversed(runners):
+            await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+async def drain(gateway: Gateway, signals: Signals) -> None:
+    drain_config = gateway.config.drain
+    gateway.start_drain()
+    urgent = asyncio.create_task(signals.urgent.wait())
+    try:
+        grace = asyncio.create_task(asyncio.sleep(drain_config.grace_seconds))
+        await asyncio.wait({grace, urgent}, return_when=asyncio.FIRST_COMPLETED)
+        grace.cancel()
+        spread = asyncio.create_task(gateway.close_spread(0.0 if urgent.done() else drain_config.window_seconds))
+        await asyncio.wait({spread, urgent}, return_when=asyncio.FIRST_COMPLETED)
+        if not spread.done():
+            log.warning("second signal: closing every session now")
+            await gateway.close_all(closecodes.SERVICE_RESTART, "server restarting")
+        await spread
+    finally:
+        urgent.cancel()
+
+
+class Signals:
+    """SIGTERM/SIGINT set `stop`, a second one sets `urgent`; SIGHUP calls its handler.
+
+    Create it *before* announcing readiness ("listening", the demo banner): whoever waits
+    for that line may signal at once, and a signal that lands before the handlers exist
+    kills the process with the default action (no drain, no cleanup).
+    """
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.urgent = asyncio.Event()
+        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop)
+
+    def _stop(self) -> None:
+        if self.stop.is_set():
+            self.urgent.set()
+        else:
+            log.info("stop signal received")
+            self.stop.set()
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+    def __enter__(self) -> Signals:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def on_hangup(self, handler: Callable[[], object]) -> None:
+        def hangup() -> None:
+            log.info("SIGHUP: reloading config")
+            handler()
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)
 
 
 def run(main: Callable[[], Awaitable[int]]) -> int:

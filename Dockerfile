@@ -1,0 +1,50 @@
+# ws-gateway: the WebSocket gateway for the chat auth migration.
+#
+#   docker build -t ws-gateway .
+#   docker run -p 8080:8080 --stop-timeout 45 -e JWT_SECRET=... \
+#     -v "$PWD/config/gateway.yaml:/etc/ws-gateway/gateway.yaml:ro" ws-gateway
+#
+# Config: mount it read-only at /etc/ws-gateway/gateway.yaml (GATEWAY_CONFIG below).
+# No config is baked in, on purpose: without the mount `serve` exits 2 with one line
+# naming that path, instead of starting against example backends. Relative paths in it
+# (auth.public_key_file) resolve from /etc/ws-gateway/, so mount a key file next to it.
+# Secrets come from the environment (`secret: ${JWT_SECRET}`), never from the image.
+# listen.host must be 0.0.0.0 (as in config/gateway.yaml) to be reachable from outside.
+#
+# Stopping: SIGTERM starts the drain (drain.grace_seconds, then sessions closed over
+# drain.window_seconds). Give the container at least their sum plus a margin before
+# SIGKILL: `docker run --stop-timeout`, or terminationGracePeriodSeconds on Kubernetes
+# (Docker's default is 10 s).
+#
+# No HEALTHCHECK yet: /healthz and /readyz live on the admin listener, which is not
+# published from this image yet. Add one (and EXPOSE its port) when it is.
+
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/ws-gateway \
+    PATH=/opt/ws-gateway/bin:$PATH \
+    GATEWAY_CONFIG=/etc/ws-gateway/gateway.yaml
+
+# A dedicated virtualenv, owned by root and read-only to the service user. Only what the
+# package build needs is copied (pyproject names README.md as the long description).
+COPY pyproject.toml README.md /tmp/build/
+COPY gateway /tmp/build/gateway
+RUN python -m venv "$VIRTUAL_ENV" \
+ && pip install /tmp/build \
+ && rm -rf /tmp/build \
+ && groupadd --system --gid 10001 gateway \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin gateway \
+ && mkdir -p /etc/ws-gateway
+
+WORKDIR /etc/ws-gateway
+# Numeric, so Kubernetes' runAsNonRoot can verify it.
+USER 10001:10001
+
+EXPOSE 8080
+STOPSIGNAL SIGTERM
+CMD ["ws-gateway", "serve"]

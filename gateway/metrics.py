@@ -1,0 +1,114 @@
+"""Prometheus metrics, on a registry per gateway so tests and replicas never share one.
+
+Names are a contract with dashboards and `deploy/prometheus-alerts.yaml`; the README
+lists them. Labels are closed sets (auth style, backend, reason codes): never a user id,
+a token or anything else a client controls.
+
+Frame and byte counts are not incremented per frame: the relay keeps plain integers per
+connection and the collector adds them up at scrape time, so the hot path stays free of
+metric locks while long sessions still show up live.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PREFIX = "ws_gateway"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.attempts = Counter(
+            f"{PREFIX}_connection_attempts", "Client WebSocket upgrades, by auth style.", ["auth_style"], registry=r
+        )
+        self.opened = Counter(
+            f"{PREFIX}_connections_opened",
+            "Sessions that completed the handshake and started relaying.",
+            ["auth_style", "backend"],
+            registry=r,
+        )
+        self.active = Gauge(
+            f"{PREFIX}_connections_active", "Sessions currently relaying.", ["auth_style", "backend"], registry=r
+        )
+        self.auth_failures = Counter(
+            f"{PREFIX}_auth_failures", "Clients closed with 1008 before any upstream, by reason.", ["reason"], registry=r
+        )
+        self.upstream_failures = Counter(
+            f"{PREFIX}_upstream_failures",
+            "Upstream problems: connect, handshake, rejected (backend refused the token), dropped (lost mid-session).",
+            ["backend", "reason"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            f"{PREFIX}_fallbacks", "Sessions moved to the old backend because the new one failed to connect.", registry=r
+        )
+        self.ready_seconds = Histogram(
+            f"{PREFIX}_session_ready_seconds",
+            "Time from client upgrade to the session relaying.",
+            ["auth_style", "backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_connect_seconds = Histogram(
+            f"{PREFIX}_upstream_connect_seconds",
+            "Time to open the upstream WebSocket (TCP + upgrade).",
+            ["backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.configured_percent = Gauge(
+            f"{PREFIX}_rollout_configured_percent", "rollout.new_percent from the config.", registry=r
+        )
+        self.effective_percent = Gauge(
+            f"{PREFIX}_rollout_effective_percent", "Percentage actually routed new, after the guard.", registry=r
+        )
+        self.reloads = Counter(
+            f"{PREFIX}_config_reloads", "Config reload attempts by result.", ["result"], registry=r
+        )
+        self.guard_state = Gauge(
+            f"{PREFIX}_guard_state", "Rollback guard: 0 closed, 1 half-open (recovering), 2 open (tripped).", registry=r
+        )
+        self.guard_trips = Counter(f"{PREFIX}_guard_trips", "Times the rollback guard tripped.", registry=r)
+        self.draining = Gauge(f"{PREFIX}_draining", "1 while the gateway drains for shutdown.", registry=r)
+        for style in ("legacy", "message"):
+            self.attempts.labels(style)
+            for backend in ("old", "new"):
+                self.opened.labels(style, backend)
+                self.active.labels(style, backend)
+        for result in ("success", "invalid", "restart_required"):
+            self.reloads.labels(result)
+
+    def add_flow_collector(self, flows: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
+        """Expose messages/bytes totals; `flows` yields (direction, frames, bytes) at scrape time."""
+        self.registry.register(_FlowCollector(flows))
+
+
+class _FlowCollector(Collector):
+    def __init__(self, flows: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
+        self._flows = flows
+
+    def collect(self) -> Iterator[Metric]:
+        messages = CounterMetricFamily(f"{PREFIX}_messages", "Data frames relayed, by direction.", labels=["direction"])
+        sizes = CounterMetricFamily(
+            f"{PREFIX}_bytes", "Payload relayed (characters for text frames), by direction.", labels=["direction"]
+        )
+        totals: dict[str, list[int]] = {"client_to_backend": [0, 0], "backend_to_client": [0, 0]}
+        for direction, frames, size in self._flows():
+            totals[direction][0] += frames
+            totals[direction][1] += size
+        for direction, (frames, size) in totals.items():
+            messages.add_metric([direction], frames)
+            sizes.add_metric([direction], size)
+        yield messages
+        yield sizes
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())

@@ -1,0 +1,265 @@
+"""`Gateway`: what every connection of a running gateway shares.
+
+The live config (swapped whole on reload; a session keeps the one it started with), the
+token verifier built from it, the upstream client session, the rollback guard, the
+metrics, and the set of open connections that shutdown drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from . import closecodes
+from .auth import REASONS as AUTH_REASONS
+from .auth import Verifier
+from .config import Config, ConfigError, restart_required
+from .guard import STATE_VALUES, Guard, Transition
+from .metrics import Metrics
+from .pump import close_leg
+from .routing import Route, choose_backend
+
+if TYPE_CHECKING:
+    from .relay import Connection
+
+log = logging.getLogger("gateway")
+
+
+class Gateway:
+    close_timeout = 5.0
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        client: aiohttp.ClientSession | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        config_path: str | None = None,
+    ) -> None:
+        self._client = client
+        self.clock = clock
+        self.metrics = metrics or Metrics()
+        self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self.config_path = config_path
+        self.draining = False
+        self.accepting = True
+        self.guard = Guard(config.rollout.guard)
+        self._closed_flows = {"client_to_backend": [0, 0], "backend_to_client": [0, 0]}
+        self.metrics.add_flow_collector(self._flows)
+        self.apply(config)
+
+    # -- config ----------------------------------------------------------------------------
+
+    def apply(self, config: Config) -> None:
+        """Serve `config` to new connections; established ones keep the one they started with."""
+        self.config = config
+        self.verifier = Verifier(config.auth)
+        self.loaded_at = time.time()
+        if config.auth.secret is not None and len(config.auth.secret.encode()) < 32:
+            log.warning("auth.secret is shorter than 32 bytes: weak for HMAC; rotate it when the old backend allows")
+        self._observe(self.guard.configure(config.rollout.guard))
+        self.refresh_gauges()
+
+    def reload(self, config: Config) -> None:
+        """Apply a reloaded config; keys bound at start-up keep their value and are reported."""
+        stuck = restart_required(self.config, config)
+        if stuck:
+            config = replace(
+                config,
+                listen=self.config.listen,
+                path=self.config.path,
+                admin=self.config.admin,
+                limits=replace(config.limits, max_upstream_connections=self.config.limits.max_upstream_connections),
+            )
+            self.metrics.reloads.labels("restart_required").inc()
+            log.warning(
+                "config change needs a restart to take effect",
+                extra={"file": self.config_path, "keys": stuck},
+            )
+        self.apply(config)
+        self.metrics.reloads.labels("success").inc()
+        log.info(
+            "config reloaded",
+            extra={"file": self.config_path, "new_percent": config.rollout.new_percent},
+        )
+
+    def reload_failed(self, error: ConfigError) -> None:
+        self.metrics.reloads.labels("invalid").inc()
+        log.error(
+            "config reload refused; the previous config keeps serving",
+            extra={"file": error.source or self.config_path, "problems": error.problems},
+        )
+
+    # -- routing and the guard -------------------------------------------------------------
+
+    def route(self, user_id: str) -> Route:
+        """`routing.choose_backend`, held back by the guard while it is open or recovering."""
+        self._observe(self.guard.tick(self.clock()))
+        chosen = choose_backend(user_id, self.config.rollout)
+        share = self.guard.share()
+        if chosen.backend != "new" or share >= 1.0:
+            return chosen
+        if chosen.reason == "force_new":
+            return Route("old", "guard") if self.guard.blocks_forced() else chosen
+        effective = self.config.rollout.new_percent * share
+        assert chosen.bucket is not None
+        return chosen if chosen.bucket < effective else Route("old", "guard", chosen.bucket, effective)
+
+    def new_backend_outcome(self, failed: bool) -> None:
+        self._observe(self.guard.record(failed, self.clock()))
+
+    def _observe(self, transitions: list[Transition]) -> None:
+        for transition in transitions:
+            if transition.detail.startswith("tripped"):
+                self.metrics.guard_trips.inc()
+                log.error("rollback guard " + transition.detail, extra={"guard_state": transition.state.value})
+            else:
+                log.warning("rollback guard " + transition.detail, extra={"guard_state": transition.state.value})
+        if transitions:
+            self._set_gauges()
+
+    def effective_percent(self) -> float:
+        return self.config.rollout.new_percent * self.guard.share()
+
+    def refresh_gauges(self) -> None:
+        self._observe(self.guard.tick(self.clock()))
+        self._set_gauges()
+
+    def _set_gauges(self) -> None:
+        self.metrics.configured_percent.set(self.config.rollout.new_percent)
+        self.metrics.effective_percent.set(self.effective_percent())
+        self.metrics.guard_state.set(STATE_VALUES[self.guard.state])
+        self.metrics.draining.set(1 if self.draining else 0)
+
+    def rollout_status(self) -> dict[str, Any]:
+        self.refresh_gauges()
+        rollout = self.config.rollout
+        guard = self.guard
+        until = guard.open_until()
+        return {
+            "configured_percent": rollout.new_percent,
+            "effective_percent": self.effective_percent(),
+            "force_new_count": len(rollout.force_new),
+            "force_old_count": len(rollout.force_old),
+            "fallback_to_old": rollout.fallback_to_old,
+            "legacy_auth": self.config.auth.legacy,
+            "guard": {
+                "enabled": rollout.guard.enabled,
+                "state": guard.state.value,
+                "step": guard.step + 1 if guard.state.value == "half_open" else None,
+                "share_of_configured": guard.share(),
+                "trips": guard.trips,
+                "reopens_in_seconds": round(max(0.0, until - self.clock()), 1) if until is not None else None,
+            },
+            "config_file": self.config_path,
+            "config_loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+            "active_connections": len(self.connections),
+            "draining": self.draining,
+        }
+
+    # -- session outcomes (called by the relay) ----------------------------------------------
+
+    def upstream_attempt(self, backend: str, result: str, seconds: float | None = None) -> None:
+        """One upstream open: result is ok, connect, handshake or rejected."""
+        if seconds is not None and result != "connect":
+            self.metrics.upstream_connect_seconds.labels(backend).observe(seconds)
+        if result != "ok":
+            self.metrics.upstream_failures.labels(backend, result).inc()
+        if backend == "new" and result != "rejected":
+            self.new_backend_outcome(failed=result != "ok")
+
+    def fell_back(self) -> None:
+        self.metrics.fallbacks.inc()
+
+    def session_ready(self, conn: Connection) -> None:
+        session = conn.session
+        labels = (session.auth_style, session.backend)
+        self.metrics.opened.labels(*labels).inc()
+        self.metrics.active.labels(*labels).inc()
+        assert conn.ready_at is not None
+        self.metrics.ready_seconds.labels(*labels).observe(conn.ready_at - conn.started)
+
+    def session_ended(self, conn: Connection) -> None:
+        """Fold a finished connection into the totals and count how it ended."""
+        self.connections.discard(conn)
+        for direction, flow in (("client_to_backend", conn.to_upstream), ("backend_to_client", conn.to_client)):
+            self._closed_flows[direction][0] += flow.frames
+            self._closed_flows[direction][1] += flow.bytes
+        session = conn.session
+        if session.failure in AUTH_REASONS:
+            self.metrics.auth_failures.labels(session.failure).inc()
+        if conn.ready_at is not None:
+            self.metrics.active.labels(session.auth_style, session.backend).dec()
+            if conn.upstream_dropped:
+                self.metrics.upstream_failures.labels(session.backend, "dropped").inc()
+                if session.backend == "new":
+                    self.new_backend_outcome(failed=True)
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _flows(self) -> Iterator[tuple[str, int, int]]:
+        for direction, (frames, size) in self._closed_flows.items():
+            yield direction, frames, size
+        for conn in list(self.connections):
+            yield "client_to_backend", conn.to_upstream.frames, conn.to_upstream.bytes
+            yield "backend_to_client", conn.to_client.frames, conn.to_client.bytes
+
+    @property
+    def client(self) -> aiohttp.ClientSession:
+        assert self._client is not None, "the app has not started"
+        return self._client
+
+    async def start(self) -> None:
+        if self._client is None:
+            connector = aiohttp.TCPConnector(limit=self.config.limits.max_upstream_connections, limit_per_host=0)
+            self._client = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None),
+                skip_auto_headers=("User-Agent",),
+            )
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    async def close_connection(self, conn: Connection, code: int, reason: str) -> None:
+        closing = [close_leg(conn.ws, code, reason)]
+        if conn.upstream is not None:
+            closing.append(close_leg(conn.upstream, closecodes.GOING_AWAY, "gateway shutting down"))
+        await asyncio.gather(*closing)
+
+    async def close_all(self, code: int, reason: str) -> None:
+        await asyncio.gather(*(self.close_connection(c, code, reason) for c in list(self.connections)))
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def start_drain(self) -> None:
+        self.draining = True
+        self.refresh_gauges()
+        log.info(
+            "draining: readiness is now 503",
+            extra={"grace_seconds": self.config.drain.grace_seconds, "window_seconds": self.config.drain.window_seconds},
+        )
+
+    async def close_spread(self, window: float) -> None:
+        """Close every session with 1012, spread evenly over `window` seconds."""
+        self.accepting = False
+        pending = list(self.connections)
+        log.info("closing sessions", extra={"sessions": len(pending), "window_seconds": window})
+        if not pending:
+            return
+        interval = window / len(pending)
+        closing = []
+        for index, conn in enumerate(pending):
+            if index and interval > 0:
+                await asyncio.sleep(interval)
+            closing.append(asyncio.create_task(self.close_connection(conn, closecodes.SERVICE_RESTART, "server restarting")))
+        await asyncio.gather(*closing)

@@ -1,0 +1,94 @@
+"""The admin listener over real HTTP: health, readiness, metrics, rollout state."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.admin import create_admin_app
+from gateway.runtime import Gateway
+from gateway.server import start_site
+
+from .helpers import SECRET, make_config
+
+
+@pytest.fixture
+async def admin() -> AsyncIterator[tuple[Gateway, str]]:
+    gateway = Gateway(
+        make_config(rollout={"new_percent": 12.5, "force_new": ["qa-1", "qa-2"], "force_old": ["vip"]}),
+        config_path="/etc/ws-gateway/gateway.yaml",
+    )
+    runner, port = await start_site(create_admin_app(gateway), "127.0.0.1", 0)
+    try:
+        yield gateway, f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def get(url: str) -> tuple[int, str, str]:
+    async with aiohttp.ClientSession() as http, http.get(url) as response:
+        return response.status, response.headers["Content-Type"], await response.text()
+
+
+async def test_healthz_answers_200_while_the_process_is_alive(admin) -> None:
+    gateway, base = admin
+    status, _, _ = await get(f"{base}/healthz")
+    assert status == 200
+
+
+async def test_readyz_turns_503_once_draining_starts(admin) -> None:
+    gateway, base = admin
+    assert (await get(f"{base}/readyz"))[0] == 200
+    gateway.start_drain()
+    assert (await get(f"{base}/readyz"))[0] == 503
+    assert (await get(f"{base}/healthz"))[0] == 200
+
+
+async def test_metrics_are_prometheus_text_with_the_documented_names(admin) -> None:
+    _, base = admin
+    status, content_type, body = await get(f"{base}/metrics")
+    assert status == 200 and content_type.startswith("text/plain") and "version=0.0.4" in content_type
+    names = {family.name for family in text_string_to_metric_families(body)}
+    for name in (
+        "ws_gateway_connection_attempts", "ws_gateway_connections_opened", "ws_gateway_connections_active",
+        "ws_gateway_auth_failures", "ws_gateway_upstream_failures", "ws_gateway_fallbacks",
+        "ws_gateway_messages", "ws_gateway_bytes", "ws_gateway_session_ready_seconds",
+        "ws_gateway_upstream_connect_seconds", "ws_gateway_rollout_configured_percent",
+        "ws_gateway_rollout_effective_percent", "ws_gateway_config_reloads", "ws_gateway_guard_state",
+        "ws_gateway_guard_trips",
+    ):
+        assert name in names, name
+    samples = {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples}
+    assert samples["ws_gateway_rollout_configured_percent"] == 12.5
+    assert samples["ws_gateway_rollout_effective_percent"] == 12.5
+    assert SECRET not in body
+
+
+async def test_rollout_shows_percentages_overrides_guard_and_file_but_no_secret(admin) -> None:
+    gateway, base = admin
+    async with aiohttp.ClientSession() as http, http.get(f"{base}/rollout") as response:
+        assert response.status == 200
+        body = await response.json()
+        text = await response.text()
+    assert body["configured_percent"] == 12.5 and body["effective_percent"] == 12.5
+    assert body["force_new_count"] == 2 and body["force_old_count"] == 1
+    assert body["guard"]["state"] == "closed"
+    assert body["config_file"] == "/etc/ws-gateway/gateway.yaml"
+    assert body["config_loaded_at"].endswith("Z")
+    assert SECRET not in text and "secret" not in text
+
+
+async def test_rollout_reports_a_tripped_guard_and_zero_effective_percent(admin) -> None:
+    gateway, base = admin
+    for _ in range(gateway.config.rollout.guard.min_samples):
+        gateway.new_backend_outcome(failed=True)
+    async with aiohttp.ClientSession() as http, http.get(f"{base}/rollout") as response:
+        body = await response.json()
+    assert body["guard"]["state"] == "open" and body["effective_percent"] == 0
+    assert body["guard"]["trips"] == 1 and body["guard"]["reopens_in_seconds"] > 0
+    _, _, metrics = await get(f"{base}/metrics")
+    samples = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples}
+    assert samples["ws_gateway_guard_state"] == 2 and samples["ws_gateway_guard_trips_total"] == 1

@@ -1,0 +1,636 @@
+"""The session machine, driven as events in and actions out: every cell of {legacy, message} x {query, message}."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from gateway.auth import MAX_TOKEN_BYTES, Verifier, authenticate_message
+from gateway.config import BackendConfig, Config
+from gateway.protocol import (
+    Action,
+    CloseClient,
+    CloseUpstream,
+    OpenUpstream,
+    Phase,
+    SendClient,
+    SendUpstream,
+    Session,
+    StartRelay,
+    is_connected_frame,
+    split_query,
+    upstream_url,
+)
+from gateway.routing import choose_backend
+
+from .helpers import make_config, make_token
+
+TOKEN = make_token("alice")
+AUTH = json.dumps({"type": "authenticate", "token": TOKEN})
+BACKEND_CONNECTED = '{"type":"connected","user_id":"alice","server":"new"}'
+GATEWAY_CONNECTED = '{"type":"connected","message":"Connected to Wealth Coach AI"}'
+OLD_URL = "ws://127.0.0.1:1/ws/chat"
+NEW_URL = "ws://127.0.0.1:2/ws/chat"
+
+
+def config_for(backend: str = "old", **sections: Any) -> Config:
+    """The helpers' valid config with every user routed to `backend`, changed one section at a time.
+
+    Fallback to the old backend is off unless a test turns it on, so failures show plainly.
+    """
+    rollout = {"new_percent": 100 if backend == "new" else 0, "fallback_to_old": False, **sections.pop("rollout", {})}
+    return make_config(rollout=rollout, **sections)
+
+
+def session(backend: str = "old", query: str = "", **sections: Any) -> Session:
+    """A session on the real verifier and router; `query` decides the client style."""
+    config = config_for(backend, **sections)
+    return Session(config, Verifier(config.auth), lambda user_id: choose_backend(user_id, config.rollout), query)
+
+
+def legacy(backend: str = "old", extra_query: str = "", **sections: Any) -> Session:
+    return session(backend, f"token={TOKEN}" + (f"&{extra_query}" if extra_query else ""), **sections)
+
+
+def opened(s: Session) -> list[Action]:
+    """Authenticate the client (either style) and return the actions that opened the upstream."""
+    actions = s.start()
+    if s.auth_style == "message":
+        assert actions == []
+        actions = s.client_frame(AUTH)
+    assert [type(a) for a in actions] == [OpenUpstream]
+    return actions
+
+
+def handshaking(s: Session) -> Session:
+    """Drive `s` (routed new) until it waits for the backend's `connected`."""
+    opened(s)
+    s.upstream_opened()
+    assert s.phase is Phase.UPSTREAM_HANDSHAKE
+    return s
+
+
+def old_backend(s: Session) -> BackendConfig:
+    return s.config.backends["old"]
+
+
+def new_backend(s: Session) -> BackendConfig:
+    return s.config.backends["new"]
+
+
+def never_opens_upstream(actions: list[Action]) -> bool:
+    return not any(isinstance(a, (OpenUpstream, SendUpstream)) for a in actions)
+
+
+# -- the four cells, exact action sequences ------------------------------------------------------
+
+
+def test_legacy_client_routed_old_opens_upstream_with_url_token_then_relays() -> None:
+    s = legacy("old")
+    assert s.auth_style == "legacy"
+    assert s.start() == [OpenUpstream("old", f"{OLD_URL}?token={TOKEN}", old_backend(s))]
+    assert s.phase is Phase.CONNECTING
+    assert s.upstream_opened() == [StartRelay()]
+    assert s.phase is Phase.RELAYING
+
+
+def test_legacy_client_routed_new_authenticates_upstream_on_its_behalf() -> None:
+    s = legacy("new")
+    assert s.start() == [OpenUpstream("new", NEW_URL, new_backend(s))]
+    assert s.upstream_opened() == [SendUpstream(authenticate_message(TOKEN))]
+    assert json.loads(authenticate_message(TOKEN)) == {"type": "authenticate", "token": TOKEN}
+    assert s.phase is Phase.UPSTREAM_HANDSHAKE
+
+
+def test_legacy_client_routed_new_never_sees_connected_frame() -> None:
+    s = handshaking(legacy("new"))
+    assert s.upstream_frame(BACKEND_CONNECTED) == [StartRelay()]
+    assert s.phase is Phase.RELAYING
+
+
+def test_message_client_routed_old_opens_upstream_with_url_token_and_gets_gateway_connected() -> None:
+    s = session("old")
+    assert s.auth_style == "message"
+    assert s.start() == []
+    assert s.client_frame(AUTH) == [OpenUpstream("old", f"{OLD_URL}?token={TOKEN}", old_backend(s))]
+    assert s.upstream_opened() == [SendClient(GATEWAY_CONNECTED), StartRelay()]
+
+
+def test_message_client_routed_old_gets_the_configured_connected_text() -> None:
+    greeting = '{"type":"connected","message":"hi"}'
+    s = session("old", auth={"connected_message": greeting})
+    opened(s)
+    assert s.upstream_opened() == [SendClient(greeting), StartRelay()]
+
+
+def test_message_client_routed_new_forwards_its_own_authenticate_frame() -> None:
+    own = json.dumps({"token": TOKEN, "type": "authenticate", "device": "ios"})
+    s = session("new")
+    s.start()
+    assert s.client_frame(own) == [OpenUpstream("new", NEW_URL, new_backend(s))]
+    assert s.upstream_opened() == [SendUpstream(own)]
+
+
+def test_message_client_routed_new_gets_the_backends_own_connected_frame() -> None:
+    s = handshaking(session("new"))
+    assert s.upstream_frame(BACKEND_CONNECTED) == [SendClient(BACKEND_CONNECTED), StartRelay()]
+    assert s.phase is Phase.RELAYING
+
+
+@pytest.mark.parametrize("backend", ["old", "new"])
+@pytest.mark.parametrize("client", ["legacy", "message"])
+def test_session_records_identity_and_route_of_the_verified_user(client: str, backend: str) -> None:
+    s = legacy(backend) if client == "legacy" else session(backend)
+    opened(s)
+    assert s.identity is not None and s.identity.user_id == "alice"
+    assert s.route is not None and s.route.backend == backend
+    assert s.backend == backend and s.upstream_style == {"old": "query", "new": "message"}[backend]
+
+
+def test_user_is_routed_by_the_user_id_claim() -> None:
+    s = session("old", rollout={"force_new": ["bob"]})
+    s.start()
+    actions = s.client_frame(json.dumps({"type": "authenticate", "token": make_token("bob")}))
+    assert actions == [OpenUpstream("new", NEW_URL, new_backend(s))]
+    assert s.route is not None and s.route.reason == "force_new"
+
+
+# -- upstream URL ------------------------------------------------------------------------------------
+
+
+def test_other_query_parameters_reach_a_query_backend_byte_for_byte_in_order_with_token_last() -> None:
+    s = session("old", f"z=1&q=a%20b+c&token={TOKEN}&flag&r=%E2%82%AC&a=")
+    assert s.auth_style == "legacy"
+    assert opened(s)[0].url == f"{OLD_URL}?z=1&q=a%20b+c&flag&r=%E2%82%AC&a=&token={TOKEN}"
+
+
+def test_other_query_parameters_reach_a_message_backend_with_the_token_stripped() -> None:
+    s = session("new", f"z=1&token={TOKEN}&q=a%20b+c&flag")
+    assert opened(s)[0].url == f"{NEW_URL}?z=1&q=a%20b+c&flag"
+
+
+def test_message_client_query_parameters_are_forwarded_too() -> None:
+    s = session("new", "room=7&lang=fr")
+    assert s.auth_style == "message"
+    assert opened(s)[0].url == f"{NEW_URL}?room=7&lang=fr"
+
+
+def test_configured_client_query_param_name_carries_the_token() -> None:
+    s = session("new", f"token=ignored&access_token={TOKEN}", auth={"query_param": "access_token"})
+    assert s.auth_style == "legacy"
+    assert opened(s)[0].url == f"{NEW_URL}?token=ignored"
+
+
+def test_empty_query_token_means_a_message_client() -> None:
+    s = session("old", "token=&room=1")
+    assert s.auth_style == "message"
+    assert s.start() == []
+    assert opened(s)[0].url == f"{OLD_URL}?room=1&token={TOKEN}"
+
+
+def test_token_in_the_url_is_verified_before_anything_opens() -> None:
+    s = session("old", "token=" + make_token(ttl=-10))
+    assert s.start() == [CloseClient(1008, "token expired")]
+
+
+def test_split_query_without_a_query_finds_nothing() -> None:
+    assert split_query("", "token") == (None, [])
+
+
+def test_split_query_returns_the_decoded_token_and_the_rest_raw_in_order() -> None:
+    assert split_query("b=2&token=a%2Eb.c&a=%41&c", "token") == ("a.b.c", ["b=2", "a=%41", "c"])
+
+
+def test_split_query_takes_the_first_non_empty_token_and_strips_every_copy() -> None:
+    assert split_query("token=&x=1&token=first&token=second", "token") == ("first", ["x=1"])
+
+
+def test_split_query_decodes_plus_and_percent_in_the_token() -> None:
+    assert split_query("token=a+b%2Bc", "token") == ("a b+c", [])
+
+
+def test_split_query_matches_a_percent_encoded_parameter_name() -> None:
+    assert split_query("tok%65n=abc", "token") == ("abc", [])
+
+
+@pytest.mark.parametrize("piece", ["TOKEN=abc", "tokens=abc", "xtoken=abc", "token2=abc"])
+def test_split_query_matches_the_parameter_name_exactly(piece: str) -> None:
+    assert split_query(piece, "token") == (None, [piece])
+
+
+def test_split_query_drops_empty_pieces() -> None:
+    assert split_query("&&a=1&&", "token") == (None, ["a=1"])
+
+
+def test_split_query_treats_a_bare_token_name_as_no_token() -> None:
+    assert split_query("token&a=1", "token") == (None, ["a=1"])
+
+
+def backend(auth: str, url: str = "ws://b/ws", query_param: str = "token") -> BackendConfig:
+    return BackendConfig(url=url, auth=auth, query_param=query_param)
+
+
+def test_upstream_url_of_a_message_backend_without_parameters_is_the_backend_url() -> None:
+    assert upstream_url(backend("message"), [], "T") == "ws://b/ws"
+
+
+def test_upstream_url_of_a_query_backend_url_encodes_the_token() -> None:
+    assert upstream_url(backend("query"), [], "a+b/c=d&e f") == "ws://b/ws?token=a%2Bb%2Fc%3Dd%26e%20f"
+    assert quote("a+b/c=d&e f", safe="") == "a%2Bb%2Fc%3Dd%26e%20f"
+
+
+def test_upstream_url_uses_the_backends_own_token_parameter_name() -> None:
+    assert upstream_url(backend("query", query_param="jwt"), ["a=1"], "T") == "ws://b/ws?a=1&jwt=T"
+
+
+def test_upstream_url_appends_to_a_backend_url_that_has_a_query() -> None:
+    assert upstream_url(backend("query", url="ws://b/ws?v=2"), ["a=1"], "T") == "ws://b/ws?v=2&a=1&token=T"
+    assert upstream_url(backend("message", url="ws://b/ws?v=2"), ["a=1"], "T") == "ws://b/ws?v=2&a=1"
+
+
+def test_upstream_url_of_a_query_backend_carries_only_the_verified_token() -> None:
+    smuggled = ["a=1", "jwt=FORGED", "j%77t=FORGED2", "b=2"]
+    assert upstream_url(backend("query", query_param="jwt"), smuggled, "T") == "ws://b/ws?a=1&b=2&jwt=T"
+
+
+def test_client_cannot_smuggle_a_second_token_to_a_query_backend() -> None:
+    config = {"auth": {"query_param": "access_token"}, "backends": {
+        "old": {"url": OLD_URL, "auth": "query", "query_param": "token"},
+        "new": {"url": NEW_URL, "auth": "message"},
+    }}
+    s = session("old", f"token=FORGED&access_token={TOKEN}", **config)
+    assert opened(s)[0].url == f"{OLD_URL}?token={TOKEN}"
+
+
+# -- frames held before the upstream is ready ---------------------------------------------------------
+
+
+def test_legacy_client_frames_before_ready_are_flushed_in_order_before_start_relay() -> None:
+    s = legacy("old")
+    s.start()
+    assert s.client_frame("one") == []
+    assert s.client_frame(b"\x00two") == []
+    assert s.client_frame("three") == []
+    assert s.upstream_opened() == [SendUpstream("one"), SendUpstream(b"\x00two"), SendUpstream("three"), StartRelay()]
+
+
+def test_legacy_client_routed_new_frames_are_held_until_connected_and_the_auth_frame_goes_first() -> None:
+    s = legacy("new")
+    s.start()
+    assert s.client_frame("while connecting") == []
+    assert s.upstream_opened() == [SendUpstream(authenticate_message(TOKEN))]
+    assert s.client_frame(b"during handshake") == []
+    assert s.upstream_frame(BACKEND_CONNECTED) == [
+        SendUpstream("while connecting"),
+        SendUpstream(b"during handshake"),
+        StartRelay(),
+    ]
+
+
+def test_message_client_routed_new_gets_connected_before_its_held_frames_are_sent() -> None:
+    s = session("new")
+    s.start()
+    s.client_frame(AUTH)
+    assert s.client_frame("early") == []
+    assert s.upstream_opened() == [SendUpstream(AUTH)]
+    assert s.client_frame("later") == []
+    assert s.upstream_frame(BACKEND_CONNECTED) == [
+        SendClient(BACKEND_CONNECTED),
+        SendUpstream("early"),
+        SendUpstream("later"),
+        StartRelay(),
+    ]
+
+
+def test_message_client_routed_old_gets_gateway_connected_then_its_held_frames_go_up() -> None:
+    s = session("old")
+    opened(s)
+    assert s.client_frame("early") == []
+    assert s.upstream_opened() == [SendClient(GATEWAY_CONNECTED), SendUpstream("early"), StartRelay()]
+
+
+def test_second_authenticate_frame_is_an_ordinary_held_frame() -> None:
+    s = session("old")
+    opened(s)
+    assert s.client_frame(AUTH) == []
+    assert s.upstream_opened() == [SendClient(GATEWAY_CONNECTED), SendUpstream(AUTH), StartRelay()]
+
+
+def test_relaying_session_passes_frames_straight_through() -> None:
+    s = legacy("old")
+    s.start()
+    s.upstream_opened()
+    assert s.client_frame("up") == [SendUpstream("up")]
+    assert s.upstream_frame(b"down") == [SendClient(b"down")]
+    assert s.upstream_frame(BACKEND_CONNECTED) == [SendClient(BACKEND_CONNECTED)]
+
+
+def test_held_frames_are_sent_only_once() -> None:
+    s = legacy("old")
+    s.start()
+    s.client_frame("one")
+    s.upstream_opened()
+    assert s.client_frame("two") == [SendUpstream("two")]
+
+
+# -- hold overflow ------------------------------------------------------------------------------------
+
+OVERFLOW = CloseClient(1013, "too many messages before the session was ready")
+
+
+def test_hold_buffer_full_by_frame_count_closes_the_client_with_1013() -> None:
+    s = legacy("old", limits={"hold_buffer_frames": 3})
+    s.start()
+    assert [s.client_frame(f"f{i}") for i in range(3)] == [[], [], []]
+    assert s.client_frame("f3") == [OVERFLOW]
+    assert s.phase is Phase.CLOSED and s.failure == "hold_overflow"
+
+
+def test_hold_buffer_full_by_bytes_closes_the_client_with_1013() -> None:
+    s = legacy("old", limits={"max_message_bytes": 10, "hold_buffer_bytes": 10})
+    s.start()
+    assert s.client_frame("12345") == []
+    assert s.client_frame(b"67890") == []
+    assert s.client_frame(b"x") == [OVERFLOW]
+
+
+def test_hold_buffer_counts_text_in_utf8_bytes() -> None:
+    s = legacy("old", limits={"max_message_bytes": 10, "hold_buffer_bytes": 10})
+    s.start()
+    assert s.client_frame("ééééé") == []  # 10 bytes
+    assert s.client_frame("é") == [OVERFLOW]
+
+
+def test_hold_overflow_during_upstream_handshake_closes_the_upstream_too() -> None:
+    s = handshaking(legacy("new", limits={"hold_buffer_frames": 1}))
+    assert s.client_frame("f0") == []
+    actions = s.client_frame("f1")
+    assert actions[0] == OVERFLOW
+    assert [type(a) for a in actions] == [CloseClient, CloseUpstream]
+    assert actions[1].code == 1001
+
+
+def test_nothing_is_sent_after_hold_overflow() -> None:
+    s = legacy("old", limits={"hold_buffer_frames": 1})
+    s.start()
+    s.client_frame("f0")
+    s.client_frame("f1")
+    assert s.client_frame("f2") == []
+    assert s.upstream_frame(BACKEND_CONNECTED) == []
+    assert s.upstream_failed("connect") == []
+
+
+# -- auth failures ------------------------------------------------------------------------------------
+
+LEGACY_FAILURES = {
+    "bad_signature": make_token(secret="another-secret-0123456789-abcdefghij"),
+    "expired": make_token(ttl=-10),
+    "bad_algorithm": make_token(secret="k" * 64, algorithm="HS512"),
+    "bad_user_id": make_token(None),
+    "malformed_token": "garbage",
+    "token_too_large": "x" * (MAX_TOKEN_BYTES + 1),
+}
+
+
+@pytest.mark.parametrize("backend", ["old", "new"])
+@pytest.mark.parametrize("reason", sorted(LEGACY_FAILURES))
+def test_legacy_auth_failure_closes_1008_and_never_opens_upstream(reason: str, backend: str) -> None:
+    token = LEGACY_FAILURES[reason]
+    s = session(backend, f"token={token}")
+    actions = s.start()
+    assert [(type(a), a.code) for a in actions] == [(CloseClient, 1008)]  # type: ignore[union-attr]
+    assert token not in actions[0].reason  # type: ignore[union-attr]
+    assert s.failure == reason and s.phase is Phase.CLOSED
+    later = s.client_frame("chat") + s.client_frame(AUTH) + s.auth_timed_out()
+    assert later == [] and s.identity is None and s.backend is None
+
+
+MESSAGE_FAILURES: dict[str, Any] = {
+    "binary_frame": AUTH.encode(),
+    "bad_frame": "not json",
+    "not_authenticate": json.dumps({"type": "hello", "token": TOKEN}),
+    "missing_token": json.dumps({"type": "authenticate"}),
+    "expired": json.dumps({"type": "authenticate", "token": make_token(ttl=-10)}),
+    "not_yet_valid": json.dumps({"type": "authenticate", "token": make_token(nbf=9_999_999_999)}),
+    "bad_algorithm": json.dumps({"type": "authenticate", "token": make_token(secret="k" * 64, algorithm="HS512")}),
+    "bad_signature": json.dumps({"type": "authenticate", "token": make_token(secret="another-secret-0123456789-abcdefghij")}),
+}
+
+
+@pytest.mark.parametrize("backend", ["old", "new"])
+@pytest.mark.parametrize("reason", sorted(MESSAGE_FAILURES))
+def test_message_auth_failure_closes_1008_and_never_opens_upstream(reason: str, backend: str) -> None:
+    s = session(backend)
+    s.start()
+    actions = s.client_frame(MESSAGE_FAILURES[reason])
+    assert [(type(a), a.code) for a in actions] == [(CloseClient, 1008)]  # type: ignore[union-attr]
+    assert TOKEN not in actions[0].reason  # type: ignore[union-attr]
+    assert s.failure == reason
+    assert never_opens_upstream(s.client_frame(AUTH) + s.client_frame("chat") + s.auth_timed_out())
+
+
+def test_auth_timeout_closes_a_silent_message_client_with_1008() -> None:
+    s = session("new")
+    assert s.auth_timeout == 5.0
+    assert s.start() == []
+    assert s.auth_timed_out() == [CloseClient(1008, "authentication timed out")]
+    assert s.failure == "timeout"
+    assert s.client_frame(AUTH) == []
+
+
+def test_auth_timeout_after_authenticating_does_nothing() -> None:
+    s = session("new")
+    opened(s)
+    assert s.auth_timed_out() == []
+    assert s.phase is Phase.CONNECTING
+
+
+def test_auth_timeout_does_not_apply_to_a_legacy_client() -> None:
+    s = legacy("old")
+    s.start()
+    assert s.auth_timed_out() == []
+
+
+def test_client_leaving_before_authenticating_opens_nothing() -> None:
+    s = session("new")
+    s.start()
+    assert s.client_closed(1000, "") == []
+    assert s.phase is Phase.CLOSED
+    assert s.client_frame(AUTH) == []
+
+
+# -- upstream failures ------------------------------------------------------------------------------------
+
+REJECTED = CloseClient(1008, "token rejected by backend")
+BAD_GATEWAY = CloseClient(1014, "backend unavailable")
+
+
+@pytest.mark.parametrize("client", ["legacy", "message"])
+def test_upstream_closing_1008_during_its_handshake_closes_the_client_1008(client: str) -> None:
+    s = handshaking(legacy("new") if client == "legacy" else session("new"))
+    assert s.upstream_closed(1008, "invalid token") == [REJECTED]
+    assert s.failure == "rejected"
+
+
+def test_upstream_refusing_with_1008_while_connecting_closes_the_client_1008() -> None:
+    s = legacy("old")
+    s.start()
+    assert s.upstream_closed(1008, "") == [REJECTED]
+
+
+@pytest.mark.parametrize("code", [None, 1000, 1001, 1006, 1011, 4000])
+def test_upstream_closing_otherwise_during_its_handshake_is_a_bad_gateway(code: int | None) -> None:
+    s = handshaking(legacy("new"))
+    assert s.upstream_closed(code, "x") == [BAD_GATEWAY]
+    assert s.failure == "handshake"
+
+
+@pytest.mark.parametrize("frame", [b'{"type":"connected"}', "hello", '{"type":"error","message":"no"}', "[]", "[" * 5000])
+def test_upstream_first_frame_other_than_connected_is_a_bad_gateway(frame: str | bytes) -> None:
+    s = handshaking(session("new"))
+    s.client_frame("held")
+    actions = s.upstream_frame(frame)
+    assert [type(a) for a in actions] == [CloseUpstream, CloseClient]
+    assert actions[0].code == 1002 and actions[1] == BAD_GATEWAY  # type: ignore[union-attr]
+    assert never_opens_upstream(actions)
+
+
+def test_upstream_unreachable_is_a_bad_gateway() -> None:
+    s = legacy("old")
+    s.start()
+    s.client_frame("held")
+    assert s.upstream_failed("connect") == [BAD_GATEWAY]
+    assert s.failure == "connect"
+
+
+def test_upstream_handshake_deadline_closes_both_legs() -> None:
+    s = handshaking(legacy("new"))
+    assert s.handshake_timeout == 10.0 and s.connect_timeout == 10.0
+    actions = s.upstream_failed("handshake")
+    assert [type(a) for a in actions] == [CloseUpstream, CloseClient]
+    assert actions[1] == BAD_GATEWAY
+
+
+def test_upstream_events_after_the_session_closed_do_nothing() -> None:
+    s = handshaking(legacy("new"))
+    s.upstream_closed(1011, "")
+    assert s.upstream_frame(BACKEND_CONNECTED) == []
+    assert s.upstream_closed(1008, "") == []
+    assert s.upstream_failed("handshake") == []
+
+
+# -- the client leaving during the upstream handshake ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "expected"),
+    [
+        (4000, "bye", CloseUpstream(4000, "bye")),
+        (1000, "", CloseUpstream(1000, "")),
+        (None, "", CloseUpstream(1000, "")),
+        (1005, "", CloseUpstream(1000, "")),
+        (1006, "", CloseUpstream(1001, "client connection lost")),
+    ],
+)
+def test_client_closing_during_upstream_handshake_forwards_its_close(
+    code: int | None, reason: str, expected: CloseUpstream
+) -> None:
+    s = handshaking(session("new"))
+    assert s.client_closed(code, reason) == [expected]
+    assert s.phase is Phase.CLOSED
+    assert s.upstream_frame(BACKEND_CONNECTED) == []
+
+
+def test_client_closing_while_upstream_connects_leaves_it_to_the_shell() -> None:
+    s = legacy("old")
+    s.start()
+    assert s.client_closed(4000, "bye") == []
+    assert s.phase is Phase.CLOSED
+
+
+# -- small helpers ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frame", ['{"type":"connected"}', '{"type": "connected", "user_id": 7}'])
+def test_connected_frame_is_a_text_json_object_of_type_connected(frame: str) -> None:
+    assert is_connected_frame(frame)
+
+
+@pytest.mark.parametrize(
+    "frame", [b'{"type":"connected"}', '{"type":"Connected"}', '["connected"]', '"connected"', "connected", "", "[" * 3000]
+)
+def test_anything_else_is_not_a_connected_frame(frame: str | bytes) -> None:
+    assert not is_connected_frame(frame)
+
+
+# -- fallback to the old backend -------------------------------------------------------------
+
+FALLBACK = {"rollout": {"fallback_to_old": True}}
+
+
+@pytest.mark.parametrize("style", ["legacy", "message"])
+def test_new_backend_unreachable_falls_back_to_old_within_the_same_client_connection(style: str) -> None:
+    s = legacy("new", **FALLBACK) if style == "legacy" else session("new", **FALLBACK)
+    opened(s)
+    [action] = s.upstream_failed("connect")
+    assert isinstance(action, OpenUpstream) and action.backend == "old" and action.fallback
+    assert action.url == f"{OLD_URL}?token={quote(TOKEN, safe='')}"
+    assert s.fell_back and s.fallback_reason == "connect" and s.failure is None
+    ready = s.upstream_opened()
+    if style == "message":
+        assert ready[0] == SendClient(GATEWAY_CONNECTED)
+    assert ready[-1] == StartRelay()
+
+
+def test_failed_new_handshake_closes_that_upstream_before_opening_the_old_one() -> None:
+    s = handshaking(legacy("new", **FALLBACK))
+    actions = s.upstream_frame('{"type":"error"}')
+    assert isinstance(actions[0], CloseUpstream)
+    assert isinstance(actions[1], OpenUpstream) and actions[1].backend == "old"
+
+
+def test_frames_held_during_a_fallback_reach_the_old_backend_in_order() -> None:
+    s = legacy("new", **FALLBACK)
+    opened(s)
+    s.client_frame("one")
+    s.upstream_failed("connect")
+    s.client_frame("two")
+    assert s.upstream_opened() == [SendUpstream("one"), SendUpstream("two"), StartRelay()]
+
+
+def test_backend_rejecting_the_token_never_falls_back() -> None:
+    s = handshaking(legacy("new", **FALLBACK))
+    assert s.upstream_closed(1008, "bad token") == [CloseClient(1008, "token rejected by backend")]
+    assert not s.fell_back
+
+
+def test_old_backend_failing_after_a_fallback_is_a_bad_gateway() -> None:
+    s = legacy("new", **FALLBACK)
+    opened(s)
+    s.upstream_failed("connect")
+    assert s.upstream_failed("connect") == [CloseClient(1014, "backend unavailable")]
+    assert s.failure == "connect"
+
+
+def test_old_backend_failing_never_falls_anywhere() -> None:
+    s = legacy("old", **FALLBACK)
+    opened(s)
+    assert s.upstream_failed("connect") == [CloseClient(1014, "backend unavailable")]
+
+
+# -- legacy sunset -----------------------------------------------------------------------------
+
+
+def test_legacy_clients_are_refused_with_1008_when_legacy_auth_is_denied() -> None:
+    s = legacy("old", auth={"legacy": "deny"})
+    [action] = s.start()
+    assert action.code == 1008 and "update" in action.reason and s.failure == "legacy_denied"
+
+
+def test_message_clients_are_unaffected_when_legacy_auth_is_denied() -> None:
+    s = session("new", auth={"legacy": "deny"})
+    assert s.start() == []
+    assert isinstance(s.client_frame(AUTH)[0], OpenUpstream)
