@@ -10,7 +10,9 @@ from aiohttp import web
 
 from . import closecodes
 from .config import Config
+from .logs import install_redaction
 from .protocol import Session
+from .pump import wire_limit
 from .relay import Connection, request_id
 from .runtime import Gateway
 
@@ -27,7 +29,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         autoclose=False,
         autoping=True,
         heartbeat=config.limits.ping_interval_seconds or None,
-        max_msg_size=config.limits.max_message_bytes + 1,
+        max_msg_size=wire_limit(config.limits.max_message_bytes),
         compress=True,
     )
     if not ws.can_prepare(request).ok:
@@ -92,6 +94,7 @@ def log_connection(conn: Connection) -> None:
 
 def create_app(config: Config, *, gateway: Gateway | None = None) -> web.Application:
     gateway = gateway or Gateway(config)
+    install_redaction()
     app = web.Application()
     app[GATEWAY] = gateway
     app.router.add_get(config.path, chat)

@@ -26,6 +26,34 @@ def redact(text: str, query_param: str = "token") -> str:
     return re.sub(rf"(\b{re.escape(query_param)}=)[^&\s\"']+", r"\1<redacted>", text)
 
 
+class RedactFilter(logging.Filter):
+    """Masks tokens in records of loggers we do not control (aiohttp quotes request lines).
+
+    Applied at the source logger, so every handler (ours, a test's, a library's) gets the
+    masked record, not just our formatter's output.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+_REDACT = RedactFilter()
+FOREIGN_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.client", "aiohttp.websocket", "asyncio")
+
+
+def install_redaction() -> None:
+    """Idempotent: mask tokens in what aiohttp and asyncio log."""
+    for name in FOREIGN_LOGGERS:
+        logger = logging.getLogger(name)
+        if _REDACT not in logger.filters:
+            logger.addFilter(_REDACT)
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, query_param: str = "token") -> None:
         super().__init__()
@@ -43,6 +71,8 @@ class JsonFormatter(logging.Formatter):
                 line[key] = value
         if record.exc_info and record.exc_info[0] is not None:
             line["error"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line["error"] = record.exc_text
         return redact(json.dumps(line, default=str, ensure_ascii=False), self.query_param)
 
 
@@ -54,6 +84,7 @@ def setup_logging(level: str = "INFO", query_param: str = "token", stream: Any =
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    install_redaction()
 
 
 class AccessLogger(AbstractAccessLogger):

@@ -159,6 +159,9 @@ class Session:
         self.failure: str | None = None
         self.fell_back = False
         self.fallback_reason: str | None = None
+        self.client_close: tuple[int, str] | None = None
+        self.outcomes: list[tuple[str | None, str]] = []
+        """(backend, ok|connect|handshake|rejected) per upstream attempt, for the shell to report."""
         self._auth_frame: str | None = None
         self._held: list[Frame] = []
         self._held_bytes = 0
@@ -224,17 +227,13 @@ class Session:
             self.phase = Phase.UPSTREAM_HANDSHAKE
             frame = self._auth_frame if self._auth_frame is not None else authenticate_message(self._token)
             return [SendUpstream(frame)]
-        greeting: list[Action] = []
-        if self.auth_style == "message":
-            greeting.append(SendClient(self._config.auth.connected_message))
-        return greeting + self._ready()
+        return self._ready(greeting=self._config.auth.connected_message)
 
     def upstream_frame(self, data: Frame) -> list[Action]:
         if self.phase is Phase.UPSTREAM_HANDSHAKE:
             if not is_connected_frame(data):
                 return self._upstream_failed("handshake", close_upstream=True)
-            greeting: list[Action] = [SendClient(data)] if self.auth_style == "message" else []
-            return greeting + self._ready()
+            return self._ready(greeting=data)
         if self.phase is Phase.RELAYING:
             return [SendClient(data)]
         return []
@@ -246,6 +245,7 @@ class Session:
         if code == closecodes.POLICY_VIOLATION:
             self.phase = Phase.CLOSED
             self.failure = "rejected"
+            self.outcomes.append((self.backend, "rejected"))
             return [CloseClient(closecodes.POLICY_VIOLATION, AuthError("upstream_rejected").close_reason)]
         return self._upstream_failed("handshake", close_upstream=False)
 
@@ -256,11 +256,18 @@ class Session:
         return self._upstream_failed(kind, close_upstream=self.phase is Phase.UPSTREAM_HANDSHAKE)
 
     def client_closed(self, code: int | None, reason: str) -> list[Action]:
-        """The client closed (or vanished) before the relay started."""
+        """The client closed (or vanished) before the relay started.
+
+        Frames it sent first are still owed to the backend: the session carries on until
+        the upstream is ready, delivers them, then passes the client's close on.
+        """
+        forwarded = closecodes.forward(code, reason, closecodes.Leg.UPSTREAM)
+        if self._held and self.phase in (Phase.CONNECTING, Phase.UPSTREAM_HANDSHAKE):
+            self.client_close = forwarded
+            return []
         previous, self.phase = self.phase, Phase.CLOSED
         if previous is Phase.UPSTREAM_HANDSHAKE:
-            code, reason = closecodes.forward(code, reason, closecodes.Leg.UPSTREAM)
-            return [CloseUpstream(code, reason)]
+            return [CloseUpstream(*forwarded)]
         return []
 
     # -- internals -----------------------------------------------------------------------
@@ -298,16 +305,26 @@ class Session:
             return actions
         return []
 
-    def _ready(self) -> list[Action]:
-        self.phase = Phase.RELAYING
-        actions: list[Action] = [SendUpstream(frame) for frame in self._held]
+    def _ready(self, greeting: Frame | None = None) -> list[Action]:
+        """The upstream is ready: greet the client if it waits for `connected`, flush what was held."""
+        self.outcomes.append((self.backend, "ok"))
+        actions: list[Action] = []
+        if greeting is not None and self.auth_style == "message" and self.client_close is None:
+            actions.append(SendClient(greeting))
+        actions += [SendUpstream(frame) for frame in self._held]
         self._held = []
         self._held_bytes = 0
+        if self.client_close is not None:
+            self.phase = Phase.CLOSED
+            actions.append(CloseUpstream(*self.client_close))
+            return actions
+        self.phase = Phase.RELAYING
         actions.append(StartRelay())
         return actions
 
     def _upstream_failed(self, kind: str, *, close_upstream: bool) -> list[Action]:
         """Give up on this upstream: fall back to the old backend once if allowed, else 1014."""
+        self.outcomes.append((self.backend, kind))
         actions: list[Action] = []
         if close_upstream:
             actions.append(CloseUpstream(closecodes.PROTOCOL_ERROR, "authentication handshake failed"))

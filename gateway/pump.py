@@ -43,24 +43,59 @@ async def close_leg(ws: Any, code: int, reason: str) -> None:
         pass
 
 
-async def pump(src: Any, dst: Any, to: Leg, flow: Flow) -> None:
+def wire_limit(limit: int) -> int:
+    """The `max_msg_size` to give aiohttp for a leg whose frames may be up to `limit` bytes.
+
+    aiohttp applies its limit to the compressed wire length too (and is exclusive), so an
+    incompressible frame of exactly `limit` bytes from a permessage-deflate peer would be
+    refused. It gets room for deflate's expansion of random data (stored blocks cost 5
+    bytes each; peers with small windows use many: 0.25 % was seen from `websockets`);
+    `too_big` is the exact check.
+    """
+    return limit + limit // 64 + 1024 + 1
+
+
+def too_big(data: str | bytes, limit: int) -> bool:
+    """Is this payload over `limit` bytes? Only text longer than limit/4 pays for an encode."""
+    size = len(data)
+    if size > limit:
+        return True
+    return isinstance(data, str) and size * 4 > limit and len(data.encode("utf-8")) > limit
+
+
+async def refuse_oversize(src: Any, dst: Any, to: Leg) -> None:
+    """`src` sent a frame over the limit: 1009 to it, a clean close to the other leg."""
+    if to is Leg.CLIENT:
+        other = (closecodes.BAD_GATEWAY, "backend sent a message over the size limit")
+    else:
+        other = (closecodes.GOING_AWAY, "client sent a message over the size limit")
+    await asyncio.gather(close_leg(src, closecodes.MESSAGE_TOO_BIG, "message too big"), close_leg(dst, *other))
+
+
+async def pump(src: Any, dst: Any, to: Leg, flow: Flow, limit: int) -> None:
     """Forward data frames from `src` to `dst` (the `to` leg) until `src` ends."""
     receive = src.receive
     send_str = dst.send_str
     send_bytes = dst.send_bytes
+    quarter = limit // 4
     frames = size = 0
     try:
         while True:
             msg = await receive()
             kind = msg.type
+            data = msg.data
             if kind is _TEXT:
-                await send_str(msg.data)
+                if len(data) > quarter and too_big(data, limit):
+                    break
+                await send_str(data)
             elif kind is _BINARY:
-                await send_bytes(msg.data)
+                if len(data) > limit:
+                    break
+                await send_bytes(data)
             else:
                 break
             frames += 1
-            size += len(msg.data)
+            size += len(data)
     except (ConnectionError, RuntimeError):
         # dst is gone; the pump reading dst sees that and closes src.
         return
@@ -76,9 +111,13 @@ async def pump(src: Any, dst: Any, to: Leg, flow: Flow) -> None:
         code, reason = closecodes.forward(msg.data, flow.close_reason, to)
         await asyncio.gather(close_leg(dst, code, reason), close_leg(src, echo, ""))
         return
-    # CLOSED or ERROR: src vanished, failed a ping, or broke the protocol (aiohttp has
-    # already closed it with the right code, e.g. 1009 for an oversized frame).
-    flow.close_code = src.close_code or closecodes.ABNORMAL
     flow.lost = True
+    if kind is _TEXT or kind is _BINARY or src.close_code == closecodes.MESSAGE_TOO_BIG:
+        flow.close_code = closecodes.MESSAGE_TOO_BIG
+        await refuse_oversize(src, dst, to)
+        return
+    # CLOSED or ERROR: src vanished, failed a ping, or broke the protocol (aiohttp has
+    # already closed it with the code that says how, e.g. 1007 for invalid UTF-8).
+    flow.close_code = src.close_code or closecodes.ABNORMAL
     code, reason = closecodes.forward(closecodes.ABNORMAL, "", to)
     await close_leg(dst, code, reason)

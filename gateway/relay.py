@@ -33,7 +33,7 @@ from .protocol import (
     Session,
     StartRelay,
 )
-from .pump import Flow, close_leg, pump
+from .pump import Flow, close_leg, pump, too_big, wire_limit
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -101,6 +101,12 @@ class Connection:
             elif isinstance(action, SendClient):
                 await _send(self.ws, action.data)
             elif isinstance(action, OpenUpstream):
+                if action.fallback:
+                    self.gateway.fell_back()
+                    log.warning(
+                        "new backend failed; falling back to the old one",
+                        extra={"request_id": self.request_id, "reason": self.session.fallback_reason},
+                    )
                 self.upstream_task = asyncio.create_task(self.run_upstream(action))
             elif isinstance(action, CloseClient):
                 await close_leg(self.ws, action.code, action.reason)
@@ -110,11 +116,17 @@ class Connection:
             elif isinstance(action, StartRelay):
                 self.ready_at = time.monotonic()
                 self.relaying = True
+                self.gateway.session_ready(self)
 
     async def feed(self, event: Any, *args: Any) -> None:
         """Feed one event to the session and perform its actions, atomically w.r.t. the other task."""
         async with self.lock:
-            await self.perform(event(*args))
+            actions = event(*args)
+            outcomes = self.session.outcomes
+            while outcomes:
+                backend, result = outcomes.pop(0)
+                self.gateway.upstream_result(backend, result)
+            await self.perform(actions)
 
     # -- the client side (request handler task) ------------------------------------------
 
@@ -123,19 +135,26 @@ class Connection:
         await self.perform(session.start())
         if session.phase is Phase.AUTHENTICATING:
             await self.authenticate()
+        limit = session.config.limits.max_message_bytes
         while session.phase in (Phase.CONNECTING, Phase.UPSTREAM_HANDSHAKE) and not self.relaying:
             msg = await self.ws.receive()
             if msg.type in _DATA:
+                if too_big(msg.data, limit):
+                    await self.client_oversize()
+                    return
                 await self.feed(session.client_frame, msg.data)
             elif msg.type is WSMsgType.CLOSING:
                 return  # the upstream task closed the client
+            elif self.ws.close_code == closecodes.MESSAGE_TOO_BIG:
+                await self.client_oversize()
+                return
             else:
-                await self.client_left(msg)
+                await self.client_left(*_close_of(msg), echo=msg.type is WSMsgType.CLOSE)
                 return
         if self.relaying:
             async with self.lock:  # wait until the held frames are flushed
                 pass
-            await pump(self.ws, self.upstream, Leg.UPSTREAM, self.to_upstream)
+            await pump(self.ws, self.upstream, Leg.UPSTREAM, self.to_upstream, self.session.config.limits.max_message_bytes)
 
     async def authenticate(self) -> None:
         session = self.session
@@ -152,13 +171,19 @@ class Connection:
             if msg.type in _DATA:
                 await self.perform(session.client_frame(msg.data))
             else:
-                await self.client_left(msg)
+                await self.client_left(*_close_of(msg), echo=msg.type is WSMsgType.CLOSE)
                 return
 
-    async def client_left(self, msg: aiohttp.WSMessage) -> None:
+    async def client_oversize(self) -> None:
+        """A frame over the limit before the relay started: 1009 to the client; the backend
+        still gets what was held before it, then a clean close."""
+        self.to_upstream.lost = True
+        await close_leg(self.ws, closecodes.MESSAGE_TOO_BIG, "message too big")
+        await self.client_left(closecodes.GOING_AWAY, "client sent a message over the size limit", echo=False)
+
+    async def client_left(self, code: int | None, reason: str, *, echo: bool) -> None:
         """The client closed or vanished while this task was not yet pumping: tell the session,
         pass the close on if the relay has started meanwhile (as the pump would), echo a close."""
-        code, reason = _close_of(msg)
         self.to_upstream.close_code, self.to_upstream.close_reason = code, reason
         async with self.lock:  # `relaying` only changes under the lock
             relaying = self.relaying
@@ -166,7 +191,7 @@ class Connection:
         closing = []
         if relaying and self.upstream is not None:
             closing.append(close_leg(self.upstream, *closecodes.forward(code, reason, Leg.UPSTREAM)))
-        if msg.type is WSMsgType.CLOSE:
+        if echo:
             closing.append(close_leg(self.ws, code if code in closecodes.SENDABLE else closecodes.NORMAL, ""))
         await asyncio.gather(*closing)
 
@@ -174,6 +199,7 @@ class Connection:
 
     async def run_upstream(self, action: OpenUpstream) -> None:
         session = self.session
+        started = time.monotonic()
         try:
             async with asyncio.timeout(session.connect_timeout):
                 upstream = await self.gateway.client.ws_connect(
@@ -182,7 +208,7 @@ class Connection:
                     autoclose=False,
                     autoping=True,
                     heartbeat=session.config.limits.ping_interval_seconds or None,
-                    max_msg_size=session.config.limits.max_message_bytes + 1,
+                    max_msg_size=wire_limit(session.config.limits.max_message_bytes),
                     compress=15 if action.config.compress else 0,
                 )
         except aiohttp.WSServerHandshakeError as exc:
@@ -204,6 +230,7 @@ class Connection:
             return
 
         self.upstream = upstream
+        self.gateway.upstream_connected(action.backend, time.monotonic() - started)
         if session.phase is Phase.CLOSED:  # the client left or overflowed while we connected
             await close_leg(upstream, closecodes.GOING_AWAY, "client closed")
             return
@@ -211,7 +238,7 @@ class Connection:
         if session.phase is Phase.UPSTREAM_HANDSHAKE:
             await self.upstream_handshake(upstream)
         if self.relaying:
-            await pump(upstream, self.ws, Leg.CLIENT, self.to_client)
+            await pump(upstream, self.ws, Leg.CLIENT, self.to_client, session.config.limits.max_message_bytes)
 
     async def upstream_handshake(self, upstream: aiohttp.ClientWebSocketResponse) -> None:
         session = self.session
@@ -246,9 +273,11 @@ class Connection:
         if task is not None:
             if task.done():
                 pass
-            elif self.upstream is not None:
-                # The upstream task is closing a leg or pumping its last frames: let it finish.
-                done, _ = await asyncio.wait({task}, timeout=self.gateway.close_timeout)
+            elif self.upstream is not None or self.session.phase is not Phase.CLOSED:
+                # The upstream task is still owed work: frames held for the backend, a close
+                # to pass on, the last frames of a pump. It bounds each step itself.
+                budget = self.session.connect_timeout + self.session.handshake_timeout + self.gateway.close_timeout
+                done, _ = await asyncio.wait({task}, timeout=budget)
                 if not done:
                     task.cancel()
             else:

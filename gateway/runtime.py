@@ -167,10 +167,11 @@ class Gateway:
 
     # -- session outcomes (called by the relay) ----------------------------------------------
 
-    def upstream_attempt(self, backend: str, result: str, seconds: float | None = None) -> None:
-        """One upstream open: result is ok, connect, handshake or rejected."""
-        if seconds is not None and result != "connect":
-            self.metrics.upstream_connect_seconds.labels(backend).observe(seconds)
+    def upstream_connected(self, backend: str, seconds: float) -> None:
+        self.metrics.upstream_connect_seconds.labels(backend).observe(seconds)
+
+    def upstream_result(self, backend: str, result: str) -> None:
+        """How one upstream attempt ended: ok, connect, handshake or rejected (the token)."""
         if result != "ok":
             self.metrics.upstream_failures.labels(backend, result).inc()
         if backend == "new" and result != "rejected":

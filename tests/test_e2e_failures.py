@@ -399,3 +399,46 @@ async def test_hold_buffer_filled_exactly_delivers_every_frame_once_ready(server
         sock = await recorder.next_socket()
         assert await sock.wait_closed() == (1000, "")
         assert sock.frames == ["1", b"2", "3"] and sock.frames_before_ready == 0
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [b"x" * (MiB + 1), "x" * (MiB + 1), "\u00e9" * (MiB // 2 + 1)],
+    ids=["binary", "ascii-text", "two-byte-text-fewer-chars-than-the-limit"],
+)
+@pytest.mark.parametrize("compression", [None, "deflate"])
+async def test_frame_one_byte_over_the_limit_is_refused_1009_with_or_without_compression(servers: Servers, frame, compression):
+    old = await servers.recording("query", max_message_bytes=4 * MiB)  # would take it: the gateway must not
+    stack = await servers.stack(old_port=old.port)
+    async with asyncio.timeout(TIMEOUT):
+        ws = await open_client(stack, "legacy", make_token(), early=["ping"], compression=compression)
+        assert await ws.recv() == "ping"
+        await ws.send("pong")  # the first frame after ready moves the client side into the pump
+        assert await ws.recv() == "pong"
+        await ws.send(frame)
+        assert (await closed(ws))[0] == 1009
+        sock = await old.next_socket()
+        assert await sock.wait_closed() == (1001, "client sent a message over the size limit")
+    assert sock.frames == ["ping", "pong"]
+
+
+@pytest.mark.parametrize("compression", [None, "deflate"])
+async def test_frame_of_exactly_the_limit_in_two_byte_text_passes(stack, compression):
+    frame = "\u00e9" * (MiB // 2)
+    async with asyncio.timeout(TIMEOUT):
+        ws = await open_client(stack, "legacy", make_token(), early=[frame], compression=compression)
+        assert await ws.recv() == frame
+        await ws.close()
+
+
+async def test_oversized_frame_before_the_upstream_is_ready_closes_1009_after_delivering_what_came_before(servers: Servers):
+    old = await servers.recording("query", hold_upgrade=True)
+    stack = await servers.stack(old_port=old.port)
+    async with asyncio.timeout(TIMEOUT):
+        ws = await open_client(stack, "legacy", make_token(), early=["first", b"x" * (MiB + 1)], compression=None)
+        assert (await closed(ws))[0] == 1009
+        old.release.set()
+        sock = await old.next_socket()
+        code, reason = await sock.wait_closed()
+    assert sock.frames == ["first"]
+    assert (code, reason) == (1001, "client sent a message over the size limit")

@@ -81,12 +81,6 @@ async def test_frame_of_exactly_max_message_bytes_passes_both_ways(stack, path):
         assert ws.close_code == 1000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app.chat offers permessage-deflate on the client leg with max_msg_size=max+1, and aiohttp "
-    "also applies max_msg_size to the compressed wire length: an incompressible frame of exactly "
-    "max_message_bytes expands past it and is refused with 1009",
-)
 async def test_deflate_client_can_send_an_incompressible_frame_of_exactly_max_message_bytes(stack):
     big_binary = os.urandom(MiB)
     async with asyncio.timeout(TIMEOUT):
@@ -240,11 +234,6 @@ async def test_message_client_authenticate_frame_reaches_new_backend_unchanged(s
         assert sock.frames == [b"\x01"] and sock.frames_before_ready == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="protocol.Session.client_closed drops held frames and the close code when the client "
-    "closes before the upstream is ready (the backend sees 1001 'client closed' and no frames)",
-)
 async def test_frames_and_close_sent_before_the_upstream_is_ready_still_reach_the_backend(servers: Servers):
     old = await servers.recording("query", hold_upgrade=True)
     stack = await servers.stack(old_port=old.port)
