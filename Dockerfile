@@ -1,7 +1,7 @@
 # ws-gateway: the WebSocket gateway for the chat auth migration.
 #
 #   docker build -t ws-gateway .
-#   docker run -p 8080:8080 --stop-timeout 45 -e JWT_SECRET=... \
+#   docker run -p 8080:8080 -p 9090:9090 --stop-timeout 45 -e JWT_SECRET=... \
 #     -v "$PWD/config/gateway.yaml:/etc/ws-gateway/gateway.yaml:ro" ws-gateway
 #
 # Config: mount it read-only at /etc/ws-gateway/gateway.yaml (GATEWAY_CONFIG below).
@@ -16,8 +16,9 @@
 # SIGKILL: `docker run --stop-timeout`, or terminationGracePeriodSeconds on Kubernetes
 # (Docker's default is 10 s).
 #
-# No HEALTHCHECK yet: /healthz and /readyz live on the admin listener, which is not
-# published from this image yet. Add one (and EXPOSE its port) when it is.
+# Health: /healthz and /readyz are on the admin listener (admin: {host: 0.0.0.0, port:
+# 9090} in config/gateway.yaml). Point the orchestrator's probes there; the HEALTHCHECK
+# below asks /healthz with the interpreter the image already has.
 
 FROM python:3.11-slim
 
@@ -45,6 +46,8 @@ WORKDIR /etc/ws-gateway
 # Numeric, so Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 
-EXPOSE 8080
+EXPOSE 8080 9090
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/healthz', timeout=2)"]
 STOPSIGNAL SIGTERM
 CMD ["ws-gateway", "serve"]
