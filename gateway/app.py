@@ -9,6 +9,7 @@ from email.utils import formatdate
 from aiohttp import web
 
 from . import closecodes
+from .clientip import client_ip
 from .config import Config
 from .logs import install_redaction
 from .protocol import Session
@@ -43,7 +44,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
     gateway.metrics.attempts.labels(session.auth_style).inc()
     await ws.prepare(request)
 
-    conn = Connection(gateway=gateway, request=request, ws=ws, session=session, request_id=rid)
+    forwarded = ", ".join(request.headers.getall("X-Forwarded-For", []))
+    ip = client_ip(request.remote, forwarded, config.trusted_proxies)
+    conn = Connection(gateway=gateway, request=request, ws=ws, session=session, request_id=rid, client_ip=ip)
     gateway.connections.add(conn)
     try:
         await conn.run()
@@ -51,7 +54,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         log.error("connection failed", extra={"request_id": rid, "error": type(exc).__name__})
     finally:
         await conn.finish()
-        gateway.session_ended(conn)
+        await gateway.session_ended(conn)
         log_connection(conn)
     return ws
 

@@ -48,6 +48,8 @@ REASONS: dict[str, str] = {
     "timeout": "authentication timed out",
     "upstream_rejected": "token rejected by backend",
     "legacy_denied": "token-in-URL auth is no longer supported: please update the app",
+    "rate_limited": "too many failed authentication attempts, retry later",
+    "too_many_sessions": "too many open sessions for this user",
 }
 
 

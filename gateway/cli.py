@@ -20,6 +20,9 @@ from .app import create_app
 from .auth import mint_token
 from .config import Config, ConfigError, load_config, parse_config
 from .logs import setup_logging
+from .reload import fingerprint
+from .report import collect_report, format_report, report_json
+from .store import RedisStore, StoreUnavailable
 from .routing import choose_backend
 from .server import Signals, run, serve, start_site
 from .stub_backend import create_stub_app
@@ -53,6 +56,16 @@ def _percent(text: str) -> float:
     return value
 
 
+def _days(text: str) -> int:
+    try:
+        days = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days") from None
+    if not 1 <= days <= 3650:
+        raise argparse.ArgumentTypeError(f"{days} is out of range [1, 3650]")
+    return days
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ws-gateway",
@@ -79,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user_id")
     p.add_argument("--config", help=config_help)
     p.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (default 3600)")
+
+    p = sub.add_parser("report", help="legacy vs message auth usage per UTC day, from Redis, and a verdict")
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--days", type=_days, default=14, help="days to show, newest last (default 14; 7 or more for a verdict)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("stub-backend", help="run a reference backend for one auth style")
     p.add_argument("--style", choices=("old", "new"), required=True)
@@ -113,10 +131,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
             print(mint_token(config.auth, args.user_id, args.ttl))
             return 0
-        if args.command == "serve":
+        if args.command == "report":
             config = load_config(_config_path(args.config))
+            if config.redis is None:
+                print("error: the usage report reads Redis; this config has no redis section", file=sys.stderr)
+                return 2
+            setup_logging("CRITICAL")  # the store logs the outage too; the one error line says it
+            return run(lambda: print_report(config, args.days, args.json))
+        if args.command == "serve":
+            path = _config_path(args.config)
+            seen = fingerprint(path)
+            config = load_config(path)
             setup_logging(config.log_level, config.auth.query_param)
-            return run(lambda: serve(config, _config_path(args.config)))
+            return run(lambda: serve(config, path, seen))
         if args.command == "stub-backend":
             config = load_config(_config_path(args.config))
             setup_logging(config.log_level, config.auth.query_param)
@@ -131,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"error: {where}{problem}", file=sys.stderr)
         return 2
+    except StoreUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -144,6 +174,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def main_entry() -> None:
     sys.exit(main())
+
+
+async def print_report(config: Config, days: int, as_json: bool) -> int:
+    store = RedisStore.from_config(config)
+    try:
+        usage = await collect_report(store, days)
+    finally:
+        await store.close()
+    threshold = config.usage.legacy_threshold_percent
+    print(report_json(usage, threshold) if as_json else format_report(usage, threshold))
+    return 0
 
 
 async def serve_stub(style: str, config: Config, host: str, port: int) -> int:

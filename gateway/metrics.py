@@ -78,6 +78,12 @@ class Metrics:
         )
         self.guard_trips = Counter(f"{PREFIX}_guard_trips", "Times the rollback guard tripped.", registry=r)
         self.draining = Gauge(f"{PREFIX}_draining", "1 while the gateway drains for shutdown.", registry=r)
+        self.store_errors = Counter(
+            f"{PREFIX}_store_errors", "Failed Redis round trips (answered from memory instead), by operation.",
+            ["operation"], registry=r,
+        )
+        self.store_up = Gauge(f"{PREFIX}_store_up", "1 while Redis answers (always 1 without Redis).", registry=r)
+        self.store_up.set(1)
         for style in ("legacy", "message"):
             self.attempts.labels(style)
             for backend in ("old", "new"):

@@ -216,6 +216,12 @@ class Session:
             return [SendUpstream(data)]
         return []
 
+    def refuse(self, reason: str) -> list[Action]:
+        """The shell refuses the client for a reason of its own (a limit); `reason` is an auth reason."""
+        if self.phase in (Phase.RELAYING, Phase.CLOSED):
+            return []
+        return self._reject(AuthError(reason))
+
     def auth_timed_out(self) -> list[Action]:
         if self.phase is not Phase.AUTHENTICATING:
             return []

@@ -78,7 +78,6 @@ async def pump(src: Any, dst: Any, to: Leg, flow: Flow, limit: int) -> None:
     send_str = dst.send_str
     send_bytes = dst.send_bytes
     quarter = limit // 4
-    frames = size = 0
     try:
         while True:
             msg = await receive()
@@ -94,14 +93,12 @@ async def pump(src: Any, dst: Any, to: Leg, flow: Flow, limit: int) -> None:
                 await send_bytes(data)
             else:
                 break
-            frames += 1
-            size += len(data)
+            # Counted on the Flow itself, so metrics scraped mid-session see it.
+            flow.frames += 1
+            flow.bytes += len(data)
     except (ConnectionError, RuntimeError):
         # dst is gone; the pump reading dst sees that and closes src.
         return
-    finally:
-        flow.frames += frames
-        flow.bytes += size
 
     if kind is _CLOSING:
         return  # the other pump closed src on the other leg's behalf

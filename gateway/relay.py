@@ -77,6 +77,9 @@ class Connection:
     ws: web.WebSocketResponse
     session: Session
     request_id: str
+    client_ip: str
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    holds_session: bool = False
     started: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
     upstream: aiohttp.ClientWebSocketResponse | None = None
@@ -98,9 +101,15 @@ class Connection:
             if isinstance(action, SendUpstream):
                 assert self.upstream is not None
                 await _send(self.upstream, action.data)
+                if self.session.phase is not Phase.UPSTREAM_HANDSHAKE:  # not the authenticate frame
+                    self.to_upstream.frames += 1
+                    self.to_upstream.bytes += len(action.data)
             elif isinstance(action, SendClient):
                 await _send(self.ws, action.data)
             elif isinstance(action, OpenUpstream):
+                if not action.fallback and not await self.gateway.acquire_session(self):
+                    await self.perform(self.session.refuse("too_many_sessions"))
+                    return
                 if action.fallback:
                     self.gateway.fell_back()
                     log.warning(
@@ -132,6 +141,9 @@ class Connection:
 
     async def run(self) -> None:
         session = self.session
+        if await self.gateway.ip_blocked(self.client_ip):
+            await self.perform(session.refuse("rate_limited"))
+            return
         await self.perform(session.start())
         if session.phase is Phase.AUTHENTICATING:
             await self.authenticate()

@@ -20,7 +20,10 @@ log = logging.getLogger("gateway.reload")
 POLL_SECONDS = 1.0
 
 
-def fingerprint(path: str) -> tuple[Any, ...] | None:
+Fingerprint = tuple[Any, ...]
+
+
+def fingerprint(path: str) -> Fingerprint | None:
     try:
         st = os.stat(path)
     except OSError:
@@ -31,11 +34,19 @@ def fingerprint(path: str) -> tuple[Any, ...] | None:
 class Reloader:
     """Reloads `path` into `apply` when it changes or when asked (SIGHUP)."""
 
-    def __init__(self, path: str, apply: Callable[[Config], None], on_invalid: Callable[[ConfigError], None]) -> None:
+    def __init__(
+        self,
+        path: str,
+        apply: Callable[[Config], None],
+        on_invalid: Callable[[ConfigError], None],
+        *,
+        seen: Fingerprint | None = None,
+    ) -> None:
+        """`seen`: the fingerprint taken before the config in force was read (default: now)."""
         self.path = path
         self._apply = apply
         self._on_invalid = on_invalid
-        self._seen = fingerprint(path)
+        self._seen = seen if seen is not None else fingerprint(path)
         self._task: asyncio.Task[None] | None = None
 
     def reload(self) -> bool:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -21,15 +22,19 @@ from . import closecodes
 from .auth import REASONS as AUTH_REASONS
 from .auth import Verifier
 from .config import Config, ConfigError, restart_required
-from .guard import STATE_VALUES, Guard, Transition
+from .guard import STATE_VALUES, Guard, GuardState, Transition
 from .metrics import Metrics
 from .pump import close_leg
 from .routing import Route, choose_backend
+from .store import Store, open_store, utc_day
 
 if TYPE_CHECKING:
     from .relay import Connection
 
 log = logging.getLogger("gateway")
+GUARD_SYNC_SECONDS = 1.0
+# Refusals that say nothing about whether the client guessed a token: not counted per IP.
+NOT_THE_CLIENTS_FAULT = frozenset({"rate_limited", "too_many_sessions", "legacy_denied"})
 
 
 class Gateway:
@@ -43,6 +48,7 @@ class Gateway:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         config_path: str | None = None,
+        store: Store | None = None,
     ) -> None:
         self._client = client
         self.clock = clock
@@ -54,6 +60,11 @@ class Gateway:
         self.guard = Guard(config.rollout.guard)
         self._closed_flows = {"client_to_backend": [0, 0], "backend_to_client": [0, 0]}
         self.metrics.add_flow_collector(self._flows)
+        self.store = store or open_store(config, on_error=self._store_error, on_availability=self._store_up)
+        self.replica = uuid.uuid4().hex
+        self._guard_seen = 0.0  # wall time of the newest trip this replica knows of
+        self._background: set[asyncio.Task[Any]] = set()
+        self._guard_sync: asyncio.Task[None] | None = None
         self.apply(config)
 
     # -- config ----------------------------------------------------------------------------
@@ -66,6 +77,7 @@ class Gateway:
         if config.auth.secret is not None and len(config.auth.secret.encode()) < 32:
             log.warning("auth.secret is shorter than 32 bytes: weak for HMAC; rotate it when the old backend allows")
         self._observe(self.guard.configure(config.rollout.guard))
+        self.store.retention_days = config.usage.retention_days
         self.refresh_gauges()
 
     def reload(self, config: Config) -> None:
@@ -116,15 +128,72 @@ class Gateway:
     def new_backend_outcome(self, failed: bool) -> None:
         self._observe(self.guard.record(failed, self.clock()))
 
-    def _observe(self, transitions: list[Transition]) -> None:
+    def _observe(self, transitions: list[Transition], *, share: bool = True) -> None:
         for transition in transitions:
-            if transition.detail.startswith("tripped"):
+            if transition.state is GuardState.OPEN:
                 self.metrics.guard_trips.inc()
                 log.error("rollback guard " + transition.detail, extra={"guard_state": transition.state.value})
+                if share:
+                    self._share_trip(transition)
             else:
                 log.warning("rollback guard " + transition.detail, extra={"guard_state": transition.state.value})
         if transitions:
             self._set_gauges()
+
+    # -- the guard across replicas -----------------------------------------------------------
+
+    def _share_trip(self, transition: Transition) -> None:
+        """Publish a local trip so every replica stops sending users to the new backend."""
+        tripped_at = time.time() - (self.clock() - transition.at)
+        self._guard_seen = tripped_at
+        record = {"state": "open", "tripped_at": tripped_at, "replica": self.replica, "detail": transition.detail}
+        self._spawn(self.store.publish_guard(record))
+
+    async def sync_guard_once(self) -> None:
+        """Adopt a trip another replica published; the recovery schedule follows its trip time."""
+        record = await self.store.read_guard()
+        if not record or record.get("replica") == self.replica:
+            return
+        tripped_at = float(record.get("tripped_at", 0.0))
+        if tripped_at <= self._guard_seen or not self.config.rollout.guard.enabled:
+            return
+        self._guard_seen = tripped_at
+        at = self.clock() - max(0.0, time.time() - tripped_at)
+        transition = self.guard.trip(at, f"by another replica ({record.get('detail', 'no detail')})")
+        self._observe([transition, *self.guard.tick(self.clock())], share=False)
+
+    async def _sync_guard(self) -> None:
+        while True:
+            await asyncio.sleep(GUARD_SYNC_SECONDS)
+            try:
+                await self.sync_guard_once()
+            except Exception as exc:  # the store answers from memory when Redis is down; be safe anyway
+                log.warning("guard sync failed", extra={"error": type(exc).__name__})
+
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        """Fire-and-forget store work that must not hold up a chat session."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _store_error(self, operation: str) -> None:
+        self.metrics.store_errors.labels(operation).inc()
+
+    def _store_up(self, up: bool) -> None:
+        self.metrics.store_up.set(1 if up else 0)
+
+    # -- limits --------------------------------------------------------------------------------
+
+    async def ip_blocked(self, ip: str) -> bool:
+        return await self.store.auth_blocked(ip, self.config.limits.auth_failures_per_ip_per_minute)
+
+    async def acquire_session(self, conn: Connection) -> bool:
+        assert conn.session.identity is not None
+        limit = self.config.limits.max_sessions_per_user
+        if limit is None:
+            return True
+        conn.holds_session = await self.store.acquire_session(conn.session.identity.user_id, conn.session_id, limit)
+        return conn.holds_session
 
     def effective_percent(self) -> float:
         return self.config.rollout.new_percent * self.guard.share()
@@ -185,10 +254,11 @@ class Gateway:
         labels = (session.auth_style, session.backend)
         self.metrics.opened.labels(*labels).inc()
         self.metrics.active.labels(*labels).inc()
-        assert conn.ready_at is not None
+        assert conn.ready_at is not None and session.identity is not None
         self.metrics.ready_seconds.labels(*labels).observe(conn.ready_at - conn.started)
+        self._spawn(self.store.count_session(utc_day(), session.auth_style, session.backend, session.identity.user_id))
 
-    def session_ended(self, conn: Connection) -> None:
+    async def session_ended(self, conn: Connection) -> None:
         """Fold a finished connection into the totals and count how it ended."""
         self.connections.discard(conn)
         for direction, flow in (("client_to_backend", conn.to_upstream), ("backend_to_client", conn.to_client)):
@@ -197,6 +267,11 @@ class Gateway:
         session = conn.session
         if session.failure in AUTH_REASONS:
             self.metrics.auth_failures.labels(session.failure).inc()
+            if session.failure not in NOT_THE_CLIENTS_FAULT:
+                await self.store.auth_failed(conn.client_ip, self.config.limits.auth_failures_per_ip_per_minute)
+        if conn.holds_session:
+            assert session.identity is not None
+            await self.store.release_session(session.identity.user_id, conn.session_id)
         if conn.ready_at is not None:
             self.metrics.active.labels(session.auth_style, session.backend).dec()
             if conn.upstream_dropped:
@@ -219,6 +294,8 @@ class Gateway:
         return self._client
 
     async def start(self) -> None:
+        await self.store.start()
+        self._guard_sync = asyncio.create_task(self._sync_guard())
         if self._client is None:
             connector = aiohttp.TCPConnector(limit=self.config.limits.max_upstream_connections, limit_per_host=0)
             self._client = aiohttp.ClientSession(
@@ -228,6 +305,11 @@ class Gateway:
             )
 
     async def stop(self) -> None:
+        if self._guard_sync is not None:
+            self._guard_sync.cancel()
+        if self._background:
+            await asyncio.wait(self._background, timeout=self.close_timeout)
+        await self.store.close()
         if self._client is not None:
             await self._client.close()
 

@@ -15,7 +15,7 @@ from .admin import create_admin_app
 from .app import create_app
 from .config import Config
 from .logs import AccessLogger
-from .reload import Reloader
+from .reload import Fingerprint, Reloader
 from .runtime import Gateway
 
 log = logging.getLogger("gateway")
@@ -50,7 +50,7 @@ async def start_site(app: web.Application, host: str, port: int) -> tuple[web.Ap
     return runner, runner.addresses[0][1]
 
 
-async def serve(config: Config, config_path: str | None = None) -> int:
+async def serve(config: Config, config_path: str | None = None, seen: Fingerprint | None = None) -> int:
     """Run the gateway until SIGTERM/SIGINT, then drain; the sequence ops can rely on:
 
     1. SIGTERM: /readyz turns 503 so the load balancer stops sending new clients.
@@ -59,12 +59,17 @@ async def serve(config: Config, config_path: str | None = None) -> int:
     4. Whatever is left is closed the same way; the process exits 0.
 
     A second SIGTERM or SIGINT at any point closes everything at once. SIGHUP reloads
-    the config file, which is also watched for changes.
+    the config file, which is also watched for changes. `seen` is the file's fingerprint
+    taken before `config` was loaded from it, so an edit made meanwhile is not missed.
     """
     gateway = Gateway(config, config_path=config_path)
     signals = Signals()
-    runners = []
+    # Before "listening": whoever waits for that line may edit the file or send SIGHUP at once.
     reloader = None
+    if config_path is not None:
+        reloader = Reloader(config_path, gateway.reload, gateway.reload_failed, seen=seen)
+        signals.on_hangup(reloader.reload)
+    runners = []
     try:
         runner, port = await start_site(create_app(config, gateway=gateway), config.listen.host, config.listen.port)
         runners.append(runner)
@@ -73,11 +78,8 @@ async def serve(config: Config, config_path: str | None = None) -> int:
             admin_runner, admin_port = await start_site(create_admin_app(gateway), config.admin.host, config.admin.port)
             runners.append(admin_runner)
             log.info("admin listening", extra={"host": config.admin.host, "port": admin_port})
-        if config_path is not None:
-            reloader = Reloader(config_path, gateway.reload, gateway.reload_failed)
-            reloader.start()
         if reloader is not None:
-            signals.on_hangup(reloader.reload)
+            reloader.start()
         await signals.stop.wait()
         await drain(gateway, signals)
     finally:
@@ -102,8 +104,8 @@ async def drain(gateway: Gateway, signals: Signals) -> None:
         await asyncio.wait({spread, urgent}, return_when=asyncio.FIRST_COMPLETED)
         if not spread.done():
             log.warning("second signal: closing every session now")
+            spread.cancel()
             await gateway.close_all(closecodes.SERVICE_RESTART, "server restarting")
-        await spread
     finally:
         urgent.cancel()
 
