@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 
+from .admin import create_admin_app
 from .app import create_app
 from .auth import mint_token
 from .config import Config, ConfigError, load_config, parse_config
@@ -24,6 +25,7 @@ from .reload import fingerprint
 from .report import collect_report, format_report, report_json
 from .store import RedisStore, StoreUnavailable
 from .routing import choose_backend
+from .runtime import Gateway
 from .server import Signals, run, serve, start_site
 from .stub_backend import create_stub_app
 
@@ -225,9 +227,12 @@ async def demo(port: int, new_percent: float) -> int:
             new_runner, new_port = await start_site(create_stub_app("new", auth), "127.0.0.1", 0)
             runners.append(new_runner)
             config = demo_config(secret, old_port, new_port, port, new_percent)
-            gateway_runner, bound = await start_site(create_app(config), "127.0.0.1", port)
+            gateway = Gateway(config)
+            gateway_runner, bound = await start_site(create_app(config, gateway=gateway), "127.0.0.1", port)
             runners.append(gateway_runner)
-            print(demo_banner(config, bound, old_port, new_port), flush=True)
+            admin_runner, admin_port = await start_site(create_admin_app(gateway), "127.0.0.1", 0)
+            runners.append(admin_runner)
+            print(demo_banner(config, bound, old_port, new_port, admin_port), flush=True)
             await signals.stop.wait()
         finally:
             for runner in reversed(runners):
@@ -235,7 +240,7 @@ async def demo(port: int, new_percent: float) -> int:
     return 0
 
 
-def demo_banner(config: Config, port: int, old_port: int, new_port: int) -> str:
+def demo_banner(config: Config, port: int, old_port: int, new_port: int, admin_port: int) -> str:
     users = {}
     for n in range(1, 1000):
         user = f"user-{n}"
@@ -248,6 +253,7 @@ def demo_banner(config: Config, port: int, old_port: int, new_port: int) -> str:
         f"  old backend (token in URL):   ws://127.0.0.1:{old_port}{config.path}",
         f"  new backend (authenticate):   ws://127.0.0.1:{new_port}{config.path}",
         f"  rollout: {config.rollout.new_percent:g}% of users to the new backend",
+        f"  admin:   http://127.0.0.1:{admin_port}/rollout  /metrics  /readyz",
         "",
     ]
     for backend, user in sorted(users.items()):
@@ -258,6 +264,8 @@ def demo_banner(config: Config, port: int, old_port: int, new_port: int) -> str:
             "  legacy app:  websocat '" + url + "?token=" + token + "'",
             "  current app: websocat " + url,
             '               then send {"type":"authenticate","token":"' + token + '"}',
+            f"  browser console: ws = new WebSocket('{url}'); ws.onmessage = e => console.log(e.data);"
+            f" ws.onopen = () => ws.send(JSON.stringify({{type: 'authenticate', token: '{token}'}}))",
             "",
         ]
     lines.append("Anything you send after that is echoed by the backend. Ctrl-C stops the demo.")
