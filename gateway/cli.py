@@ -13,7 +13,8 @@ import math
 import os
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 from .admin import create_admin_app
@@ -37,35 +38,25 @@ def _config_path(given: str | None) -> str:
     return given or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG
 
 
-def _port(text: str) -> int:
-    """A TCP port for argparse; uvloop would silently bind 70000 as 70000 % 65536."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is out of range [0, 65535]")
-    return port
+def _bounded(convert: Callable[[str], Any], low: float, high: float, what: str) -> Callable[[str], Any]:
+    """An argparse type: `convert`, then check low <= value <= high (which also refuses nan)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range [{low:g}, {high:g}]")
+        return value
+
+    return parse
 
 
-def _percent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 100:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text} is out of range [0, 100]")
-    return value
-
-
-def _days(text: str) -> int:
-    try:
-        days = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days") from None
-    if not 1 <= days <= 3650:
-        raise argparse.ArgumentTypeError(f"{days} is out of range [1, 3650]")
-    return days
+# uvloop would silently bind port 70000 as 70000 % 65536.
+_port = _bounded(int, 0, 65535, "a port number")
+_percent = _bounded(float, 0, 100, "a number")
+_days = _bounded(int, 1, 3650, "a whole number of days")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -172,11 +172,8 @@ class Connection:
         session = self.session
         deadline = asyncio.get_running_loop().time() + session.auth_timeout
         while session.phase is Phase.AUTHENTICATING:
-            remaining = deadline - asyncio.get_running_loop().time()
             try:
-                if remaining <= 0:
-                    raise TimeoutError
-                msg = await self.ws.receive(timeout=remaining)
+                msg = await _receive_before(self.ws, deadline)
             except TimeoutError:
                 await self.perform(session.auth_timed_out())
                 return
@@ -256,11 +253,8 @@ class Connection:
         session = self.session
         deadline = asyncio.get_running_loop().time() + session.handshake_timeout
         while session.phase is Phase.UPSTREAM_HANDSHAKE:
-            remaining = deadline - asyncio.get_running_loop().time()
             try:
-                if remaining <= 0:
-                    raise TimeoutError
-                msg = await upstream.receive(timeout=remaining)
+                msg = await _receive_before(upstream, deadline)
             except TimeoutError:
                 log.warning("upstream handshake timed out", extra={"request_id": self.request_id, "backend": session.backend})
                 await self.feed(session.upstream_failed, "handshake")
@@ -304,6 +298,17 @@ class Connection:
             await close_leg(self.upstream, closecodes.GOING_AWAY, "client closed")
         if not self.ws.closed:
             await close_leg(self.ws, closecodes.INTERNAL_ERROR, "gateway error")
+
+
+async def _receive_before(ws: Any, deadline: float) -> aiohttp.WSMessage:
+    """`ws.receive()` bounded by an absolute event-loop deadline; TimeoutError once it passes.
+
+    aiohttp's receive timeout leaves the socket open, so the caller decides how to close.
+    """
+    remaining = deadline - asyncio.get_running_loop().time()
+    if remaining <= 0:
+        raise TimeoutError
+    return await ws.receive(timeout=remaining)
 
 
 def _close_of(msg: aiohttp.WSMessage) -> tuple[int | None, str]:
