@@ -70,7 +70,7 @@ def upstream_headers(request: web.Request, rid: str) -> dict[str, str]:
 
 @dataclass(eq=False)
 class Connection:
-    """Everything one client connection owns; `handle` drives it."""
+    """Everything one client connection owns; `app.chat` creates it, `run` drives it."""
 
     gateway: Gateway
     request: web.Request

@@ -1,0 +1,103 @@
+"""A real browser (headless Chromium) through all four paths: what the web app and QA use.
+
+Browsers negotiate permessage-deflate with their own parameters and report close codes
+their own way; this is the client no other test is. Skipped only when Chromium is not
+installed (`.ci/run` installs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+from dataclasses import replace
+
+import pytest
+from aiohttp import web
+
+from gateway.server import start_site
+
+from .helpers import TIMEOUT, Stack, make_token
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+
+PAGE = """<!doctype html><html><body><script>
+const runs = %s;
+function run(c) { return new Promise(resolve => {
+  const seen = []; const ws = new WebSocket(c.url); ws.binaryType = 'arraybuffer';
+  ws.onopen = () => {
+    if (c.token) ws.send(JSON.stringify({type: 'authenticate', token: c.token}));
+    ws.send('hello'); ws.send(new Uint8Array([0, 1, 255]).buffer); ws.send('x'.repeat(300000));
+  };
+  ws.onmessage = e => {
+    seen.push(typeof e.data === 'string' ? e.data.slice(0, 200) + '|' + e.data.length : 'binary:' + Array.from(new Uint8Array(e.data)).join(','));
+    if (seen.length === c.expect) ws.close(4001, 'bye');
+  };
+  ws.onclose = e => resolve({name: c.name, seen, code: e.code, reason: e.reason, extensions: ws.extensions});
+});}
+(async () => {
+  const results = [];
+  for (const c of runs) results.push(await run(c));
+  await fetch('/result', {method: 'POST', body: JSON.stringify(results)});
+})();
+</script></body></html>"""
+
+
+async def run_page(runs: list[dict]) -> list[dict]:
+    done: asyncio.Future[list[dict]] = asyncio.get_running_loop().create_future()
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=PAGE % json.dumps(runs), content_type="text/html")
+
+    async def result(request: web.Request) -> web.Response:
+        done.set_result(json.loads(await request.text()))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    app.router.add_post("/result", result)
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    profile = tempfile.TemporaryDirectory()
+    assert CHROMIUM is not None
+    browser = await asyncio.create_subprocess_exec(
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={profile.name}", f"http://127.0.0.1:{port}/",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with asyncio.timeout(3 * TIMEOUT):
+            return await done
+    finally:
+        browser.kill()
+        await browser.wait()
+        await runner.cleanup()
+        profile.cleanup()
+
+
+async def test_browser_client_chats_through_every_path_and_sees_close_codes(stack: Stack) -> None:
+    config = stack.gateway.config
+    rollout = replace(config.rollout, force_new=frozenset({"nina"}), force_old=frozenset({"otto"}))
+    stack.gateway.apply(replace(config, rollout=rollout))
+    runs = [
+        {"name": "legacy-new", "url": stack.url(f"token={make_token('nina')}"), "token": None, "expect": 3},
+        {"name": "message-new", "url": stack.url(), "token": make_token("nina"), "expect": 4},
+        {"name": "legacy-old", "url": stack.url(f"token={make_token('otto')}"), "token": None, "expect": 3},
+        {"name": "message-old", "url": stack.url(), "token": make_token("otto"), "expect": 4},
+        {"name": "bad-token", "url": stack.url(), "token": "not-a-jwt", "expect": 99},
+    ]
+    results = {r["name"]: r for r in await run_page(runs)}
+    echo = ["hello|5", "binary:0,1,255", "x" * 200 + "|300000"]
+    for name in ("legacy-new", "legacy-old"):
+        assert results[name]["seen"] == echo, name
+    assert json.loads(results["message-new"]["seen"][0].split("|")[0])["user_id"] == "nina"
+    assert results["message-old"]["seen"][0].startswith('{"type":"connected"')
+    for name in ("message-new", "message-old"):
+        assert results[name]["seen"][1:] == echo, name
+    for name in ("legacy-new", "message-new", "legacy-old", "message-old"):
+        assert results[name]["code"] == 4001, name
+        assert results[name]["extensions"].startswith("permessage-deflate"), name
+    assert (results["bad-token"]["code"], results["bad-token"]["reason"]) == (1008, "malformed token")
+    assert results["bad-token"]["seen"] == []
