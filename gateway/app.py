@@ -13,7 +13,7 @@ from .clientip import client_ip
 from .config import Config
 from .logs import install_redaction
 from .protocol import Session
-from .pump import wire_limit
+from .pump import Flow, wire_limit
 from .relay import Connection, request_id
 from .runtime import Gateway
 
@@ -87,12 +87,22 @@ def log_connection(conn: Connection) -> None:
             "client_bytes": conn.to_upstream.bytes,
             "backend_frames": conn.to_client.frames,
             "backend_bytes": conn.to_client.bytes,
+            # what each peer sent (null: it did not close first) ...
             "client_close_code": conn.to_upstream.close_code,
             "client_close_reason": conn.to_upstream.close_reason,
             "backend_close_code": conn.to_client.close_code,
             "backend_close_reason": conn.to_client.close_reason,
+            # ... and what the gateway sent each peer (an echo when that peer closed first)
+            "client_got": _got(conn.to_client.delivered, conn.to_upstream),
+            "backend_got": _got(conn.to_upstream.delivered, conn.to_client),
         },
     )
+
+
+def _got(delivered: tuple[int, str] | None, own: Flow) -> list[object] | None:
+    if delivered is not None:
+        return list(delivered)
+    return [own.close_code, ""] if own.close_code is not None else None
 
 
 def create_app(config: Config, *, gateway: Gateway | None = None) -> web.Application:

@@ -32,6 +32,7 @@ class Flow:
     close_code: int | None = None
     close_reason: str = ""
     lost: bool = False  # the source vanished or broke the protocol instead of closing
+    delivered: tuple[int, str] | None = None  # the close the gateway sent to the destination
 
 
 async def close_leg(ws: Any, code: int, reason: str) -> None:
@@ -63,13 +64,11 @@ def too_big(data: str | bytes, limit: int) -> bool:
     return isinstance(data, str) and size * 4 > limit and len(data.encode("utf-8")) > limit
 
 
-async def refuse_oversize(src: Any, dst: Any, to: Leg) -> None:
-    """`src` sent a frame over the limit: 1009 to it, a clean close to the other leg."""
+def oversize_close(to: Leg) -> tuple[int, str]:
+    """What the other leg gets when one leg sent a frame over the limit (and got 1009)."""
     if to is Leg.CLIENT:
-        other = (closecodes.BAD_GATEWAY, "backend sent a message over the size limit")
-    else:
-        other = (closecodes.GOING_AWAY, "client sent a message over the size limit")
-    await asyncio.gather(close_leg(src, closecodes.MESSAGE_TOO_BIG, "message too big"), close_leg(dst, *other))
+        return closecodes.BAD_GATEWAY, "backend sent a message over the size limit"
+    return closecodes.GOING_AWAY, "client sent a message over the size limit"
 
 
 async def pump(src: Any, dst: Any, to: Leg, flow: Flow, limit: int) -> None:
@@ -105,16 +104,17 @@ async def pump(src: Any, dst: Any, to: Leg, flow: Flow, limit: int) -> None:
     if kind is _CLOSE:
         flow.close_code, flow.close_reason = msg.data, msg.extra or ""
         echo = msg.data if msg.data in closecodes.SENDABLE else closecodes.NORMAL
-        code, reason = closecodes.forward(msg.data, flow.close_reason, to)
-        await asyncio.gather(close_leg(dst, code, reason), close_leg(src, echo, ""))
+        flow.delivered = closecodes.forward(msg.data, flow.close_reason, to)
+        await asyncio.gather(close_leg(dst, *flow.delivered), close_leg(src, echo, ""))
         return
     flow.lost = True
     if kind is _TEXT or kind is _BINARY or src.close_code == closecodes.MESSAGE_TOO_BIG:
         flow.close_code = closecodes.MESSAGE_TOO_BIG
-        await refuse_oversize(src, dst, to)
+        flow.delivered = oversize_close(to)
+        await asyncio.gather(close_leg(src, closecodes.MESSAGE_TOO_BIG, "message too big"), close_leg(dst, *flow.delivered))
         return
     # CLOSED or ERROR: src vanished, failed a ping, or broke the protocol (aiohttp has
     # already closed it with the code that says how, e.g. 1007 for invalid UTF-8).
     flow.close_code = src.close_code or closecodes.ABNORMAL
-    code, reason = closecodes.forward(closecodes.ABNORMAL, "", to)
-    await close_leg(dst, code, reason)
+    flow.delivered = closecodes.forward(closecodes.ABNORMAL, "", to)
+    await close_leg(dst, *flow.delivered)

@@ -33,7 +33,7 @@ from .protocol import (
     Session,
     StartRelay,
 )
-from .pump import Flow, close_leg, pump, too_big, wire_limit
+from .pump import Flow, close_leg, oversize_close, pump, too_big, wire_limit
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -118,14 +118,25 @@ class Connection:
                     )
                 self.upstream_task = asyncio.create_task(self.run_upstream(action))
             elif isinstance(action, CloseClient):
-                await close_leg(self.ws, action.code, action.reason)
+                await self.close_client(action.code, action.reason)
             elif isinstance(action, CloseUpstream):
-                if self.upstream is not None:
-                    await close_leg(self.upstream, action.code, action.reason)
+                await self.close_upstream(action.code, action.reason)
             elif isinstance(action, StartRelay):
                 self.ready_at = time.monotonic()
                 self.relaying = True
                 self.gateway.session_ready(self)
+
+    async def close_client(self, code: int, reason: str) -> None:
+        if self.to_client.delivered is None and not self.ws.closed:
+            self.to_client.delivered = (code, reason)
+        await close_leg(self.ws, code, reason)
+
+    async def close_upstream(self, code: int, reason: str) -> None:
+        if self.upstream is None:
+            return
+        if self.to_upstream.delivered is None and not self.upstream.closed:
+            self.to_upstream.delivered = (code, reason)
+        await close_leg(self.upstream, code, reason)
 
     async def feed(self, event: Any, *args: Any) -> None:
         """Feed one event to the session and perform its actions, atomically w.r.t. the other task."""
@@ -187,8 +198,8 @@ class Connection:
         """A frame over the limit before the relay started: 1009 to the client; the backend
         still gets what was held before it, then a clean close."""
         self.to_upstream.lost = True
-        await close_leg(self.ws, closecodes.MESSAGE_TOO_BIG, "message too big")
-        await self.client_left(closecodes.GOING_AWAY, "client sent a message over the size limit", echo=False)
+        await self.close_client(closecodes.MESSAGE_TOO_BIG, "message too big")
+        await self.client_left(*oversize_close(Leg.UPSTREAM), echo=False)
 
     async def client_left(self, code: int | None, reason: str, *, echo: bool) -> None:
         """The client closed or vanished while this task was not yet pumping: tell the session,
@@ -198,8 +209,8 @@ class Connection:
             relaying = self.relaying
             await self.perform(self.session.client_closed(code, reason))
         closing = []
-        if relaying and self.upstream is not None:
-            closing.append(close_leg(self.upstream, *closecodes.forward(code, reason, Leg.UPSTREAM)))
+        if relaying:
+            closing.append(self.close_upstream(*closecodes.forward(code, reason, Leg.UPSTREAM)))
         if echo:
             closing.append(close_leg(self.ws, code if code in closecodes.SENDABLE else closecodes.NORMAL, ""))
         await asyncio.gather(*closing)
@@ -241,7 +252,7 @@ class Connection:
         self.upstream = upstream
         self.gateway.upstream_connected(action.backend, time.monotonic() - started)
         if session.phase is Phase.CLOSED:  # the client left or overflowed while we connected
-            await close_leg(upstream, closecodes.GOING_AWAY, "client closed")
+            await self.close_upstream(closecodes.GOING_AWAY, "client closed")
             return
         await self.feed(session.upstream_opened)
         if session.phase is Phase.UPSTREAM_HANDSHAKE:
@@ -295,9 +306,9 @@ class Connection:
             except Exception as exc:  # e.g. a send on a leg that died under it: still close both legs
                 log.warning("upstream task failed", extra={"request_id": self.request_id, "error": type(exc).__name__})
         if self.upstream is not None and not self.upstream.closed:
-            await close_leg(self.upstream, closecodes.GOING_AWAY, "client closed")
+            await self.close_upstream(closecodes.GOING_AWAY, "client closed")
         if not self.ws.closed:
-            await close_leg(self.ws, closecodes.INTERNAL_ERROR, "gateway error")
+            await self.close_client(closecodes.INTERNAL_ERROR, "gateway error")
 
 
 async def _receive_before(ws: Any, deadline: float) -> aiohttp.WSMessage:

@@ -24,7 +24,6 @@ from .auth import Verifier
 from .config import Config, ConfigError, restart_required
 from .guard import STATE_VALUES, Guard, GuardState, Transition
 from .metrics import Metrics
-from .pump import close_leg
 from .routing import Route, choose_backend
 from .store import Store, open_store, utc_day
 
@@ -314,10 +313,9 @@ class Gateway:
             await self._client.close()
 
     async def close_connection(self, conn: Connection, code: int, reason: str) -> None:
-        closing = [close_leg(conn.ws, code, reason)]
-        if conn.upstream is not None:
-            closing.append(close_leg(conn.upstream, closecodes.GOING_AWAY, "gateway shutting down"))
-        await asyncio.gather(*closing)
+        await asyncio.gather(
+            conn.close_client(code, reason), conn.close_upstream(closecodes.GOING_AWAY, "gateway shutting down")
+        )
 
     async def close_all(self, code: int, reason: str) -> None:
         await asyncio.gather(*(self.close_connection(c, code, reason) for c in list(self.connections)))

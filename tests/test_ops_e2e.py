@@ -788,6 +788,10 @@ async def test_connection_log_is_one_json_line_per_session_with_its_story_and_no
     assert (nina["client_frames"], nina["client_bytes"]) == (len(echoed) + 1, size(echoed) + len(stub_close))
     assert (leo["client_close_code"], leo["client_close_reason"]) == (4000, "client done")
     assert (nina["backend_close_code"], nina["backend_close_reason"]) == (1000, "bye")
+    # what the gateway sent each side: the forwarded close, and an echo to whoever closed first
+    assert (leo["backend_got"], leo["client_got"]) == ([4000, "client done"], [4000, ""])
+    assert (nina["client_got"], nina["backend_got"]) == ([1000, "bye"], [1000, ""])
+    assert eve["client_got"] == [1008, "invalid token signature"] and eve["backend_got"] is None
 
     for name, token in tokens.items():
         for piece in pieces(token):
