@@ -62,6 +62,7 @@ class Gateway:
         self.store = store or open_store(config, on_error=self._store_error, on_availability=self._store_up)
         self.replica = uuid.uuid4().hex
         self._guard_seen = 0.0  # wall time of the newest trip this replica knows of
+        self._own_trip: dict[str, Any] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._guard_sync: asyncio.Task[None] | None = None
         self.apply(config)
@@ -145,18 +146,31 @@ class Gateway:
         """Publish a local trip so every replica stops sending users to the new backend."""
         tripped_at = time.time() - (self.clock() - transition.at)
         self._guard_seen = tripped_at
-        record = {"state": "open", "tripped_at": tripped_at, "replica": self.replica, "detail": transition.detail}
-        self._spawn(self.store.publish_guard(record))
+        self._own_trip = {"state": "open", "tripped_at": tripped_at, "replica": self.replica, "detail": transition.detail}
+        self._spawn(self.store.publish_guard(self._own_trip))
 
     async def sync_guard_once(self) -> None:
-        """Adopt a trip another replica published; the recovery schedule follows its trip time."""
+        """Share the guard with the other replicas.
+
+        Adopts a newer trip another replica published (the recovery schedule follows its
+        trip time), and republishes this replica's own trip while it is in force if the
+        store does not hold it (Redis was down when it tripped).
+        """
         record = await self.store.read_guard()
+        published_at = float(record.get("tripped_at", 0.0)) if record else 0.0
+        own = self._own_trip
+        if own is not None and self.guard.state is not GuardState.CLOSED and published_at < own["tripped_at"]:
+            await self.store.publish_guard(own)
+            return
         if not record or record.get("replica") == self.replica:
             return
-        tripped_at = float(record.get("tripped_at", 0.0))
+        tripped_at = published_at
         if tripped_at <= self._guard_seen or not self.config.rollout.guard.enabled:
             return
         self._guard_seen = tripped_at
+        guard = self.config.rollout.guard
+        if time.time() - tripped_at >= guard.cooldown_seconds + len(guard.recovery_steps) * guard.step_seconds:
+            return  # that trip's whole schedule is over: nothing to adopt
         at = self.clock() - max(0.0, time.time() - tripped_at)
         transition = self.guard.trip(at, f"by another replica ({record.get('detail', 'no detail')})")
         self._observe([transition, *self.guard.tick(self.clock())], share=False)
