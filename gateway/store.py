@@ -591,7 +591,7 @@ class RedisStore(Store):
         elif not self._closed and self.memory._usage.days:
             log.error(
                 "redis is unreachable at shutdown: usage counted during the outage is lost",
-                extra={"days": self.pending_usage_days()},
+                extra={"days": self.pending_usage_days},
             )
         for task in (self._refresh_task, self._probe_task, self._flush_task):
             if task is not None and not task.done():
