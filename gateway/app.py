@@ -79,6 +79,7 @@ def log_connection(conn: Connection) -> None:
             "user_id": session.identity.user_id if session.identity else None,
             "auth_style": session.auth_style,
             "backend": session.backend,
+            "route": session.route.reason if session.route else None,
             "fell_back": session.fell_back,
             "failure": session.failure,
             "ready_s": round(conn.ready_at - conn.started, 4) if conn.ready_at else None,

@@ -30,11 +30,13 @@ def bucket(salt: str, user_id: str) -> float:
 @dataclass(frozen=True)
 class Route:
     backend: Backend
-    reason: Literal["force_new", "force_old", "bucket"]
+    reason: Literal["force_new", "force_old", "bucket", "guard"]
     bucket: float | None = None
     new_percent: float | None = None
 
     def explain(self) -> str:
+        if self.reason == "guard":
+            return "held back by the rollback guard"
         if self.reason != "bucket":
             return f"forced by rollout.{self.reason}"
         relation = "<" if self.backend == "new" else ">="

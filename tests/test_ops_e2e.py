@@ -792,6 +792,7 @@ async def test_connection_log_is_one_json_line_per_session_with_its_story_and_no
     assert (leo["backend_got"], leo["client_got"]) == ([4000, "client done"], [4000, ""])
     assert (nina["client_got"], nina["backend_got"]) == ([1000, "bye"], [1000, ""])
     assert eve["client_got"] == [1008, "invalid token signature"] and eve["backend_got"] is None
+    assert (fred["route"], eve["route"]) == ("force_new", None)
 
     for name, token in tokens.items():
         for piece in pieces(token):

@@ -195,3 +195,7 @@ def test_explain_names_the_override() -> None:
 def test_explain_compares_bucket_with_percentage() -> None:
     assert choose_backend("alice", rollout(new_percent=10.0)).explain() == "bucket 4.9545 < percentage 10"
     assert choose_backend("bob", rollout(new_percent=37.5)).explain() == "bucket 53.1481 >= percentage 37.5"
+
+
+def test_a_route_held_back_by_the_guard_explains_itself_without_naming_a_backend():
+    assert Route("old", "guard").explain() == "held back by the rollback guard"
