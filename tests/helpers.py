@@ -7,7 +7,7 @@ import copy
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -379,3 +379,24 @@ class Servers:
     async def close(self) -> None:
         for closer in reversed(self._closers):
             await closer()
+
+
+class Clock:
+    """A clock that moves only when the test says so."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], within: float = TIMEOUT) -> bool:
+    """Poll `condition` until it holds or `within` seconds pass (for states with no event to await)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await condition():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True

@@ -18,7 +18,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from gateway.report import collect_report
 from gateway.runtime import GUARD_SYNC_SECONDS
 from gateway.store import RedisStore, Store, utc_day
 
-from .helpers import TIMEOUT, Servers, Stack, closed, make_token, open_client, raw_config
+from .helpers import TIMEOUT, Clock, Servers, Stack, closed, eventually, make_token, open_client, raw_config
 from .redis_server import RedisServer, redis_server  # noqa: F401 - fixture
 
 RATE_LIMITED = REASONS["rate_limited"]
@@ -47,25 +47,6 @@ LOOPBACK = "127.0.0.1"
 TTL = 1.5  # session ttl where a test needs a crashed replica's slots to free themselves
 
 
-class Clock:
-    """A clock that moves only when the test says so."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def eventually(condition: Callable[[], Awaitable[bool]], within: float = TIMEOUT) -> bool:
-    """Poll `condition` until it holds or `within` seconds pass (for states with no event to await)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not await condition():
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 def metric(stack: Stack, name: str, **labels: str) -> float:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 
 from gateway.store import MemoryStore, RedisStore, Store, StoreUnavailable, open_store, utc_day
 
-from .helpers import TIMEOUT, make_config
+from .helpers import TIMEOUT, Clock, eventually, make_config
 from .redis_server import RedisServer, free_port, redis_server  # noqa: F401 - fixture
 
 TTL = 1.5  # session ttl for these tests: a crashed replica's sessions free themselves after it
@@ -29,23 +29,6 @@ IP = "203.0.113.9"
 MakeStore = Callable[..., Store]
 
 
-class Clock:
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def eventually(condition: Callable[[], Awaitable[bool]], within: float = TIMEOUT) -> bool:
-    """Poll `condition` until it holds or `within` seconds pass (bounded; for states with no event)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not await condition():
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 @pytest.fixture
@@ -85,7 +68,7 @@ def messages(caplog: pytest.LogCaptureFixture, fragment: str) -> list[logging.Lo
 
 
 async def test_ip_is_blocked_once_it_reaches_the_auth_failure_limit(make_store: MakeStore):
-    store = make_store(clock=Clock())
+    store = make_store(clock=Clock(START))
     assert await store.auth_failed(IP, 3) is False
     assert await store.auth_failed(IP, 3) is False
     assert not await store.auth_blocked(IP, 3)
@@ -94,7 +77,7 @@ async def test_ip_is_blocked_once_it_reaches_the_auth_failure_limit(make_store: 
 
 
 async def test_auth_block_lasts_until_the_minute_ends(make_store: MakeStore):
-    clock = Clock()
+    clock = Clock(START)
     store = make_store(clock=clock)
     await store.auth_failed(IP, 1)
     clock.now = START + 59.9
@@ -104,13 +87,13 @@ async def test_auth_block_lasts_until_the_minute_ends(make_store: MakeStore):
 
 
 async def test_auth_failures_are_counted_per_ip(make_store: MakeStore):
-    store = make_store(clock=Clock())
+    store = make_store(clock=Clock(START))
     await store.auth_failed(IP, 1)
     assert not await store.auth_blocked("198.51.100.1", 1)
 
 
 async def test_no_auth_failure_limit_never_blocks_nor_counts(make_store: MakeStore):
-    store = make_store(clock=Clock())
+    store = make_store(clock=Clock(START))
     for _ in range(5):
         assert await store.auth_failed(IP, None) is False
     assert not await store.auth_blocked(IP, None)
@@ -243,7 +226,7 @@ async def test_guard_record_reads_back_until_it_expires(make_store: MakeStore):
 
 
 async def test_two_replicas_share_the_auth_failure_limit(replicas):
-    clock = Clock()
+    clock = Clock(START)
     a, b = replicas(clock=clock), replicas(clock=clock)
     await a.auth_failed(IP, 3)
     await b.auth_failed(IP, 3)
