@@ -103,7 +103,8 @@ async def ops_store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
 
 
 async def replicas(servers: Servers, redis_server: RedisServer, n: int = 2, **sections: Any) -> list[Stack]:
-    sections.setdefault("redis", {"url": redis_server.url})
+    # A generous timeout, so a loaded CI machine never passes for a Redis outage.
+    sections.setdefault("redis", {"url": redis_server.url, "timeout_seconds": 1.0})
     return [await servers.stack(**sections) for _ in range(n)]
 
 

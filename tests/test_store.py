@@ -38,6 +38,8 @@ async def replicas(redis_server: RedisServer) -> AsyncIterator[Callable[..., Red
     def make(**kwargs: Any) -> RedisStore:
         kwargs.setdefault("session_ttl", TTL)
         kwargs.setdefault("retry_backoff", BACKOFF)
+        # Generous, so a loaded CI machine never passes for a Redis outage; outage tests set their own.
+        kwargs.setdefault("timeout_seconds", 1.0)
         store = RedisStore(kwargs.pop("url", redis_server.url), **kwargs)
         made.append(store)
         return store
