@@ -195,7 +195,47 @@ class BackendSocket:
         return self.close_code, self.close_reason
 
 
-class RecordingBackend:
+class LoopbackBackend:
+    """An aiohttp backend for tests on a free loopback port; `_serve` handles each request.
+
+    Handlers still running at `close` are cancelled, so a test never waits on one.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> Any:
+        app = web.Application()
+        app.router.add_get("/ws/chat", self._handle)
+        self.runner, self.port = await start_site(app, "127.0.0.1", 0)
+        return self
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            return await self._serve(request)
+        finally:
+            self._tasks.discard(task)
+            self._handled()
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+    def _handled(self) -> None:
+        """Called after each request's handler ends."""
+
+
+class RecordingBackend(LoopbackBackend):
     """A backend that records every upgrade, frame and close the gateway sends it.
 
     style "query" is ready as soon as the socket opens; style "message" reads the
@@ -234,14 +274,11 @@ class RecordingBackend:
         self.requested = asyncio.Event()  # set at the first request
         self._opened: asyncio.Queue[BackendSocket] = asyncio.Queue()
         self._finished: asyncio.Queue[None] = asyncio.Queue()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.runner: web.AppRunner | None = None
-        self.port = 0
+        super().__init__()
 
     async def start(self) -> RecordingBackend:
-        app = web.Application()
-        app.router.add_get("/ws/chat", self._handle)
-        self.runner, self.port = await start_site(app, "127.0.0.1", 0)
+        await super().start()
+        assert self.runner is not None
         # Count TCP connections too: a connect the gateway gives up on before sending its
         # request never reaches the handler, but it is still an upstream socket.
         server = self.runner.server
@@ -255,12 +292,6 @@ class RecordingBackend:
         server.connection_made = counting  # type: ignore[method-assign]
         return self
 
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self.runner is not None:
-            await self.runner.cleanup()
-
     async def next_socket(self) -> BackendSocket:
         """The next upstream socket the gateway opened (in order of upgrade)."""
         return await self._opened.get()
@@ -269,15 +300,8 @@ class RecordingBackend:
         """Until the handler of the next request ends, whether or not it upgraded."""
         await self._finished.get()
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            return await self._serve(request)
-        finally:
-            self._tasks.discard(task)
-            self._finished.put_nowait(None)
+    def _handled(self) -> None:
+        self._finished.put_nowait(None)
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         self.upgrades += 1
@@ -389,6 +413,9 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 async def eventually(condition: Callable[[], Awaitable[bool]], within: float = TIMEOUT) -> bool:

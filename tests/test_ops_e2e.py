@@ -35,6 +35,8 @@ from gateway.server import start_site
 
 from .helpers import (
     SECRET,
+    Clock,
+    LoopbackBackend,
     TIMEOUT,
     Frame,
     RecordingBackend,
@@ -419,53 +421,17 @@ async def test_new_backend_rejecting_the_token_gives_1008_and_no_fallback(lab: L
 # -- 3. the automatic rollback guard ----------------------------------------------------------
 
 
-class FakeClock:
-    """The gateway's monotonic clock, moved only by the test."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-class FlakyBackend:
+class FlakyBackend(LoopbackBackend):
     """A message-style new backend that closes 1011 instead of answering `connected` on every
     `fail_every`-th authenticate (None: never); otherwise it greets and echoes."""
 
     def __init__(self, fail_every: int | None) -> None:
+        super().__init__()
         self.fail_every = fail_every
         self.authenticates = 0
         self.accepted: list[str] = []
         self.refused: list[str] = []
         self.open: dict[str, web.WebSocketResponse] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.runner: web.AppRunner | None = None
-        self.port = 0
-
-    async def start(self) -> FlakyBackend:
-        app = web.Application()
-        app.router.add_get("/ws/chat", self._handle)
-        self.runner, self.port = await start_site(app, "127.0.0.1", 0)
-        return self
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self.runner is not None:
-            await self.runner.cleanup()
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            return await self._serve(request)
-        finally:
-            self._tasks.discard(task)
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse()
@@ -526,7 +492,7 @@ async def test_guard_trips_on_failing_handshakes_spares_open_sessions_then_recov
         new_port=flaky.port,
         rollout={"new_percent": 80, "force_new": ["qa-forced"], "guard": GUARD},
     )
-    clock = FakeClock()
+    clock = Clock(1000.0)
     ops.gateway.clock = clock
     in_new = users_between(0, 20, 13, "n")  # new at every step of the recovery
     # 1. A healthy session on the new backend, kept open throughout.
@@ -612,7 +578,7 @@ async def test_open_guard_sends_forced_new_users_old_unless_spare_forced(
     old = await servers.recording("query")
     guard = {**GUARD, "min_samples": 3, "spare_forced": spare_forced}
     ops = await lab.start(old_port=old.port, new_port=flaky.port, rollout={"new_percent": 50, "force_new": ["qa"], "guard": guard})
-    ops.gateway.clock = FakeClock()
+    ops.gateway.clock = Clock(1000.0)
     flaky.fail_every = 1
     for user in users_between(0, 50, 3, "f"):
         await ops.chat(user)
