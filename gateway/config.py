@@ -14,7 +14,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timezone
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
@@ -162,14 +162,25 @@ RESTART_KEYS = ("listen", "path", "admin", "redis", "limits.max_upstream_connect
 
 def restart_required(old: Config, new: Config) -> list[str]:
     """The restart-only keys that differ between two configs."""
-    changed = []
+    return [key for key in RESTART_KEYS if _get(old, key.split(".")) != _get(new, key.split("."))]
+
+
+def keep_restart_keys(old: Config, new: Config) -> Config:
+    """`new`, with every restart-only key put back to its value in `old` (the one bound at start-up)."""
     for key in RESTART_KEYS:
-        a, b = old, new
-        for part in key.split("."):
-            a, b = getattr(a, part), getattr(b, part)
-        if a != b:
-            changed.append(key)
-    return changed
+        new = _with(new, key.split("."), _get(old, key.split(".")))
+    return new
+
+
+def _get(obj: Any, path: list[str]) -> Any:
+    for part in path:
+        obj = getattr(obj, part)
+    return obj
+
+
+def _with(obj: Any, path: list[str], value: Any) -> Any:
+    head, *rest = path
+    return replace(obj, **{head: _with(getattr(obj, head), rest, value) if rest else value})
 
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -288,17 +288,12 @@ class Connection:
         """Leave no leg half-open, whichever way the connection ended."""
         task = self.upstream_task
         if task is not None:
-            if task.done():
-                pass
-            elif self.upstream is not None or self.session.phase is not Phase.CLOSED:
-                # The upstream task is still owed work: frames held for the backend, a close
+            if self.upstream is not None or self.session.phase is not Phase.CLOSED:
+                # The upstream task may still be owed work: frames held for the backend, a close
                 # to pass on, the last frames of a pump. It bounds each step itself.
                 budget = self.session.connect_timeout + self.session.handshake_timeout + self.gateway.close_timeout
-                done, _ = await asyncio.wait({task}, timeout=budget)
-                if not done:
-                    task.cancel()
-            else:
-                task.cancel()
+                await asyncio.wait({task}, timeout=budget)
+            task.cancel()  # a no-op once it is done
             try:
                 await task
             except asyncio.CancelledError:

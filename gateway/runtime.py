@@ -13,7 +13,6 @@ import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -21,7 +20,7 @@ import aiohttp
 from . import closecodes
 from .auth import REASONS as AUTH_REASONS
 from .auth import Verifier
-from .config import Config, ConfigError, restart_required
+from .config import Config, ConfigError, keep_restart_keys, restart_required
 from .guard import STATE_VALUES, Guard, GuardState, Transition
 from .metrics import Metrics
 from .routing import Route, choose_backend
@@ -84,13 +83,7 @@ class Gateway:
         """Apply a reloaded config; keys bound at start-up keep their value and are reported."""
         stuck = restart_required(self.config, config)
         if stuck:
-            config = replace(
-                config,
-                listen=self.config.listen,
-                path=self.config.path,
-                admin=self.config.admin,
-                limits=replace(config.limits, max_upstream_connections=self.config.limits.max_upstream_connections),
-            )
+            config = keep_restart_keys(self.config, config)
             self.metrics.reloads.labels("restart_required").inc()
             log.warning(
                 "config change needs a restart to take effect",

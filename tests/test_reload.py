@@ -179,3 +179,23 @@ async def test_watcher_applies_a_change_to_new_connections_while_an_open_session
             await reloader.stop()
     finally:
         await stack.close()
+
+
+def test_every_restart_only_key_keeps_its_start_up_value_when_a_reload_changes_it(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "gateway.yaml"
+    write(path)
+    gateway = Gateway(make_config(), config_path=str(path))
+    reloader, _ = watch(path, gateway)
+    raw = raw_config(
+        admin={"host": "127.0.0.1", "port": 9999},
+        redis={"url": "redis://127.0.0.1:1/0"},
+        limits={"max_upstream_connections": 7, "max_message_bytes": 2048},
+    )
+    path.write_text(yaml.safe_dump({**raw, "path": "/ws/other"}))
+    with caplog.at_level(logging.WARNING, logger="gateway"):
+        reloader.check()
+    config = gateway.config
+    assert (config.path, config.admin, config.redis, config.limits.max_upstream_connections) == ("/ws/chat", None, None, 10000)
+    assert config.limits.max_message_bytes == 2048  # live keys beside them still apply
+    [record] = [r for r in caplog.records if "restart" in r.getMessage()]
+    assert record.keys == ["path", "admin", "redis", "limits.max_upstream_connections"]
