@@ -14,7 +14,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from datetime import date, datetime, timezone
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
@@ -172,6 +172,18 @@ def keep_restart_keys(old: Config, new: Config) -> Config:
     return new
 
 
+def _default(cls: type, name: str) -> Any:
+    """The default of field `name` of the dataclass `cls`: the one place each default is written."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            raise TypeError(f"{cls.__name__}.{name} is required: it has no default")
+    raise AttributeError(f"{cls.__name__} has no field {name!r}")
+
+
 def _get(obj: Any, path: list[str]) -> Any:
     for part in path:
         obj = getattr(obj, part)
@@ -278,16 +290,16 @@ class _Reader:
             return default
         return value
 
-    def string_list(self, raw: Mapping[str, Any], path: str, key: str) -> tuple[str, ...]:
+    def string_list(self, raw: Mapping[str, Any], path: str, key: str, default: Any) -> Any:
         if key not in raw or raw[key] is None:
-            return ()
+            return default
         value = raw[key]
         where = _join(path, key)
         if isinstance(value, (str, int)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, list):
             self.bad(where, value, "a list of strings")
-            return ()
+            return default
         items = []
         for index, item in enumerate(value):
             if isinstance(item, bool) or not isinstance(item, (str, int)):
@@ -330,11 +342,11 @@ def parse_config(
 
     listen_raw = r.section(top.get("listen"), "listen", {"host", "port"})
     listen = ListenConfig(
-        host=r.string(listen_raw, "listen", "host", ListenConfig.host),
-        port=r.number(listen_raw, "listen", "port", ListenConfig.port, low=0, high=65535, integer=True),
+        host=r.string(listen_raw, "listen", "host", _default(ListenConfig, "host")),
+        port=r.number(listen_raw, "listen", "port", _default(ListenConfig, "port"), low=0, high=65535, integer=True),
     )
 
-    path = r.string(top, "", "path", "/ws/chat")
+    path = r.string(top, "", "path", _default(Config, "path"))
     if not path.startswith("/") or "?" in path:
         r.error("path", f"{path!r} must start with / and carry no query string")
 
@@ -342,42 +354,52 @@ def parse_config(
     backends = _parse_backends(r, top.get("backends"))
     rollout = _parse_rollout(r, top.get("rollout"))
     limits = _parse_limits(r, top.get("limits"))
-    admin = None
+    admin = _default(Config, "admin")
     if top.get("admin") is not None:
         admin_raw = r.section(top.get("admin"), "admin", {"host", "port"})
         admin = AdminConfig(
-            host=r.string(admin_raw, "admin", "host", AdminConfig.host),
-            port=r.number(admin_raw, "admin", "port", AdminConfig.port, low=0, high=65535, integer=True),
+            host=r.string(admin_raw, "admin", "host", _default(AdminConfig, "host")),
+            port=r.number(admin_raw, "admin", "port", _default(AdminConfig, "port"), low=0, high=65535, integer=True),
         )
         if admin.port and admin.port == listen.port:
             r.error("admin.port", f"{admin.port} is the public port; the admin listener needs its own")
     drain_raw = r.section(top.get("drain"), "drain", {"grace_seconds", "window_seconds"})
     drain = DrainConfig(
-        grace_seconds=r.number(drain_raw, "drain", "grace_seconds", DrainConfig.grace_seconds, low=0, high=3600),
-        window_seconds=r.number(drain_raw, "drain", "window_seconds", DrainConfig.window_seconds, low=0, high=3600),
+        grace_seconds=r.number(drain_raw, "drain", "grace_seconds", _default(DrainConfig, "grace_seconds"), low=0, high=3600),
+        window_seconds=r.number(drain_raw, "drain", "window_seconds", _default(DrainConfig, "window_seconds"), low=0, high=3600),
     )
-    redis = None
+    redis = _default(Config, "redis")
     if top.get("redis") is not None:
         redis_raw = r.section(top.get("redis"), "redis", {"url", "timeout_seconds"})
-        url = r.string(redis_raw, "redis", "url", "")
+        url = r.string(redis_raw, "redis", "url", "")  # required: "" fails the check below
         if not re.fullmatch(r"(redis|rediss|unix)://\S+", url):
             r.error("redis.url", "expected a redis://, rediss:// or unix:// URL")
         redis = RedisConfig(
             url=url,
-            timeout_seconds=r.number(redis_raw, "redis", "timeout_seconds", 0.25, low=0, high=30, low_inclusive=False),
+            timeout_seconds=r.number(
+                redis_raw, "redis", "timeout_seconds", _default(RedisConfig, "timeout_seconds"),
+                low=0, high=30, low_inclusive=False,
+            ),
         )
     usage_raw = r.section(top.get("usage"), "usage", {"retention_days", "legacy_threshold_percent"})
     usage = UsageConfig(
-        retention_days=r.number(usage_raw, "usage", "retention_days", 120, low=1, high=3650, integer=True),
-        legacy_threshold_percent=r.number(usage_raw, "usage", "legacy_threshold_percent", 1.0, low=0, high=100),
+        retention_days=r.number(
+            usage_raw, "usage", "retention_days", _default(UsageConfig, "retention_days"), low=1, high=3650, integer=True
+        ),
+        legacy_threshold_percent=r.number(
+            usage_raw, "usage", "legacy_threshold_percent", _default(UsageConfig, "legacy_threshold_percent"), low=0, high=100
+        ),
     )
-    proxies = []
-    for index, item in enumerate(r.string_list(top, "", "trusted_proxies")):
-        try:
-            proxies.append(ip_network(item, strict=False))
-        except ValueError:
-            r.bad(f"trusted_proxies[{index}]", item, "an IP address or CIDR network")
-    log_level = r.choice(top, "", "log_level", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    proxies = _default(Config, "trusted_proxies")
+    if top.get("trusted_proxies") is not None:
+        networks = []
+        for index, item in enumerate(r.string_list(top, "", "trusted_proxies", ())):
+            try:
+                networks.append(ip_network(item, strict=False))
+            except ValueError:
+                r.bad(f"trusted_proxies[{index}]", item, "an IP address or CIDR network")
+        proxies = tuple(networks)
+    log_level = r.choice(top, "", "log_level", _default(Config, "log_level"), ("DEBUG", "INFO", "WARNING", "ERROR"))
 
     if r.problems:
         raise ConfigError(r.problems)
@@ -392,7 +414,7 @@ def parse_config(
         drain=drain,
         redis=redis,
         usage=usage,
-        trusted_proxies=tuple(proxies),
+        trusted_proxies=proxies,
         log_level=log_level,
     )
 
@@ -412,7 +434,7 @@ def _parse_auth(
     )
     if raw is None:
         r.error(p, "missing: the gateway cannot verify tokens without it")
-    algorithms = r.string_list(a, p, "algorithms") or ("HS256",)
+    algorithms = r.string_list(a, p, "algorithms", ()) or _default(AuthConfig, "algorithms")  # [] too
     known = HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS
     for alg in algorithms:
         if alg not in known:
@@ -422,9 +444,9 @@ def _parse_auth(
     if hmac and public:
         r.error(f"{p}.algorithms", "mixing HMAC and public-key algorithms is not supported")
 
-    secret = r.string(a, p, "secret", None)
-    key_file = r.string(a, p, "public_key_file", None)
-    public_key = None
+    secret = r.string(a, p, "secret", _default(AuthConfig, "secret"))
+    key_file = r.string(a, p, "public_key_file", _default(AuthConfig, "public_key_file"))
+    public_key = _default(AuthConfig, "public_key")
     if hmac and not public:
         if not secret:
             r.error(f"{p}.secret", "required (non-empty) for HMAC algorithms")
@@ -447,7 +469,7 @@ def _parse_auth(
                 if "PUBLIC KEY" not in public_key:
                     r.error(f"{p}.public_key_file", f"{str(key_path)!r} is not a PEM public key")
 
-    connected = r.string(a, p, "connected_message", DEFAULT_CONNECTED_MESSAGE)
+    connected = r.string(a, p, "connected_message", _default(AuthConfig, "connected_message"))
     try:
         decoded = json.loads(connected)
     except ValueError:
@@ -455,9 +477,9 @@ def _parse_auth(
     if not isinstance(decoded, dict) or decoded.get("type") != "connected":
         r.error(f"{p}.connected_message", 'must be a JSON object with "type": "connected"')
 
-    legacy = r.choice(a, p, "legacy", "allow", LEGACY_MODES)
-    deprecated_at = _timestamp(r, a, p, "legacy_deprecated_at")
-    sunset = _timestamp(r, a, p, "legacy_sunset")
+    legacy = r.choice(a, p, "legacy", _default(AuthConfig, "legacy"), LEGACY_MODES)
+    deprecated_at = _timestamp(r, a, p, "legacy_deprecated_at", _default(AuthConfig, "legacy_deprecated_at"))
+    sunset = _timestamp(r, a, p, "legacy_sunset", _default(AuthConfig, "legacy_sunset"))
     if legacy == "deprecate" and deprecated_at is None:
         r.error(f"{p}.legacy_deprecated_at", "required when auth.legacy is deprecate (the date legacy auth was deprecated)")
 
@@ -466,12 +488,14 @@ def _parse_auth(
         secret=secret,
         public_key_file=key_file,
         public_key=public_key,
-        user_id_claim=r.string(a, p, "user_id_claim", "user_id"),
-        query_param=_parameter_name(r, a, p, "query_param"),
-        timeout_seconds=r.number(a, p, "timeout_seconds", 30.0, low=0, high=3600, low_inclusive=False),
-        audience=r.string_list(a, p, "audience"),
-        issuer=r.string(a, p, "issuer", None),
-        leeway_seconds=r.number(a, p, "leeway_seconds", 0.0, low=0, high=3600),
+        user_id_claim=r.string(a, p, "user_id_claim", _default(AuthConfig, "user_id_claim")),
+        query_param=_parameter_name(r, a, p, "query_param", _default(AuthConfig, "query_param")),
+        timeout_seconds=r.number(
+            a, p, "timeout_seconds", _default(AuthConfig, "timeout_seconds"), low=0, high=3600, low_inclusive=False
+        ),
+        audience=r.string_list(a, p, "audience", _default(AuthConfig, "audience")),
+        issuer=r.string(a, p, "issuer", _default(AuthConfig, "issuer")),
+        leeway_seconds=r.number(a, p, "leeway_seconds", _default(AuthConfig, "leeway_seconds"), low=0, high=3600),
         connected_message=connected,
         legacy=legacy,
         legacy_deprecated_at=deprecated_at,
@@ -479,17 +503,17 @@ def _parse_auth(
     )
 
 
-def _timestamp(r: _Reader, raw: Mapping[str, Any], path: str, key: str) -> int | None:
+def _timestamp(r: _Reader, raw: Mapping[str, Any], path: str, key: str, default: int | None) -> int | None:
     """A date, an ISO 8601 date-time, or unix seconds, as unix seconds (UTC)."""
     value = raw.get(key)
     if value is None:
-        return None
+        return default
     if isinstance(value, str):
         try:
             value = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             r.bad(_join(path, key), value, "a date (2027-03-01), a date-time or unix seconds")
-            return None
+            return default
     if isinstance(value, datetime):
         moment = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
         return int(moment.timestamp())
@@ -498,14 +522,14 @@ def _timestamp(r: _Reader, raw: Mapping[str, Any], path: str, key: str) -> int |
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     r.bad(_join(path, key), value, "a date (2027-03-01), a date-time or unix seconds")
-    return None
+    return default
 
 
-def _parameter_name(r: _Reader, raw: Mapping[str, Any], path: str, key: str) -> str:
-    name = r.string(raw, path, key, "token")
+def _parameter_name(r: _Reader, raw: Mapping[str, Any], path: str, key: str, default: str) -> str:
+    name = r.string(raw, path, key, default)
     if not name or not re.fullmatch(r"[A-Za-z0-9_.~-]+", name):
         r.error(_join(path, key), f"{name!r} is not a plain URL parameter name")
-        return "token"
+        return default
     return name
 
 
@@ -525,18 +549,25 @@ def _parse_backends(r: _Reader, raw: Any) -> dict[str, BackendConfig]:
             p,
             {"url", "auth", "query_param", "connect_timeout_seconds", "handshake_timeout_seconds", "compress"},
         )
-        url = r.string(b, p, "url", "")
+        url = r.string(b, p, "url", "")  # required: "" fails the check below
         if not re.fullmatch(r"wss?://[^/?#\s]+(/[^#\s]*)?", url):
             r.error(f"{p}.url", f"{url!r} is not a ws:// or wss:// URL")
         if "auth" not in b:
             r.error(f"{p}.auth", "missing: say which auth style this backend speaks (query or message)")
         backends[name] = BackendConfig(
             url=url,
-            auth=r.choice(b, p, "auth", "query", UPSTREAM_STYLES),
-            query_param=_parameter_name(r, b, p, "query_param"),
-            connect_timeout_seconds=r.number(b, p, "connect_timeout_seconds", 10.0, low=0, high=300, low_inclusive=False),
-            handshake_timeout_seconds=r.number(b, p, "handshake_timeout_seconds", 10.0, low=0, high=300, low_inclusive=False),
-            compress=r.boolean(b, p, "compress", False),
+            # required: a missing auth is reported above; the placeholder only avoids a second error
+            auth=r.choice(b, p, "auth", UPSTREAM_STYLES[0], UPSTREAM_STYLES),
+            query_param=_parameter_name(r, b, p, "query_param", _default(BackendConfig, "query_param")),
+            connect_timeout_seconds=r.number(
+                b, p, "connect_timeout_seconds", _default(BackendConfig, "connect_timeout_seconds"),
+                low=0, high=300, low_inclusive=False,
+            ),
+            handshake_timeout_seconds=r.number(
+                b, p, "handshake_timeout_seconds", _default(BackendConfig, "handshake_timeout_seconds"),
+                low=0, high=300, low_inclusive=False,
+            ),
+            compress=r.boolean(b, p, "compress", _default(BackendConfig, "compress")),
         )
     return backends
 
@@ -544,20 +575,20 @@ def _parse_backends(r: _Reader, raw: Any) -> dict[str, BackendConfig]:
 def _parse_rollout(r: _Reader, raw: Any) -> RolloutConfig:
     p = "rollout"
     s = r.section(raw, p, {"new_percent", "salt", "force_new", "force_old", "fallback_to_old", "guard"})
-    force_new = frozenset(r.string_list(s, p, "force_new"))
-    force_old = frozenset(r.string_list(s, p, "force_old"))
+    force_new = frozenset(r.string_list(s, p, "force_new", _default(RolloutConfig, "force_new")))
+    force_old = frozenset(r.string_list(s, p, "force_old", _default(RolloutConfig, "force_old")))
     both = sorted(force_new & force_old)
     if both:
         r.error(f"{p}.force_new", f"users in both force_new and force_old: {', '.join(both[:10])}")
-    salt = r.string(s, p, "salt", RolloutConfig.salt)
+    salt = r.string(s, p, "salt", _default(RolloutConfig, "salt"))
     if not salt:
         r.error(f"{p}.salt", "must not be empty")
     return RolloutConfig(
-        new_percent=r.number(s, p, "new_percent", 0.0, low=0, high=100),
+        new_percent=r.number(s, p, "new_percent", _default(RolloutConfig, "new_percent"), low=0, high=100),
         salt=salt,
         force_new=force_new,
         force_old=force_old,
-        fallback_to_old=r.boolean(s, p, "fallback_to_old", True),
+        fallback_to_old=r.boolean(s, p, "fallback_to_old", _default(RolloutConfig, "fallback_to_old")),
         guard=_parse_guard(r, s.get("guard")),
     )
 
@@ -572,8 +603,7 @@ def _parse_guard(r: _Reader, raw: Any) -> GuardConfig:
             "step_seconds", "recovery_steps", "spare_forced",
         },
     )
-    d = GuardConfig()
-    steps: tuple[float, ...] = d.recovery_steps
+    steps: tuple[float, ...] = _default(GuardConfig, "recovery_steps")
     if g.get("recovery_steps") is not None:
         value = g["recovery_steps"]
         if not isinstance(value, list) or not value or not all(
@@ -585,14 +615,16 @@ def _parse_guard(r: _Reader, raw: Any) -> GuardConfig:
         else:
             steps = tuple(float(v) for v in value)
     return GuardConfig(
-        enabled=r.boolean(g, p, "enabled", d.enabled),
-        window_seconds=r.number(g, p, "window_seconds", d.window_seconds, low=0, high=86400, low_inclusive=False),
-        max_failure_ratio=r.number(g, p, "max_failure_ratio", d.max_failure_ratio, low=0, high=1),
-        min_samples=r.number(g, p, "min_samples", d.min_samples, low=1, high=10**6, integer=True),
-        cooldown_seconds=r.number(g, p, "cooldown_seconds", d.cooldown_seconds, low=0, high=86400),
-        step_seconds=r.number(g, p, "step_seconds", d.step_seconds, low=0, high=86400),
+        enabled=r.boolean(g, p, "enabled", _default(GuardConfig, "enabled")),
+        window_seconds=r.number(
+            g, p, "window_seconds", _default(GuardConfig, "window_seconds"), low=0, high=86400, low_inclusive=False
+        ),
+        max_failure_ratio=r.number(g, p, "max_failure_ratio", _default(GuardConfig, "max_failure_ratio"), low=0, high=1),
+        min_samples=r.number(g, p, "min_samples", _default(GuardConfig, "min_samples"), low=1, high=10**6, integer=True),
+        cooldown_seconds=r.number(g, p, "cooldown_seconds", _default(GuardConfig, "cooldown_seconds"), low=0, high=86400),
+        step_seconds=r.number(g, p, "step_seconds", _default(GuardConfig, "step_seconds"), low=0, high=86400),
         recovery_steps=steps,
-        spare_forced=r.boolean(g, p, "spare_forced", d.spare_forced),
+        spare_forced=r.boolean(g, p, "spare_forced", _default(GuardConfig, "spare_forced")),
     )
 
 
@@ -606,19 +638,34 @@ def _parse_limits(r: _Reader, raw: Any) -> LimitsConfig:
             "max_upstream_connections", "auth_failures_per_ip_per_minute", "max_sessions_per_user",
         },
     )
-    d = LimitsConfig()
-    max_message = r.number(s, p, "max_message_bytes", d.max_message_bytes, low=1, high=2**31, integer=True)
-    hold_bytes = r.number(s, p, "hold_buffer_bytes", max(d.hold_buffer_bytes, max_message), low=1, high=2**33, integer=True)
+    max_message = r.number(
+        s, p, "max_message_bytes", _default(LimitsConfig, "max_message_bytes"), low=1, high=2**31, integer=True
+    )
+    # The default hold buffer grows to hold at least one largest frame.
+    hold_default = max(_default(LimitsConfig, "hold_buffer_bytes"), max_message)
+    hold_bytes = r.number(s, p, "hold_buffer_bytes", hold_default, low=1, high=2**33, integer=True)
     if hold_bytes < max_message:
         r.error(f"{p}.hold_buffer_bytes", f"{hold_bytes} is smaller than limits.max_message_bytes ({max_message})")
     return LimitsConfig(
         max_message_bytes=max_message,
         hold_buffer_bytes=hold_bytes,
-        hold_buffer_frames=r.number(s, p, "hold_buffer_frames", d.hold_buffer_frames, low=1, high=10**6, integer=True),
-        ping_interval_seconds=r.number(s, p, "ping_interval_seconds", d.ping_interval_seconds, low=0, high=3600),
-        max_upstream_connections=r.number(s, p, "max_upstream_connections", d.max_upstream_connections, low=1, high=10**6, integer=True),
-        auth_failures_per_ip_per_minute=r.number(s, p, "auth_failures_per_ip_per_minute", None, low=1, high=10**9, integer=True),
-        max_sessions_per_user=r.number(s, p, "max_sessions_per_user", None, low=1, high=10**6, integer=True),
+        hold_buffer_frames=r.number(
+            s, p, "hold_buffer_frames", _default(LimitsConfig, "hold_buffer_frames"), low=1, high=10**6, integer=True
+        ),
+        ping_interval_seconds=r.number(
+            s, p, "ping_interval_seconds", _default(LimitsConfig, "ping_interval_seconds"), low=0, high=3600
+        ),
+        max_upstream_connections=r.number(
+            s, p, "max_upstream_connections", _default(LimitsConfig, "max_upstream_connections"),
+            low=1, high=10**6, integer=True,
+        ),
+        auth_failures_per_ip_per_minute=r.number(
+            s, p, "auth_failures_per_ip_per_minute", _default(LimitsConfig, "auth_failures_per_ip_per_minute"),
+            low=1, high=10**9, integer=True,
+        ),
+        max_sessions_per_user=r.number(
+            s, p, "max_sessions_per_user", _default(LimitsConfig, "max_sessions_per_user"), low=1, high=10**6, integer=True
+        ),
     )
 
 
