@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-if TYPE_CHECKING:
-    from .app import Gateway
+from .runtime import Gateway
 
 
 def create_admin_app(gateway: Gateway) -> web.Application:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from email.utils import formatdate
 
 from aiohttp import web
@@ -38,7 +37,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     rid = request_id(request)
     ws.headers["X-Request-ID"] = rid
     raw_query = request.raw_path.partition("?")[2]
-    session = Session(config, gateway.verifier, gateway.route, raw_query)
+    session = Session(config, gateway.verifier, raw_query)
     if session.auth_style == "legacy" and config.auth.legacy == "deprecate":
         ws.headers.update(deprecation_headers(config))
     gateway.metrics.attempts.labels(session.auth_style).inc()
@@ -46,7 +45,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
     forwarded = ", ".join(request.headers.getall("X-Forwarded-For", []))
     ip = client_ip(request.remote, forwarded, config.trusted_proxies)
-    conn = Connection(gateway=gateway, request=request, ws=ws, session=session, request_id=rid, client_ip=ip)
+    conn = Connection(gateway=gateway, request=request, ws=ws, session=session, request_id=rid, client_ip=ip, clock=gateway.clock)
     gateway.connections.add(conn)
     try:
         await conn.run()
@@ -54,7 +53,15 @@ async def chat(request: web.Request) -> web.StreamResponse:
         log.error("connection failed", extra={"request_id": rid, "error": type(exc).__name__})
     finally:
         await conn.finish()
-        await gateway.session_ended(conn)
+        await gateway.session_ended(
+            conn,
+            connection_id=conn.connection_id,
+            client_ip=ip,
+            user_id=session.identity.user_id if session.identity else None,
+            failure=session.failure,
+            relayed=(session.auth_style, session.backend) if conn.ready_at is not None and session.backend else None,
+            dropped=conn.upstream_dropped,
+        )
         log_connection(conn)
     return ws
 
@@ -83,7 +90,7 @@ def log_connection(conn: Connection) -> None:
             "fell_back": session.fell_back,
             "failure": session.failure,
             "ready_s": round(conn.ready_at - conn.started, 4) if conn.ready_at else None,
-            "duration_s": round(time.monotonic() - conn.started, 3),
+            "duration_s": round(conn.clock() - conn.started, 3),
             "client_frames": conn.to_upstream.frames,
             "client_bytes": conn.to_upstream.bytes,
             "backend_frames": conn.to_client.frames,
@@ -108,7 +115,7 @@ def _got(delivered: tuple[int, str] | None, own: Flow) -> list[object] | None:
 
 def create_app(config: Config, *, gateway: Gateway | None = None) -> web.Application:
     gateway = gateway or Gateway(config)
-    install_redaction()
+    install_redaction(config.auth.query_param)
     app = web.Application()
     app[GATEWAY] = gateway
     app.router.add_get(config.path, chat)

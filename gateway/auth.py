@@ -115,10 +115,6 @@ class Verifier:
         self._config = config
         self._key = config.verification_key
 
-    @property
-    def config(self) -> AuthConfig:
-        return self._config
-
     def verify(self, token: str | None) -> Identity:
         if not token:
             raise AuthError("missing_token")

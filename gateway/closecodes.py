@@ -62,6 +62,18 @@ def forward(code: int | None, reason: str, to: Leg) -> tuple[int, str]:
     return PROTOCOL_ERROR, "invalid close code"
 
 
+def echo(code: int | None) -> int:
+    """The code that answers a peer's close frame: its own when legal on the wire, else 1000."""
+    return code if code is not None and code in SENDABLE else NORMAL
+
+
+def oversize(to: Leg) -> tuple[int, str]:
+    """What the other leg gets when one leg sent a frame over the size limit (and got 1009)."""
+    if to is Leg.CLIENT:
+        return BAD_GATEWAY, "backend sent a message over the size limit"
+    return GOING_AWAY, "client sent a message over the size limit"
+
+
 def sendable(code: int, reason: str) -> tuple[int, str]:
     """Make a close the gateway itself originates safe for the wire."""
     if code not in SENDABLE:

@@ -30,14 +30,17 @@ class RedactFilter(logging.Filter):
     """Masks tokens in records of loggers we do not control (aiohttp quotes request lines).
 
     Applied at the source logger, so every handler (ours, a test's, a library's) gets the
-    masked record, not just our formatter's output.
+    masked record, not just our formatter's output. `query_param` is the configured
+    ``auth.query_param``, set by `install_redaction`.
     """
 
+    query_param = "token"
+
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(record.getMessage())
+        record.msg = redact(record.getMessage(), self.query_param)
         record.args = None
         if record.exc_info and record.exc_info[0] is not None:
-            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info), self.query_param)
             record.exc_info = None
         return True
 
@@ -46,8 +49,9 @@ _REDACT = RedactFilter()
 FOREIGN_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.client", "aiohttp.websocket", "asyncio")
 
 
-def install_redaction() -> None:
-    """Idempotent: mask tokens in what aiohttp and asyncio log."""
+def install_redaction(query_param: str = "token") -> None:
+    """Idempotent: mask tokens (JWTs, and values of `query_param`) in what aiohttp and asyncio log."""
+    _REDACT.query_param = query_param
     for name in FOREIGN_LOGGERS:
         logger = logging.getLogger(name)
         if _REDACT not in logger.filters:
@@ -84,7 +88,7 @@ def setup_logging(level: str = "INFO", query_param: str = "token", stream: Any =
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    install_redaction()
+    install_redaction(query_param)
 
 
 class AccessLogger(AbstractAccessLogger):

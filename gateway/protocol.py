@@ -1,17 +1,9 @@
-"""The session handshake as a state machine: events in, actions out, no I/O.
+"""The session machine: one client connection from its upgrade to the relay, as events in
+and actions out, with no I/O and no clock.
 
-A client authenticates in one of two styles and is routed to a backend that speaks one
-of two styles. The four combinations, as the gateway plays them:
-
-=====================  ==========================================  ==============================================
-client \\ backend       ``query`` (old)                              ``message`` (new)
-=====================  ==========================================  ==============================================
-legacy (``?token=``)   open upstream with ``?token=``; relay         open without token, send ``authenticate``,
-                                                                     wait for ``connected`` and swallow it; relay
-message (first frame)  open upstream with ``?token=``, send the      open without token, forward the client's own
-                       gateway's ``connected`` to the client; relay  ``authenticate``, forward the backend's
-                                                                     ``connected``; relay
-=====================  ==========================================  ==============================================
+A client authenticates in one of two styles and is routed to a backend that speaks one of
+two styles. `TRANSLATIONS` says what the gateway does in each of the four cells; the code
+reads it and the tests iterate over it.
 
 Rules that hold in every cell:
 
@@ -22,17 +14,25 @@ Rules that hold in every cell:
 * A legacy client never sees a frame the old backend would not have sent.
 
 The shell (`gateway.relay`) feeds events, performs the returned actions in order, and
-enforces the deadlines this object names (`auth_timeout`, `handshake_timeout`). Once it
-gets `StartRelay` it pumps frames itself; this object is no longer consulted.
+enforces the deadlines this object names (`auth_timeout`, `connect_timeout`,
+`handshake_timeout`). Everything with a side effect outside the session — limits, the
+route and the guard behind it, metrics — is an action the shell performs (`RouteUser`,
+`UpstreamResult`) or an event it feeds back (`routed`). Once it gets `StartRelay` it
+pumps frames itself.
+
+Out-of-phase events follow one rule (`EVENT_PHASES`): an event fed *after* the phases it
+belongs to is stale news — a deadline that lost a race, the other leg's news after the
+session moved on or closed — and yields no actions; an event fed *before* them is a bug in
+the shell and raises `ShellError`. A peer can never cause an exception: whatever a client
+or backend sends becomes actions (a close with a precise code).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal, Union
+from typing import Literal, Union, cast
 from urllib.parse import quote, unquote_plus
 
 from . import closecodes
@@ -43,15 +43,72 @@ from .routing import Route
 Frame = Union[str, bytes]
 """A data frame: `str` is a text frame, `bytes` a binary one."""
 
-AuthStyle = Literal["legacy", "message"]
+ClientStyle = Literal["legacy", "message"]
+BackendStyle = Literal["query", "message"]
+UpstreamResultKind = Literal["ok", "connect", "handshake", "rejected"]
+
+
+@dataclass(frozen=True)
+class Translation:
+    """What the gateway does for one (client style, backend style) cell.
+
+    `upstream_auth`: ``url`` opens the upstream with the verified token as a query
+    parameter; ``frame`` opens it without and sends ``authenticate`` (the client's own
+    frame when it sent one), then waits for the backend's ``connected``.
+    `connected`: what the client gets when the upstream is ready: ``none`` (a legacy client
+    of a query backend: nothing), ``greet`` (the gateway's ``auth.connected_message``),
+    ``forward`` (the backend's own ``connected``), ``swallow`` (the backend's ``connected``
+    is dropped, because a legacy client never expects one).
+    """
+
+    upstream_auth: Literal["url", "frame"]
+    connected: Literal["none", "greet", "forward", "swallow"]
+
+
+TRANSLATIONS: dict[tuple[ClientStyle, BackendStyle], Translation] = {
+    ("legacy", "query"): Translation(upstream_auth="url", connected="none"),
+    ("legacy", "message"): Translation(upstream_auth="frame", connected="swallow"),
+    ("message", "query"): Translation(upstream_auth="url", connected="greet"),
+    ("message", "message"): Translation(upstream_auth="frame", connected="forward"),
+}
 
 
 class Phase(Enum):
     AUTHENTICATING = "authenticating"
+    ROUTING = "routing"
     CONNECTING = "connecting"
     UPSTREAM_HANDSHAKE = "upstream_handshake"
     RELAYING = "relaying"
     CLOSED = "closed"
+
+
+_ORDER = {phase: index for index, phase in enumerate(Phase)}
+_UPSTREAM_PENDING = frozenset({Phase.CONNECTING, Phase.UPSTREAM_HANDSHAKE})
+
+EVENT_PHASES: dict[str, frozenset[Phase]] = {
+    "start": frozenset({Phase.AUTHENTICATING}),
+    "auth_timed_out": frozenset({Phase.AUTHENTICATING}),
+    "client_frame": frozenset(Phase) - {Phase.CLOSED},
+    "client_closed": frozenset(Phase),
+    "refuse": frozenset({Phase.AUTHENTICATING, Phase.ROUTING}),
+    "routed": frozenset({Phase.ROUTING}),
+    "upstream_opened": frozenset({Phase.CONNECTING}),
+    "upstream_frame": frozenset({Phase.UPSTREAM_HANDSHAKE, Phase.RELAYING}),
+    "upstream_closed": _UPSTREAM_PENDING,
+    "upstream_failed": _UPSTREAM_PENDING,
+}
+"""The phases each event belongs to (see the module docstring for the rule)."""
+
+
+class ShellError(RuntimeError):
+    """The shell fed an event before the session could take it: a gateway bug, never a peer's doing."""
+
+
+@dataclass(frozen=True)
+class RouteUser:
+    """The token is verified: the shell checks the user's limits and answers `routed` or `refuse`."""
+
+    user_id: str
 
 
 @dataclass(frozen=True)
@@ -60,6 +117,14 @@ class OpenUpstream:
     url: str
     config: BackendConfig
     fallback: bool = False
+
+
+@dataclass(frozen=True)
+class UpstreamResult:
+    """How one upstream attempt ended, for the metrics and the guard."""
+
+    backend: str
+    result: UpstreamResultKind
 
 
 @dataclass(frozen=True)
@@ -89,7 +154,7 @@ class StartRelay:
     pass
 
 
-Action = Union[OpenUpstream, SendClient, SendUpstream, CloseClient, CloseUpstream, StartRelay]
+Action = Union[RouteUser, OpenUpstream, UpstreamResult, SendClient, SendUpstream, CloseClient, CloseUpstream, StartRelay]
 
 
 def split_query(raw_query: str, param: str) -> tuple[str | None, list[str]]:
@@ -108,14 +173,14 @@ def split_query(raw_query: str, param: str) -> tuple[str | None, list[str]]:
     return token, kept
 
 
-def upstream_url(backend: BackendConfig, kept_query: list[str], token: str) -> str:
-    """The backend URL with the client's other parameters and, for ``query`` backends, the token.
+def upstream_url(backend: BackendConfig, kept_query: list[str], token: str | None) -> str:
+    """The backend URL with the client's other parameters and, when `token` is given, the token.
 
-    For a ``query`` backend the client's own pieces named like the backend's token parameter
-    are dropped, so the only token the backend sees is the one the gateway verified.
+    The client's own pieces named like the backend's token parameter are dropped, so the
+    only token a backend reads from its URL is the one the gateway verified.
     """
     pieces = list(kept_query)
-    if backend.auth == "query":
+    if token is not None:
         pieces = [p for p in pieces if unquote_plus(p.partition("=")[0]) != backend.query_param]
         pieces.append(f"{quote(backend.query_param, safe='')}={quote(token, safe='')}")
     if not pieces:
@@ -137,21 +202,12 @@ def is_connected_frame(data: Frame) -> bool:
 class Session:
     """One client connection from upgrade to `StartRelay` (or to its close)."""
 
-    def __init__(
-        self,
-        config: Config,
-        verifier: Verifier,
-        route: Callable[[str], Route],
-        raw_query: str,
-    ) -> None:
+    def __init__(self, config: Config, verifier: Verifier, raw_query: str) -> None:
         self._config = config
         self._verifier = verifier
-        self._route_for = route
-        self._hold_limit_frames = config.limits.hold_buffer_frames
-        self._hold_limit_bytes = config.limits.hold_buffer_bytes
         query_token, self._kept_query = split_query(raw_query, config.auth.query_param)
         self._token = query_token
-        self.auth_style: AuthStyle = "legacy" if query_token is not None else "message"
+        self.auth_style: ClientStyle = "legacy" if query_token is not None else "message"
         self.phase = Phase.AUTHENTICATING
         self.identity: Identity | None = None
         self.route: Route | None = None
@@ -160,8 +216,6 @@ class Session:
         self.fell_back = False
         self.fallback_reason: str | None = None
         self.client_close: tuple[int, str] | None = None
-        self.outcomes: list[tuple[str | None, str]] = []
-        """(backend, ok|connect|handshake|rejected) per upstream attempt, for the shell to report."""
         self._auth_frame: str | None = None
         self._held: list[Frame] = []
         self._held_bytes = 0
@@ -171,6 +225,16 @@ class Session:
         """The config this session was accepted under; a reload does not change it."""
         return self._config
 
+    @property
+    def translation(self) -> Translation:
+        """The cell of `TRANSLATIONS` for this client and the backend it is (now) routed to."""
+        return TRANSLATIONS[(self.auth_style, cast(BackendStyle, self._backend_config.auth))]
+
+    @property
+    def _backend_config(self) -> BackendConfig:
+        assert self.backend is not None
+        return self._config.backends[self.backend]
+
     # -- deadlines the shell enforces -------------------------------------------------
 
     @property
@@ -179,29 +243,38 @@ class Session:
 
     @property
     def handshake_timeout(self) -> float:
-        assert self.backend is not None
-        return self._config.backends[self.backend].handshake_timeout_seconds
+        return self._backend_config.handshake_timeout_seconds
 
     @property
     def connect_timeout(self) -> float:
-        assert self.backend is not None
-        return self._config.backends[self.backend].connect_timeout_seconds
+        return self._backend_config.connect_timeout_seconds
 
     @property
     def upstream_style(self) -> str | None:
-        return None if self.backend is None else self._config.backends[self.backend].auth
+        return None if self.backend is None else self._backend_config.auth
 
     # -- events ------------------------------------------------------------------------
 
+    def _takes(self, event: str) -> bool:
+        """Whether `event` applies now: False for stale news; ShellError when it is early."""
+        phases = EVENT_PHASES[event]
+        if self.phase in phases:
+            return True
+        if _ORDER[self.phase] > max(_ORDER[p] for p in phases):
+            return False
+        raise ShellError(f"{event} fed in phase {self.phase.value}")
+
     def start(self) -> list[Action]:
         """The client's upgrade completed. Legacy clients are verified right away."""
-        if self.auth_style == "legacy":
-            if self._config.auth.legacy == "deny":
-                return self._reject(AuthError("legacy_denied"))
-            return self._authenticated(self._token)
-        return []
+        if not self._takes("start") or self.auth_style != "legacy":
+            return []
+        if self._config.auth.legacy == "deny":
+            return self._reject(AuthError("legacy_denied"))
+        return self._authenticated(self._token)
 
     def client_frame(self, data: Frame) -> list[Action]:
+        if not self._takes("client_frame"):
+            return []
         if self.phase is Phase.AUTHENTICATING:
             try:
                 token, _ = parse_authenticate_frame(data)
@@ -210,54 +283,68 @@ class Session:
             assert isinstance(data, str)
             self._auth_frame = data
             return self._authenticated(token)
-        if self.phase in (Phase.CONNECTING, Phase.UPSTREAM_HANDSHAKE):
-            return self._hold(data)
         if self.phase is Phase.RELAYING:
             return [SendUpstream(data)]
-        return []
-
-    def refuse(self, reason: str) -> list[Action]:
-        """The shell refuses the client for a reason of its own (a limit); `reason` is an auth reason."""
-        if self.phase in (Phase.RELAYING, Phase.CLOSED):
-            return []
-        return self._reject(AuthError(reason))
+        return self._hold(data)
 
     def auth_timed_out(self) -> list[Action]:
-        if self.phase is not Phase.AUTHENTICATING:
+        if not self._takes("auth_timed_out"):
             return []
         return self._reject(AuthError("timeout"))
 
+    def refuse(self, reason: str) -> list[Action]:
+        """The shell refuses the client for a reason of its own (a limit); `reason` is an auth reason."""
+        if not self._takes("refuse"):
+            return []
+        return self._reject(AuthError(reason))
+
+    def routed(self, route: Route) -> list[Action]:
+        """The shell's answer to `RouteUser`: the backend this user goes to."""
+        if not self._takes("routed"):
+            return []
+        assert self._token is not None
+        self.route = route
+        self.backend = route.backend
+        self.phase = Phase.CONNECTING
+        return [self._open(fallback=False)]
+
     def upstream_opened(self) -> list[Action]:
-        assert self.phase is Phase.CONNECTING and self._token is not None
-        if self.upstream_style == "message":
+        if not self._takes("upstream_opened"):
+            return []
+        assert self._token is not None
+        if self.translation.upstream_auth == "frame":
             self.phase = Phase.UPSTREAM_HANDSHAKE
             frame = self._auth_frame if self._auth_frame is not None else authenticate_message(self._token)
             return [SendUpstream(frame)]
-        return self._ready(greeting=self._config.auth.connected_message)
+        greeting = self._config.auth.connected_message if self.translation.connected == "greet" else None
+        return self._ready(greeting)
 
     def upstream_frame(self, data: Frame) -> list[Action]:
-        if self.phase is Phase.UPSTREAM_HANDSHAKE:
-            if not is_connected_frame(data):
-                return self._upstream_failed("handshake", close_upstream=True)
-            return self._ready(greeting=data)
+        if not self._takes("upstream_frame"):
+            return []
         if self.phase is Phase.RELAYING:
             return [SendClient(data)]
-        return []
+        if not is_connected_frame(data):
+            return self._upstream_failed("handshake", close_upstream=True)
+        return self._ready(data if self.translation.connected == "forward" else None)
 
     def upstream_closed(self, code: int | None, reason: str) -> list[Action]:
         """The upstream closed (or vanished, code 1006) before the relay started."""
-        if self.phase not in (Phase.CONNECTING, Phase.UPSTREAM_HANDSHAKE):
+        if not self._takes("upstream_closed"):
             return []
         if code == closecodes.POLICY_VIOLATION:
+            assert self.backend is not None
             self.phase = Phase.CLOSED
             self.failure = "rejected"
-            self.outcomes.append((self.backend, "rejected"))
-            return [CloseClient(closecodes.POLICY_VIOLATION, AuthError("upstream_rejected").close_reason)]
+            return [
+                UpstreamResult(self.backend, "rejected"),
+                CloseClient(closecodes.POLICY_VIOLATION, AuthError("upstream_rejected").close_reason),
+            ]
         return self._upstream_failed("handshake", close_upstream=False)
 
     def upstream_failed(self, kind: Literal["connect", "handshake"]) -> list[Action]:
         """Connecting timed out or was refused, or the handshake deadline passed."""
-        if self.phase not in (Phase.CONNECTING, Phase.UPSTREAM_HANDSHAKE):
+        if not self._takes("upstream_failed"):
             return []
         return self._upstream_failed(kind, close_upstream=self.phase is Phase.UPSTREAM_HANDSHAKE)
 
@@ -268,7 +355,7 @@ class Session:
         the upstream is ready, delivers them, then passes the client's close on.
         """
         forwarded = closecodes.forward(code, reason, closecodes.Leg.UPSTREAM)
-        if self._held and self.phase in (Phase.CONNECTING, Phase.UPSTREAM_HANDSHAKE):
+        if self._held and self.phase in _UPSTREAM_PENDING:
             self.client_close = forwarded
             return []
         previous, self.phase = self.phase, Phase.CLOSED
@@ -284,12 +371,14 @@ class Session:
         except AuthError as exc:
             return self._reject(exc)
         self._token = token
-        self.route = self._route_for(self.identity.user_id)
-        self.backend = self.route.backend
-        self.phase = Phase.CONNECTING
-        assert token is not None
-        backend = self._config.backends[self.backend]
-        return [OpenUpstream(self.backend, upstream_url(backend, self._kept_query, token), backend)]
+        self.phase = Phase.ROUTING
+        return [RouteUser(self.identity.user_id)]
+
+    def _open(self, *, fallback: bool) -> OpenUpstream:
+        assert self.backend is not None and self._token is not None
+        backend = self._backend_config
+        token = self._token if self.translation.upstream_auth == "url" else None
+        return OpenUpstream(self.backend, upstream_url(backend, self._kept_query, token), backend, fallback=fallback)
 
     def _reject(self, error: AuthError) -> list[Action]:
         self.phase = Phase.CLOSED
@@ -299,7 +388,8 @@ class Session:
     def _hold(self, data: Frame) -> list[Action]:
         self._held.append(data)
         self._held_bytes += len(data.encode("utf-8", "surrogatepass")) if isinstance(data, str) else len(data)
-        if len(self._held) > self._hold_limit_frames or self._held_bytes > self._hold_limit_bytes:
+        limits = self._config.limits
+        if len(self._held) > limits.hold_buffer_frames or self._held_bytes > limits.hold_buffer_bytes:
             close_upstream = self.phase is Phase.UPSTREAM_HANDSHAKE
             self.phase = Phase.CLOSED
             self.failure = "hold_overflow"
@@ -311,11 +401,11 @@ class Session:
             return actions
         return []
 
-    def _ready(self, greeting: Frame | None = None) -> list[Action]:
+    def _ready(self, greeting: Frame | None) -> list[Action]:
         """The upstream is ready: greet the client if it waits for `connected`, flush what was held."""
-        self.outcomes.append((self.backend, "ok"))
-        actions: list[Action] = []
-        if greeting is not None and self.auth_style == "message" and self.client_close is None:
+        assert self.backend is not None
+        actions: list[Action] = [UpstreamResult(self.backend, "ok")]
+        if greeting is not None and self.client_close is None:
             actions.append(SendClient(greeting))
         actions += [SendUpstream(frame) for frame in self._held]
         self._held = []
@@ -328,21 +418,18 @@ class Session:
         actions.append(StartRelay())
         return actions
 
-    def _upstream_failed(self, kind: str, *, close_upstream: bool) -> list[Action]:
+    def _upstream_failed(self, kind: Literal["connect", "handshake"], *, close_upstream: bool) -> list[Action]:
         """Give up on this upstream: fall back to the old backend once if allowed, else 1014."""
-        self.outcomes.append((self.backend, kind))
-        actions: list[Action] = []
+        assert self.backend is not None
+        actions: list[Action] = [UpstreamResult(self.backend, kind)]
         if close_upstream:
             actions.append(CloseUpstream(closecodes.PROTOCOL_ERROR, "authentication handshake failed"))
         if self.backend == "new" and self._config.rollout.fallback_to_old and not self.fell_back:
-            assert self._token is not None
             self.fell_back = True
             self.fallback_reason = kind
             self.backend = "old"
             self.phase = Phase.CONNECTING
-            backend = self._config.backends["old"]
-            url = upstream_url(backend, self._kept_query, self._token)
-            return actions + [OpenUpstream("old", url, backend, fallback=True)]
+            return actions + [self._open(fallback=True)]
         self.phase = Phase.CLOSED
         self.failure = kind
         actions.append(CloseClient(closecodes.BAD_GATEWAY, "backend unavailable"))

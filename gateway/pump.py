@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import Union
 
-from aiohttp import WSMsgType
+from aiohttp import ClientWebSocketResponse, WSMsgType, web
 
 from . import closecodes
 from .closecodes import Leg
@@ -21,6 +21,9 @@ _TEXT = WSMsgType.TEXT
 _BINARY = WSMsgType.BINARY
 _CLOSE = WSMsgType.CLOSE
 _CLOSING = WSMsgType.CLOSING
+
+WebSocket = Union[web.WebSocketResponse, ClientWebSocketResponse]
+"""Either leg: the client's socket (server side) or the upstream's (client side)."""
 
 
 @dataclass
@@ -35,7 +38,7 @@ class Flow:
     delivered: tuple[int, str] | None = None  # the close the gateway sent to the destination
 
 
-async def close_leg(ws: Any, code: int, reason: str) -> None:
+async def close_leg(ws: WebSocket, code: int, reason: str) -> None:
     """Close `ws` with a wire-safe code; a leg that is already gone is not an error."""
     code, reason = closecodes.sendable(code, reason)
     try:
@@ -64,14 +67,7 @@ def too_big(data: str | bytes, limit: int) -> bool:
     return isinstance(data, str) and size * 4 > limit and len(data.encode("utf-8")) > limit
 
 
-def oversize_close(to: Leg) -> tuple[int, str]:
-    """What the other leg gets when one leg sent a frame over the limit (and got 1009)."""
-    if to is Leg.CLIENT:
-        return closecodes.BAD_GATEWAY, "backend sent a message over the size limit"
-    return closecodes.GOING_AWAY, "client sent a message over the size limit"
-
-
-async def pump(src: Any, dst: Any, to: Leg, flow: Flow, limit: int) -> None:
+async def pump(src: WebSocket, dst: WebSocket, to: Leg, flow: Flow, limit: int) -> None:
     """Forward data frames from `src` to `dst` (the `to` leg) until `src` ends."""
     receive = src.receive
     send_str = dst.send_str
@@ -103,14 +99,13 @@ async def pump(src: Any, dst: Any, to: Leg, flow: Flow, limit: int) -> None:
         return  # the other pump closed src on the other leg's behalf
     if kind is _CLOSE:
         flow.close_code, flow.close_reason = msg.data, msg.extra or ""
-        echo = msg.data if msg.data in closecodes.SENDABLE else closecodes.NORMAL
         flow.delivered = closecodes.forward(msg.data, flow.close_reason, to)
-        await asyncio.gather(close_leg(dst, *flow.delivered), close_leg(src, echo, ""))
+        await asyncio.gather(close_leg(dst, *flow.delivered), close_leg(src, closecodes.echo(msg.data), ""))
         return
     flow.lost = True
     if kind is _TEXT or kind is _BINARY or src.close_code == closecodes.MESSAGE_TOO_BIG:
         flow.close_code = closecodes.MESSAGE_TOO_BIG
-        flow.delivered = oversize_close(to)
+        flow.delivered = closecodes.oversize(to)
         await asyncio.gather(close_leg(src, closecodes.MESSAGE_TOO_BIG, "message too big"), close_leg(dst, *flow.delivered))
         return
     # CLOSED or ERROR: src vanished, failed a ping, or broke the protocol (aiohttp has

@@ -13,8 +13,9 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -28,17 +29,44 @@ from .protocol import (
     CloseUpstream,
     OpenUpstream,
     Phase,
+    RouteUser,
     SendClient,
     SendUpstream,
     Session,
     StartRelay,
+    UpstreamResult,
 )
-from .pump import Flow, close_leg, oversize_close, pump, too_big, wire_limit
-
-if TYPE_CHECKING:
-    from .app import Gateway
+from .pump import Flow, WebSocket, close_leg, pump, too_big, wire_limit
+from .routing import Route
 
 log = logging.getLogger("gateway.relay")
+
+
+class GatewayServices(Protocol):
+    """What a connection needs from the gateway it belongs to (`runtime.Gateway` in production).
+
+    Calls take and return plain values: the gateway never reads or writes a connection's
+    fields, so a connection can be driven against a small fake.
+    """
+
+    close_timeout: float
+
+    @property
+    def client(self) -> aiohttp.ClientSession: ...
+
+    async def ip_blocked(self, ip: str) -> bool: ...
+
+    async def acquire_slot(self, user_id: str, connection_id: str) -> bool: ...
+
+    def route(self, user_id: str) -> Route: ...
+
+    def upstream_connected(self, backend: str, seconds: float) -> None: ...
+
+    def upstream_result(self, backend: str, result: str) -> None: ...
+
+    def fell_back(self) -> None: ...
+
+    def session_ready(self, auth_style: str, backend: str, user_id: str, seconds: float) -> None: ...
 
 _DATA = (WSMsgType.TEXT, WSMsgType.BINARY)
 _REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
@@ -72,15 +100,15 @@ def upstream_headers(request: web.Request, rid: str) -> dict[str, str]:
 class Connection:
     """Everything one client connection owns; `app.chat` creates it, `run` drives it."""
 
-    gateway: Gateway
+    gateway: GatewayServices
     request: web.Request
     ws: web.WebSocketResponse
     session: Session
     request_id: str
     client_ip: str
-    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    holds_session: bool = False
-    started: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = time.monotonic
+    connection_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = 0.0
     ready_at: float | None = None
     upstream: aiohttp.ClientWebSocketResponse | None = None
     upstream_task: asyncio.Task[None] | None = None
@@ -88,6 +116,9 @@ class Connection:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     to_upstream: Flow = field(default_factory=Flow)
     to_client: Flow = field(default_factory=Flow)
+
+    def __post_init__(self) -> None:
+        self.started = self.clock()
 
     @property
     def upstream_dropped(self) -> bool:
@@ -106,10 +137,14 @@ class Connection:
                     self.to_upstream.bytes += len(action.data)
             elif isinstance(action, SendClient):
                 await _send(self.ws, action.data)
-            elif isinstance(action, OpenUpstream):
-                if not action.fallback and not await self.gateway.acquire_session(self):
+            elif isinstance(action, UpstreamResult):
+                self.gateway.upstream_result(action.backend, action.result)
+            elif isinstance(action, RouteUser):
+                if await self.gateway.acquire_slot(action.user_id, self.connection_id):
+                    await self.perform(self.session.routed(self.gateway.route(action.user_id)))
+                else:
                     await self.perform(self.session.refuse("too_many_sessions"))
-                    return
+            elif isinstance(action, OpenUpstream):
                 if action.fallback:
                     self.gateway.fell_back()
                     log.warning(
@@ -122,9 +157,11 @@ class Connection:
             elif isinstance(action, CloseUpstream):
                 await self.close_upstream(action.code, action.reason)
             elif isinstance(action, StartRelay):
-                self.ready_at = time.monotonic()
+                self.ready_at = self.clock()
                 self.relaying = True
-                self.gateway.session_ready(self)
+                session = self.session
+                assert session.backend is not None and session.identity is not None
+                self.gateway.session_ready(session.auth_style, session.backend, session.identity.user_id, self.ready_at - self.started)
 
     async def close_client(self, code: int, reason: str) -> None:
         if self.to_client.delivered is None and not self.ws.closed:
@@ -138,15 +175,10 @@ class Connection:
             self.to_upstream.delivered = (code, reason)
         await close_leg(self.upstream, code, reason)
 
-    async def feed(self, event: Any, *args: Any) -> None:
+    async def feed(self, event: Callable[..., list[Action]], *args: Any) -> None:
         """Feed one event to the session and perform its actions, atomically w.r.t. the other task."""
         async with self.lock:
-            actions = event(*args)
-            outcomes = self.session.outcomes
-            while outcomes:
-                backend, result = outcomes.pop(0)
-                self.gateway.upstream_result(backend, result)
-            await self.perform(actions)
+            await self.perform(event(*args))
 
     # -- the client side (request handler task) ------------------------------------------
 
@@ -177,6 +209,7 @@ class Connection:
         if self.relaying:
             async with self.lock:  # wait until the held frames are flushed
                 pass
+            assert self.upstream is not None
             await pump(self.ws, self.upstream, Leg.UPSTREAM, self.to_upstream, self.session.config.limits.max_message_bytes)
 
     async def authenticate(self) -> None:
@@ -199,7 +232,7 @@ class Connection:
         still gets what was held before it, then a clean close."""
         self.to_upstream.lost = True
         await self.close_client(closecodes.MESSAGE_TOO_BIG, "message too big")
-        await self.client_left(*oversize_close(Leg.UPSTREAM), echo=False)
+        await self.client_left(*closecodes.oversize(Leg.UPSTREAM), echo=False)
 
     async def client_left(self, code: int | None, reason: str, *, echo: bool) -> None:
         """The client closed or vanished while this task was not yet pumping: tell the session,
@@ -212,14 +245,14 @@ class Connection:
         if relaying:
             closing.append(self.close_upstream(*closecodes.forward(code, reason, Leg.UPSTREAM)))
         if echo:
-            closing.append(close_leg(self.ws, code if code in closecodes.SENDABLE else closecodes.NORMAL, ""))
+            closing.append(close_leg(self.ws, closecodes.echo(code), ""))
         await asyncio.gather(*closing)
 
     # -- the upstream side (child task) ----------------------------------------------------
 
     async def run_upstream(self, action: OpenUpstream) -> None:
         session = self.session
-        started = time.monotonic()
+        started = self.clock()
         try:
             async with asyncio.timeout(session.connect_timeout):
                 upstream = await self.gateway.client.ws_connect(
@@ -250,7 +283,7 @@ class Connection:
             return
 
         self.upstream = upstream
-        self.gateway.upstream_connected(action.backend, time.monotonic() - started)
+        self.gateway.upstream_connected(action.backend, self.clock() - started)
         if session.phase is Phase.CLOSED:  # the client left or overflowed while we connected
             await self.close_upstream(closecodes.GOING_AWAY, "client closed")
             return
@@ -279,10 +312,16 @@ class Connection:
                 self.to_client.close_code, self.to_client.close_reason = code, reason
                 await self.feed(session.upstream_closed, code, reason)
                 if msg.type is WSMsgType.CLOSE:
-                    await close_leg(upstream, code if code in closecodes.SENDABLE else closecodes.NORMAL, "")
+                    await close_leg(upstream, closecodes.echo(code), "")
                 return
 
     # -- teardown ----------------------------------------------------------------------------
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the client with (`code`, `reason`) and the upstream as going away (drain, shutdown)."""
+        await asyncio.gather(
+            self.close_client(code, reason), self.close_upstream(closecodes.GOING_AWAY, "gateway shutting down")
+        )
 
     async def finish(self) -> None:
         """Leave no leg half-open, whichever way the connection ended."""
@@ -306,7 +345,7 @@ class Connection:
             await self.close_client(closecodes.INTERNAL_ERROR, "gateway error")
 
 
-async def _receive_before(ws: Any, deadline: float) -> aiohttp.WSMessage:
+async def _receive_before(ws: WebSocket, deadline: float) -> aiohttp.WSMessage:
     """`ws.receive()` bounded by an absolute event-loop deadline; TimeoutError once it passes.
 
     aiohttp's receive timeout leaves the socket open, so the caller decides how to close.
@@ -323,7 +362,7 @@ def _close_of(msg: aiohttp.WSMessage) -> tuple[int | None, str]:
     return closecodes.ABNORMAL, ""
 
 
-async def _send(ws: Any, data: str | bytes) -> None:
+async def _send(ws: WebSocket, data: str | bytes) -> None:
     if isinstance(data, str):
         await ws.send_str(data)
     else:

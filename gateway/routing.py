@@ -43,6 +43,22 @@ class Route:
         return f"bucket {self.bucket:.4f} {relation} percentage {self.new_percent:g}"
 
 
+def held_back(chosen: Route, rollout: RolloutConfig, share: float, blocks_forced: bool) -> Route:
+    """`chosen`, or the old backend when the rollback guard holds this user back.
+
+    `share` is the fraction of the configured percentage the guard lets through now;
+    `blocks_forced` whether it also holds back users in ``force_new``. Only the highest
+    buckets are held back, so routing stays monotonic while the guard recovers.
+    """
+    if chosen.backend != "new" or share >= 1.0:
+        return chosen
+    if chosen.reason == "force_new":
+        return Route("old", "guard") if blocks_forced else chosen
+    effective = rollout.new_percent * share
+    assert chosen.bucket is not None
+    return chosen if chosen.bucket < effective else Route("old", "guard", chosen.bucket, effective)
+
+
 def choose_backend(user_id: str, rollout: RolloutConfig) -> Route:
     if user_id in rollout.force_new:
         return Route("new", "force_new")

@@ -13,7 +13,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -23,16 +23,23 @@ from .auth import Verifier
 from .config import Config, ConfigError, keep_restart_keys, restart_required
 from .guard import STATE_VALUES, Guard, GuardState, Transition
 from .metrics import Metrics
-from .routing import Route, choose_backend
+from .pump import Flow
+from .routing import Route, choose_backend, held_back
 from .store import Store, open_store, utc_day
-
-if TYPE_CHECKING:
-    from .relay import Connection
 
 log = logging.getLogger("gateway")
 GUARD_SYNC_SECONDS = 1.0
 # Refusals that say nothing about whether the client guessed a token: not counted per IP.
 NOT_THE_CLIENTS_FAULT = frozenset({"rate_limited", "too_many_sessions", "legacy_denied"})
+
+
+class OpenConnection(Protocol):
+    """What the gateway needs of an open connection: its live counts, and a way to close it."""
+
+    to_upstream: Flow
+    to_client: Flow
+
+    async def close(self, code: int, reason: str) -> None: ...
 
 
 class Gateway:
@@ -45,13 +52,16 @@ class Gateway:
         client: aiohttp.ClientSession | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
         config_path: str | None = None,
         store: Store | None = None,
     ) -> None:
+        """`clock` (monotonic) times everything that is a duration; `wall` (unix time) what replicas share."""
         self._client = client
         self.clock = clock
+        self.wall = wall
         self.metrics = metrics or Metrics()
-        self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self.connections: weakref.WeakSet[OpenConnection] = weakref.WeakSet()
         self.config_path = config_path
         self.draining = False
         self.accepting = True
@@ -72,7 +82,7 @@ class Gateway:
         """Serve `config` to new connections; established ones keep the one they started with."""
         self.config = config
         self.verifier = Verifier(config.auth)
-        self.loaded_at = time.time()
+        self.loaded_at = self.wall()
         if config.auth.secret is not None and len(config.auth.secret.encode()) < 32:
             log.warning("auth.secret is shorter than 32 bytes: weak for HMAC; rotate it when the old backend allows")
         self._observe(self.guard.configure(config.rollout.guard))
@@ -108,15 +118,8 @@ class Gateway:
     def route(self, user_id: str) -> Route:
         """`routing.choose_backend`, held back by the guard while it is open or recovering."""
         self._observe(self.guard.tick(self.clock()))
-        chosen = choose_backend(user_id, self.config.rollout)
-        share = self.guard.share()
-        if chosen.backend != "new" or share >= 1.0:
-            return chosen
-        if chosen.reason == "force_new":
-            return Route("old", "guard") if self.guard.blocks_forced() else chosen
-        effective = self.config.rollout.new_percent * share
-        assert chosen.bucket is not None
-        return chosen if chosen.bucket < effective else Route("old", "guard", chosen.bucket, effective)
+        rollout = self.config.rollout
+        return held_back(choose_backend(user_id, rollout), rollout, self.guard.share(), self.guard.blocks_forced())
 
     def new_backend_outcome(self, failed: bool) -> None:
         self._observe(self.guard.record(failed, self.clock()))
@@ -137,7 +140,7 @@ class Gateway:
 
     def _share_trip(self, transition: Transition) -> None:
         """Publish a local trip so every replica stops sending users to the new backend."""
-        tripped_at = time.time() - (self.clock() - transition.at)
+        tripped_at = self.wall() - (self.clock() - transition.at)
         self._guard_seen = tripped_at
         self._own_trip = {"state": "open", "tripped_at": tripped_at, "replica": self.replica, "detail": transition.detail}
         self._spawn(self.store.publish_guard(self._own_trip))
@@ -162,9 +165,9 @@ class Gateway:
             return
         self._guard_seen = tripped_at
         guard = self.config.rollout.guard
-        if time.time() - tripped_at >= guard.cooldown_seconds + len(guard.recovery_steps) * guard.step_seconds:
+        if self.wall() - tripped_at >= guard.cooldown_seconds + len(guard.recovery_steps) * guard.step_seconds:
             return  # that trip's whole schedule is over: nothing to adopt
-        at = self.clock() - max(0.0, time.time() - tripped_at)
+        at = self.clock() - max(0.0, self.wall() - tripped_at)
         transition = self.guard.trip(at, f"by another replica ({record.get('detail', 'no detail')})")
         self._observe([transition, *self.guard.tick(self.clock())], share=False)
 
@@ -193,13 +196,9 @@ class Gateway:
     async def ip_blocked(self, ip: str) -> bool:
         return await self.store.auth_blocked(ip, self.config.limits.auth_failures_per_ip_per_minute)
 
-    async def acquire_session(self, conn: Connection) -> bool:
-        assert conn.session.identity is not None
-        limit = self.config.limits.max_sessions_per_user
-        if limit is None:
-            return True
-        conn.holds_session = await self.store.acquire_session(conn.session.identity.user_id, conn.session_id, limit)
-        return conn.holds_session
+    async def acquire_slot(self, user_id: str, connection_id: str) -> bool:
+        """Take one of the user's `limits.max_sessions_per_user` slots; False when all are taken."""
+        return await self.store.acquire_session(user_id, connection_id, self.config.limits.max_sessions_per_user)
 
     def effective_percent(self) -> float:
         return self.config.rollout.new_percent * self.guard.share()
@@ -255,34 +254,44 @@ class Gateway:
     def fell_back(self) -> None:
         self.metrics.fallbacks.inc()
 
-    def session_ready(self, conn: Connection) -> None:
-        session = conn.session
-        labels = (session.auth_style, session.backend)
-        self.metrics.opened.labels(*labels).inc()
-        self.metrics.active.labels(*labels).inc()
-        assert conn.ready_at is not None and session.identity is not None
-        self.metrics.ready_seconds.labels(*labels).observe(conn.ready_at - conn.started)
-        self._spawn(self.store.count_session(utc_day(), session.auth_style, session.backend, session.identity.user_id))
+    def session_ready(self, auth_style: str, backend: str, user_id: str, seconds: float) -> None:
+        self.metrics.opened.labels(auth_style, backend).inc()
+        self.metrics.active.labels(auth_style, backend).inc()
+        self.metrics.ready_seconds.labels(auth_style, backend).observe(seconds)
+        self._spawn(self.store.count_session(utc_day(self.wall()), auth_style, backend, user_id))
 
-    async def session_ended(self, conn: Connection) -> None:
-        """Fold a finished connection into the totals and count how it ended."""
+    async def session_ended(
+        self,
+        conn: OpenConnection,
+        *,
+        connection_id: str,
+        client_ip: str,
+        user_id: str | None,
+        failure: str | None,
+        relayed: tuple[str, str] | None,
+        dropped: bool,
+    ) -> None:
+        """Fold a finished connection into the totals and count how it ended.
+
+        `relayed` is (auth style, backend) when the session reached the relay; `dropped`
+        says the backend vanished mid-session instead of closing.
+        """
         self.connections.discard(conn)
         for direction, flow in (("client_to_backend", conn.to_upstream), ("backend_to_client", conn.to_client)):
             self._closed_flows[direction][0] += flow.frames
             self._closed_flows[direction][1] += flow.bytes
-        session = conn.session
-        if session.failure in AUTH_REASONS:
-            self.metrics.auth_failures.labels(session.failure).inc()
-            if session.failure not in NOT_THE_CLIENTS_FAULT:
-                await self.store.auth_failed(conn.client_ip, self.config.limits.auth_failures_per_ip_per_minute)
-        if conn.holds_session:
-            assert session.identity is not None
-            await self.store.release_session(session.identity.user_id, conn.session_id)
-        if conn.ready_at is not None:
-            self.metrics.active.labels(session.auth_style, session.backend).dec()
-            if conn.upstream_dropped:
-                self.metrics.upstream_failures.labels(session.backend, "dropped").inc()
-                if session.backend == "new":
+        if failure in AUTH_REASONS:
+            self.metrics.auth_failures.labels(failure).inc()
+            if failure not in NOT_THE_CLIENTS_FAULT:
+                await self.store.auth_failed(client_ip, self.config.limits.auth_failures_per_ip_per_minute)
+        if user_id is not None:
+            await self.store.release_session(user_id, connection_id)
+        if relayed is not None:
+            auth_style, backend = relayed
+            self.metrics.active.labels(auth_style, backend).dec()
+            if dropped:
+                self.metrics.upstream_failures.labels(backend, "dropped").inc()
+                if backend == "new":
                     self.new_backend_outcome(failed=True)
 
     # -- connections -------------------------------------------------------------------------
@@ -319,13 +328,8 @@ class Gateway:
         if self._client is not None:
             await self._client.close()
 
-    async def close_connection(self, conn: Connection, code: int, reason: str) -> None:
-        await asyncio.gather(
-            conn.close_client(code, reason), conn.close_upstream(closecodes.GOING_AWAY, "gateway shutting down")
-        )
-
     async def close_all(self, code: int, reason: str) -> None:
-        await asyncio.gather(*(self.close_connection(c, code, reason) for c in list(self.connections)))
+        await asyncio.gather(*(conn.close(code, reason) for conn in list(self.connections)))
 
     # -- shutdown ------------------------------------------------------------------------------
 
@@ -349,5 +353,5 @@ class Gateway:
         for index, conn in enumerate(pending):
             if index and interval > 0:
                 await asyncio.sleep(interval)
-            closing.append(asyncio.create_task(self.close_connection(conn, closecodes.SERVICE_RESTART, "server restarting")))
+            closing.append(asyncio.create_task(conn.close(closecodes.SERVICE_RESTART, "server restarting")))
         await asyncio.gather(*closing)

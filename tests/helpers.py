@@ -17,9 +17,10 @@ import websockets
 from aiohttp import WSMsgType, web
 from websockets.asyncio.client import ClientConnection
 
-from gateway.app import GATEWAY, Gateway, create_app
+from gateway.app import GATEWAY, create_app
 from gateway.closecodes import SENDABLE
 from gateway.config import Config, parse_config
+from gateway.runtime import Gateway
 from gateway.server import start_site
 from gateway.stub_backend import create_stub_app
 

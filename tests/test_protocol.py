@@ -11,15 +11,20 @@ import pytest
 from gateway.auth import MAX_TOKEN_BYTES, Verifier, authenticate_message
 from gateway.config import BackendConfig, Config
 from gateway.protocol import (
+    EVENT_PHASES,
+    TRANSLATIONS,
     Action,
     CloseClient,
     CloseUpstream,
     OpenUpstream,
     Phase,
+    RouteUser,
     SendClient,
     SendUpstream,
     Session,
+    ShellError,
     StartRelay,
+    UpstreamResult,
     is_connected_frame,
     split_query,
     upstream_url,
@@ -46,9 +51,30 @@ def config_for(backend: str = "old", **sections: Any) -> Config:
 
 
 def session(backend: str = "old", query: str = "", **sections: Any) -> Session:
-    """A session on the real verifier and router; `query` decides the client style."""
+    """A session on the real verifier; `query` decides the client style."""
     config = config_for(backend, **sections)
-    return Session(config, Verifier(config.auth), lambda user_id: choose_backend(user_id, config.rollout), query)
+    return Session(config, Verifier(config.auth), query)
+
+
+def routed(s: Session, actions: list[Action]) -> list[Action]:
+    """Play the shell's part for `RouteUser` (no limits, the real router): the actions `routed` returns."""
+    if actions and isinstance(actions[-1], RouteUser):
+        assert len(actions) == 1
+        return s.routed(choose_backend(actions[0].user_id, s.config.rollout))
+    return actions
+
+
+def start(s: Session) -> list[Action]:
+    return routed(s, s.start())
+
+
+def frame(s: Session, data: str | bytes) -> list[Action]:
+    return routed(s, s.client_frame(data))
+
+
+def ok(s: Session) -> UpstreamResult:
+    assert s.backend is not None
+    return UpstreamResult(s.backend, "ok")
 
 
 def legacy(backend: str = "old", extra_query: str = "", **sections: Any) -> Session:
@@ -61,6 +87,8 @@ def opened(s: Session) -> list[Action]:
     if s.auth_style == "message":
         assert actions == []
         actions = s.client_frame(AUTH)
+    assert actions == [RouteUser("alice")]
+    actions = routed(s, actions)
     assert [type(a) for a in actions] == [OpenUpstream]
     return actions
 
@@ -91,15 +119,17 @@ def never_opens_upstream(actions: list[Action]) -> bool:
 def test_legacy_client_routed_old_opens_upstream_with_url_token_then_relays() -> None:
     s = legacy("old")
     assert s.auth_style == "legacy"
-    assert s.start() == [OpenUpstream("old", f"{OLD_URL}?token={TOKEN}", old_backend(s))]
+    assert s.start() == [RouteUser("alice")]
+    assert s.phase is Phase.ROUTING
+    assert routed(s, [RouteUser("alice")]) == [OpenUpstream("old", f"{OLD_URL}?token={TOKEN}", old_backend(s))]
     assert s.phase is Phase.CONNECTING
-    assert s.upstream_opened() == [StartRelay()]
+    assert s.upstream_opened() == [ok(s), StartRelay()]
     assert s.phase is Phase.RELAYING
 
 
 def test_legacy_client_routed_new_authenticates_upstream_on_its_behalf() -> None:
     s = legacy("new")
-    assert s.start() == [OpenUpstream("new", NEW_URL, new_backend(s))]
+    assert start(s) == [OpenUpstream("new", NEW_URL, new_backend(s))]
     assert s.upstream_opened() == [SendUpstream(authenticate_message(TOKEN))]
     assert json.loads(authenticate_message(TOKEN)) == {"type": "authenticate", "token": TOKEN}
     assert s.phase is Phase.UPSTREAM_HANDSHAKE
@@ -107,7 +137,7 @@ def test_legacy_client_routed_new_authenticates_upstream_on_its_behalf() -> None
 
 def test_legacy_client_routed_new_never_sees_connected_frame() -> None:
     s = handshaking(legacy("new"))
-    assert s.upstream_frame(BACKEND_CONNECTED) == [StartRelay()]
+    assert s.upstream_frame(BACKEND_CONNECTED) == [ok(s), StartRelay()]
     assert s.phase is Phase.RELAYING
 
 
@@ -115,28 +145,28 @@ def test_message_client_routed_old_opens_upstream_with_url_token_and_gets_gatewa
     s = session("old")
     assert s.auth_style == "message"
     assert s.start() == []
-    assert s.client_frame(AUTH) == [OpenUpstream("old", f"{OLD_URL}?token={TOKEN}", old_backend(s))]
-    assert s.upstream_opened() == [SendClient(GATEWAY_CONNECTED), StartRelay()]
+    assert frame(s, AUTH) == [OpenUpstream("old", f"{OLD_URL}?token={TOKEN}", old_backend(s))]
+    assert s.upstream_opened() == [ok(s), SendClient(GATEWAY_CONNECTED), StartRelay()]
 
 
 def test_message_client_routed_old_gets_the_configured_connected_text() -> None:
     greeting = '{"type":"connected","message":"hi"}'
     s = session("old", auth={"connected_message": greeting})
     opened(s)
-    assert s.upstream_opened() == [SendClient(greeting), StartRelay()]
+    assert s.upstream_opened() == [ok(s), SendClient(greeting), StartRelay()]
 
 
 def test_message_client_routed_new_forwards_its_own_authenticate_frame() -> None:
     own = json.dumps({"token": TOKEN, "type": "authenticate", "device": "ios"})
     s = session("new")
     s.start()
-    assert s.client_frame(own) == [OpenUpstream("new", NEW_URL, new_backend(s))]
+    assert frame(s, own) == [OpenUpstream("new", NEW_URL, new_backend(s))]
     assert s.upstream_opened() == [SendUpstream(own)]
 
 
 def test_message_client_routed_new_gets_the_backends_own_connected_frame() -> None:
     s = handshaking(session("new"))
-    assert s.upstream_frame(BACKEND_CONNECTED) == [SendClient(BACKEND_CONNECTED), StartRelay()]
+    assert s.upstream_frame(BACKEND_CONNECTED) == [ok(s), SendClient(BACKEND_CONNECTED), StartRelay()]
     assert s.phase is Phase.RELAYING
 
 
@@ -153,7 +183,7 @@ def test_session_records_identity_and_route_of_the_verified_user(client: str, ba
 def test_user_is_routed_by_the_user_id_claim() -> None:
     s = session("old", rollout={"force_new": ["bob"]})
     s.start()
-    actions = s.client_frame(json.dumps({"type": "authenticate", "token": make_token("bob")}))
+    actions = frame(s, json.dumps({"type": "authenticate", "token": make_token("bob")}))
     assert actions == [OpenUpstream("new", NEW_URL, new_backend(s))]
     assert s.route is not None and s.route.reason == "force_new"
 
@@ -234,7 +264,7 @@ def backend(auth: str, url: str = "ws://b/ws", query_param: str = "token") -> Ba
 
 
 def test_upstream_url_of_a_message_backend_without_parameters_is_the_backend_url() -> None:
-    assert upstream_url(backend("message"), [], "T") == "ws://b/ws"
+    assert upstream_url(backend("message"), [], None) == "ws://b/ws"
 
 
 def test_upstream_url_of_a_query_backend_url_encodes_the_token() -> None:
@@ -248,7 +278,7 @@ def test_upstream_url_uses_the_backends_own_token_parameter_name() -> None:
 
 def test_upstream_url_appends_to_a_backend_url_that_has_a_query() -> None:
     assert upstream_url(backend("query", url="ws://b/ws?v=2"), ["a=1"], "T") == "ws://b/ws?v=2&a=1&token=T"
-    assert upstream_url(backend("message", url="ws://b/ws?v=2"), ["a=1"], "T") == "ws://b/ws?v=2&a=1"
+    assert upstream_url(backend("message", url="ws://b/ws?v=2"), ["a=1"], None) == "ws://b/ws?v=2&a=1"
 
 
 def test_upstream_url_of_a_query_backend_carries_only_the_verified_token() -> None:
@@ -270,20 +300,21 @@ def test_client_cannot_smuggle_a_second_token_to_a_query_backend() -> None:
 
 def test_legacy_client_frames_before_ready_are_flushed_in_order_before_start_relay() -> None:
     s = legacy("old")
-    s.start()
+    start(s)
     assert s.client_frame("one") == []
     assert s.client_frame(b"\x00two") == []
     assert s.client_frame("three") == []
-    assert s.upstream_opened() == [SendUpstream("one"), SendUpstream(b"\x00two"), SendUpstream("three"), StartRelay()]
+    assert s.upstream_opened() == [ok(s), SendUpstream("one"), SendUpstream(b"\x00two"), SendUpstream("three"), StartRelay()]
 
 
 def test_legacy_client_routed_new_frames_are_held_until_connected_and_the_auth_frame_goes_first() -> None:
     s = legacy("new")
-    s.start()
+    start(s)
     assert s.client_frame("while connecting") == []
     assert s.upstream_opened() == [SendUpstream(authenticate_message(TOKEN))]
     assert s.client_frame(b"during handshake") == []
     assert s.upstream_frame(BACKEND_CONNECTED) == [
+        ok(s),
         SendUpstream("while connecting"),
         SendUpstream(b"during handshake"),
         StartRelay(),
@@ -293,11 +324,12 @@ def test_legacy_client_routed_new_frames_are_held_until_connected_and_the_auth_f
 def test_message_client_routed_new_gets_connected_before_its_held_frames_are_sent() -> None:
     s = session("new")
     s.start()
-    s.client_frame(AUTH)
+    frame(s, AUTH)
     assert s.client_frame("early") == []
     assert s.upstream_opened() == [SendUpstream(AUTH)]
     assert s.client_frame("later") == []
     assert s.upstream_frame(BACKEND_CONNECTED) == [
+        ok(s),
         SendClient(BACKEND_CONNECTED),
         SendUpstream("early"),
         SendUpstream("later"),
@@ -309,19 +341,19 @@ def test_message_client_routed_old_gets_gateway_connected_then_its_held_frames_g
     s = session("old")
     opened(s)
     assert s.client_frame("early") == []
-    assert s.upstream_opened() == [SendClient(GATEWAY_CONNECTED), SendUpstream("early"), StartRelay()]
+    assert s.upstream_opened() == [ok(s), SendClient(GATEWAY_CONNECTED), SendUpstream("early"), StartRelay()]
 
 
 def test_second_authenticate_frame_is_an_ordinary_held_frame() -> None:
     s = session("old")
     opened(s)
     assert s.client_frame(AUTH) == []
-    assert s.upstream_opened() == [SendClient(GATEWAY_CONNECTED), SendUpstream(AUTH), StartRelay()]
+    assert s.upstream_opened() == [ok(s), SendClient(GATEWAY_CONNECTED), SendUpstream(AUTH), StartRelay()]
 
 
 def test_relaying_session_passes_frames_straight_through() -> None:
     s = legacy("old")
-    s.start()
+    start(s)
     s.upstream_opened()
     assert s.client_frame("up") == [SendUpstream("up")]
     assert s.upstream_frame(b"down") == [SendClient(b"down")]
@@ -330,7 +362,7 @@ def test_relaying_session_passes_frames_straight_through() -> None:
 
 def test_held_frames_are_sent_only_once() -> None:
     s = legacy("old")
-    s.start()
+    start(s)
     s.client_frame("one")
     s.upstream_opened()
     assert s.client_frame("two") == [SendUpstream("two")]
@@ -468,23 +500,28 @@ REJECTED = CloseClient(1008, "token rejected by backend")
 BAD_GATEWAY = CloseClient(1014, "backend unavailable")
 
 
+def result(s: Session, kind: str) -> UpstreamResult:
+    assert s.backend is not None
+    return UpstreamResult(s.backend, kind)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("client", ["legacy", "message"])
 def test_upstream_closing_1008_during_its_handshake_closes_the_client_1008(client: str) -> None:
     s = handshaking(legacy("new") if client == "legacy" else session("new"))
-    assert s.upstream_closed(1008, "invalid token") == [REJECTED]
+    assert s.upstream_closed(1008, "invalid token") == [result(s, "rejected"), REJECTED]
     assert s.failure == "rejected"
 
 
 def test_upstream_refusing_with_1008_while_connecting_closes_the_client_1008() -> None:
     s = legacy("old")
-    s.start()
-    assert s.upstream_closed(1008, "") == [REJECTED]
+    start(s)
+    assert s.upstream_closed(1008, "") == [result(s, "rejected"), REJECTED]
 
 
 @pytest.mark.parametrize("code", [None, 1000, 1001, 1006, 1011, 4000])
 def test_upstream_closing_otherwise_during_its_handshake_is_a_bad_gateway(code: int | None) -> None:
     s = handshaking(legacy("new"))
-    assert s.upstream_closed(code, "x") == [BAD_GATEWAY]
+    assert s.upstream_closed(code, "x") == [result(s, "handshake"), BAD_GATEWAY]
     assert s.failure == "handshake"
 
 
@@ -493,16 +530,17 @@ def test_upstream_first_frame_other_than_connected_is_a_bad_gateway(frame: str |
     s = handshaking(session("new"))
     s.client_frame("held")
     actions = s.upstream_frame(frame)
-    assert [type(a) for a in actions] == [CloseUpstream, CloseClient]
-    assert actions[0].code == 1002 and actions[1] == BAD_GATEWAY  # type: ignore[union-attr]
+    assert [type(a) for a in actions] == [UpstreamResult, CloseUpstream, CloseClient]
+    assert actions[0] == result(s, "handshake")
+    assert actions[1].code == 1002 and actions[2] == BAD_GATEWAY  # type: ignore[union-attr]
     assert never_opens_upstream(actions)
 
 
 def test_upstream_unreachable_is_a_bad_gateway() -> None:
     s = legacy("old")
-    s.start()
+    start(s)
     s.client_frame("held")
-    assert s.upstream_failed("connect") == [BAD_GATEWAY]
+    assert s.upstream_failed("connect") == [result(s, "connect"), BAD_GATEWAY]
     assert s.failure == "connect"
 
 
@@ -510,8 +548,8 @@ def test_upstream_handshake_deadline_closes_both_legs() -> None:
     s = handshaking(legacy("new"))
     assert s.handshake_timeout == 10.0 and s.connect_timeout == 10.0
     actions = s.upstream_failed("handshake")
-    assert [type(a) for a in actions] == [CloseUpstream, CloseClient]
-    assert actions[1] == BAD_GATEWAY
+    assert [type(a) for a in actions] == [UpstreamResult, CloseUpstream, CloseClient]
+    assert actions[2] == BAD_GATEWAY
 
 
 def test_upstream_events_after_the_session_closed_do_nothing() -> None:
@@ -575,21 +613,24 @@ FALLBACK = {"rollout": {"fallback_to_old": True}}
 def test_new_backend_unreachable_falls_back_to_old_within_the_same_client_connection(style: str) -> None:
     s = legacy("new", **FALLBACK) if style == "legacy" else session("new", **FALLBACK)
     opened(s)
-    [action] = s.upstream_failed("connect")
+    failed, action = s.upstream_failed("connect")
+    assert failed == UpstreamResult("new", "connect")
     assert isinstance(action, OpenUpstream) and action.backend == "old" and action.fallback
     assert action.url == f"{OLD_URL}?token={quote(TOKEN, safe='')}"
     assert s.fell_back and s.fallback_reason == "connect" and s.failure is None
     ready = s.upstream_opened()
+    assert ready[0] == UpstreamResult("old", "ok")
     if style == "message":
-        assert ready[0] == SendClient(GATEWAY_CONNECTED)
+        assert ready[1] == SendClient(GATEWAY_CONNECTED)
     assert ready[-1] == StartRelay()
 
 
 def test_failed_new_handshake_closes_that_upstream_before_opening_the_old_one() -> None:
     s = handshaking(legacy("new", **FALLBACK))
     actions = s.upstream_frame('{"type":"error"}')
-    assert isinstance(actions[0], CloseUpstream)
-    assert isinstance(actions[1], OpenUpstream) and actions[1].backend == "old"
+    assert actions[0] == UpstreamResult("new", "handshake")
+    assert isinstance(actions[1], CloseUpstream)
+    assert isinstance(actions[2], OpenUpstream) and actions[2].backend == "old"
 
 
 def test_frames_held_during_a_fallback_reach_the_old_backend_in_order() -> None:
@@ -598,12 +639,12 @@ def test_frames_held_during_a_fallback_reach_the_old_backend_in_order() -> None:
     s.client_frame("one")
     s.upstream_failed("connect")
     s.client_frame("two")
-    assert s.upstream_opened() == [SendUpstream("one"), SendUpstream("two"), StartRelay()]
+    assert s.upstream_opened() == [UpstreamResult("old", "ok"), SendUpstream("one"), SendUpstream("two"), StartRelay()]
 
 
 def test_backend_rejecting_the_token_never_falls_back() -> None:
     s = handshaking(legacy("new", **FALLBACK))
-    assert s.upstream_closed(1008, "bad token") == [CloseClient(1008, "token rejected by backend")]
+    assert s.upstream_closed(1008, "bad token") == [UpstreamResult("new", "rejected"), CloseClient(1008, "token rejected by backend")]
     assert not s.fell_back
 
 
@@ -611,14 +652,14 @@ def test_old_backend_failing_after_a_fallback_is_a_bad_gateway() -> None:
     s = legacy("new", **FALLBACK)
     opened(s)
     s.upstream_failed("connect")
-    assert s.upstream_failed("connect") == [CloseClient(1014, "backend unavailable")]
+    assert s.upstream_failed("connect") == [UpstreamResult("old", "connect"), CloseClient(1014, "backend unavailable")]
     assert s.failure == "connect"
 
 
 def test_old_backend_failing_never_falls_anywhere() -> None:
     s = legacy("old", **FALLBACK)
     opened(s)
-    assert s.upstream_failed("connect") == [CloseClient(1014, "backend unavailable")]
+    assert s.upstream_failed("connect") == [UpstreamResult("old", "connect"), CloseClient(1014, "backend unavailable")]
 
 
 # -- legacy sunset -----------------------------------------------------------------------------
@@ -633,4 +674,110 @@ def test_legacy_clients_are_refused_with_1008_when_legacy_auth_is_denied() -> No
 def test_message_clients_are_unaffected_when_legacy_auth_is_denied() -> None:
     s = session("new", auth={"legacy": "deny"})
     assert s.start() == []
-    assert isinstance(s.client_frame(AUTH)[0], OpenUpstream)
+    assert isinstance(frame(s, AUTH)[0], OpenUpstream)
+
+
+# -- the translation table, cell by cell --------------------------------------------------------
+
+
+def test_the_translation_table_has_exactly_the_four_cells() -> None:
+    assert set(TRANSLATIONS) == {(c, b) for c in ("legacy", "message") for b in ("query", "message")}
+
+
+@pytest.mark.parametrize(("client", "backend_style"), sorted(TRANSLATIONS))
+def test_each_cell_of_the_translation_table_is_what_the_session_plays(client: str, backend_style: str) -> None:
+    """Drive one session per cell to relaying and check it against its row of the table."""
+    backend = {"query": "old", "message": "new"}[backend_style]
+    cell = TRANSLATIONS[(client, backend_style)]  # type: ignore[index]
+    s = legacy(backend) if client == "legacy" else session(backend)
+    [open_action] = opened(s)
+    assert isinstance(open_action, OpenUpstream)
+    assert s.translation == cell
+    assert (quote(TOKEN, safe="") in open_action.url) == (cell.upstream_auth == "url")
+    after_open = s.upstream_opened()
+    if cell.upstream_auth == "frame":
+        assert after_open == [SendUpstream(AUTH if client == "message" else authenticate_message(TOKEN))]
+        ready = s.upstream_frame(BACKEND_CONNECTED)
+    else:
+        ready = after_open
+    to_client = [a.data for a in ready if isinstance(a, SendClient)]
+    expected = {
+        "none": [],
+        "swallow": [],
+        "greet": [GATEWAY_CONNECTED],
+        "forward": [BACKEND_CONNECTED],
+    }[cell.connected]
+    assert to_client == expected
+    assert ready[-1] == StartRelay()
+
+
+# -- events out of their phase ---------------------------------------------------------------------
+
+EVENTS: dict[str, Any] = {
+    "start": lambda s: s.start(),
+    "auth_timed_out": lambda s: s.auth_timed_out(),
+    "client_frame": lambda s: s.client_frame("chat"),
+    "client_closed": lambda s: s.client_closed(1000, ""),
+    "refuse": lambda s: s.refuse("too_many_sessions"),
+    "routed": lambda s: s.routed(choose_backend("alice", s.config.rollout)),
+    "upstream_opened": lambda s: s.upstream_opened(),
+    "upstream_frame": lambda s: s.upstream_frame(BACKEND_CONNECTED),
+    "upstream_closed": lambda s: s.upstream_closed(1000, ""),
+    "upstream_failed": lambda s: s.upstream_failed("connect"),
+}
+
+
+def in_phase(phase: Phase) -> Session:
+    """A message client routed new, driven to `phase`."""
+    s = session("new")
+    if phase is Phase.AUTHENTICATING:
+        return s
+    if phase is Phase.CLOSED:
+        s.client_closed(1000, "")
+        return s
+    s.client_frame(AUTH)
+    if phase is not Phase.ROUTING:
+        routed(s, [RouteUser("alice")])
+    if phase in (Phase.UPSTREAM_HANDSHAKE, Phase.RELAYING):
+        s.upstream_opened()
+    if phase is Phase.RELAYING:
+        s.upstream_frame(BACKEND_CONNECTED)
+    assert s.phase is phase
+    return s
+
+
+def test_every_event_has_its_phases() -> None:
+    assert set(EVENT_PHASES) == set(EVENTS)
+
+
+@pytest.mark.parametrize("phase", list(Phase), ids=lambda p: p.value)
+@pytest.mark.parametrize("event", sorted(EVENTS))
+def test_an_event_fed_late_is_stale_news_and_one_fed_early_is_the_shells_bug(event: str, phase: Phase) -> None:
+    s = in_phase(phase)
+    order = list(Phase)
+    belongs = EVENT_PHASES[event]
+    if phase in belongs:
+        return  # in its phase: the other tests say what it does
+    if order.index(phase) > max(order.index(p) for p in belongs):
+        assert EVENTS[event](s) == []
+        assert s.phase is phase
+    else:
+        with pytest.raises(ShellError, match=f"{event} fed in phase {phase.value}"):
+            EVENTS[event](s)
+
+
+def test_every_event_is_stale_once_the_session_is_closed() -> None:
+    for event, feed in EVENTS.items():
+        assert feed(in_phase(Phase.CLOSED)) == [], event
+
+
+def test_a_refusal_after_the_route_is_stale() -> None:
+    s = in_phase(Phase.CONNECTING)
+    assert s.refuse("too_many_sessions") == []
+    assert s.phase is Phase.CONNECTING and s.failure is None
+
+
+def test_refusing_a_verified_user_closes_1008_and_opens_nothing() -> None:
+    s = in_phase(Phase.ROUTING)
+    assert s.refuse("too_many_sessions") == [CloseClient(1008, "too many open sessions for this user")]
+    assert s.failure == "too_many_sessions" and s.phase is Phase.CLOSED
