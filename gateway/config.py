@@ -1,10 +1,19 @@
 """The gateway's configuration: a frozen model, parsed and validated once.
 
-`parse_config` is pure: it takes the mapping YAML produced plus the environment and
-returns a `Config` or raises `ConfigError` listing *every* problem, each with its dotted
-key path and the offending value (secrets are never echoed). `load_config` is the only
-place that touches the filesystem. Hot reload and `check-config` both go through it, so
-what ops validate by hand is exactly what the gateway accepts.
+Every default is written once, as a dataclass field default; the parser reads them from
+there (`_default`).
+
+`parse_config` is pure: it takes the mapping YAML produced, the environment `${VAR}`
+expands from (an argument, empty unless given: it never reads `os.environ`) and, for
+public-key algorithms, a function that returns the key named by `auth.public_key_file`.
+It returns a `Config` or raises `ConfigError` listing *every* problem, each with its
+dotted key path and the offending value (secrets are never echoed).
+
+`load_config` is the I/O boundary and the only function that touches the filesystem: it
+reads the YAML file (refusing duplicate keys), reads `auth.public_key_file` relative to
+the config file's directory and checks it is a PEM public key, and hands `os.environ` to
+the parser unless given another environment. Hot reload and `check-config` both go
+through it, so what ops validate by hand is exactly what the gateway accepts.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from datetime import date, datetime, timezone
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -320,15 +330,26 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+# Reads `auth.public_key_file` (as written, after ${VAR} expansion) and returns the PEM
+# text, or raises ValueError saying what is wrong with the file.
+PublicKeyReader = Callable[[str], str]
+
+_NO_ENV: Mapping[str, str] = MappingProxyType({})
+
+
 def parse_config(
     raw: Any,
     *,
-    env: Mapping[str, str] | None = None,
-    base_dir: Path | None = None,
-    read_text: Callable[[Path], str] = lambda p: p.read_text(encoding="utf-8"),
+    env: Mapping[str, str] = _NO_ENV,
+    read_public_key: PublicKeyReader | None = None,
 ) -> Config:
-    """Validate the raw YAML mapping into a `Config`, or raise `ConfigError` with every problem."""
-    r = _Reader(os.environ if env is None else env)
+    """Validate the raw YAML mapping into a `Config`, or raise `ConfigError` with every problem.
+
+    Pure: `env` is the only environment `${VAR}` sees (none by default, so a variable
+    without a `:-default` is reported as unset), and the public key of RS*/PS*/ES*/EdDSA
+    configs comes from `read_public_key`, called only when such a config names a file.
+    """
+    r = _Reader(env)
     top = r.section(
         raw,
         "",
@@ -350,7 +371,7 @@ def parse_config(
     if not path.startswith("/") or "?" in path:
         r.error("path", f"{path!r} must start with / and carry no query string")
 
-    auth = _parse_auth(r, top.get("auth"), base_dir or Path.cwd(), read_text)
+    auth = _parse_auth(r, top.get("auth"), read_public_key)
     backends = _parse_backends(r, top.get("backends"))
     rollout = _parse_rollout(r, top.get("rollout"))
     limits = _parse_limits(r, top.get("limits"))
@@ -419,9 +440,7 @@ def parse_config(
     )
 
 
-def _parse_auth(
-    r: _Reader, raw: Any, base_dir: Path, read_text: Callable[[Path], str]
-) -> AuthConfig:
+def _parse_auth(r: _Reader, raw: Any, read_public_key: PublicKeyReader | None) -> AuthConfig:
     p = "auth"
     a = r.section(
         raw,
@@ -457,17 +476,13 @@ def _parse_auth(
             r.error(f"{p}.secret", "not used with public-key algorithms; set auth.public_key_file")
         if not key_file:
             r.error(f"{p}.public_key_file", "required for public-key algorithms")
+        elif read_public_key is None:
+            r.error(f"{p}.public_key_file", f"{key_file!r} was not read: no public key reader was given")
         else:
-            key_path = Path(key_file)
-            if not key_path.is_absolute():
-                key_path = base_dir / key_path
             try:
-                public_key = read_text(key_path)
-            except OSError as exc:
-                r.error(f"{p}.public_key_file", f"cannot read {str(key_path)!r}: {exc.strerror or exc}")
-            else:
-                if "PUBLIC KEY" not in public_key:
-                    r.error(f"{p}.public_key_file", f"{str(key_path)!r} is not a PEM public key")
+                public_key = read_public_key(key_file)
+            except ValueError as exc:
+                r.error(f"{p}.public_key_file", str(exc))
 
     connected = r.string(a, p, "connected_message", _default(AuthConfig, "connected_message"))
     try:
@@ -700,7 +715,28 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError([f"{where}{problem}"], source) from None
+    read_key = _public_key_file_reader(Path(path).resolve().parent)
     try:
-        return parse_config(raw, env=env, base_dir=Path(path).resolve().parent)
+        return parse_config(raw, env=os.environ if env is None else env, read_public_key=read_key)
     except ConfigError as exc:
         raise ConfigError(exc.problems, source) from None
+
+
+def _public_key_file_reader(base_dir: Path) -> PublicKeyReader:
+    """Reads `auth.public_key_file` relative to `base_dir` (the config file's) and checks it is PEM."""
+
+    def read(name: str) -> str:
+        key_path = Path(name)
+        if not key_path.is_absolute():
+            key_path = base_dir / key_path
+        try:
+            text = key_path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"cannot read {str(key_path)!r}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:  # DER or other binary: not PEM either
+            raise ValueError(f"{str(key_path)!r} is not a PEM public key") from None
+        if "PUBLIC KEY" not in text:
+            raise ValueError(f"{str(key_path)!r} is not a PEM public key")
+        return text
+
+    return read

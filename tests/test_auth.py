@@ -53,7 +53,7 @@ def auth_config(**auth: Any) -> AuthConfig:
 
 def rs256_config(**auth: Any) -> AuthConfig:
     raw = raw_config(auth={"algorithms": ["RS256"], "secret": None, "public_key_file": "/keys/jwt.pub", **auth})
-    return parse_config(raw, env={}, read_text=lambda path: PUBLIC_PEM).auth
+    return parse_config(raw, env={}, read_public_key=lambda name: PUBLIC_PEM).auth
 
 
 def verify(token: str | None, config: AuthConfig | None = None) -> str:
