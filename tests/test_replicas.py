@@ -66,11 +66,11 @@ def total(stack: Stack, name: str) -> float:
 
 def pin_auth_window(*stores: Store) -> None:
     """Freeze the stores' wall clock inside one minute, so the failures all land in one window."""
-    clock = Clock(WINDOW_START)
+    wall = Clock(WINDOW_START)
     for store in stores:
         assert isinstance(store, RedisStore)
-        store.clock = clock
-        store.memory.clock = clock
+        store.wall = wall
+        store.memory.wall = wall
 
 
 async def settled(stack: Stack) -> None:
@@ -673,7 +673,7 @@ async def test_a_trip_during_a_redis_outage_reaches_the_other_replica_once_redis
     a, b = await replicas(servers, redis_server, rollout=ALL_NEW)
     redis_server.kill()
     await a.gateway.sync_guard_once()  # A notices the outage
-    assert not a.gateway.store.available  # type: ignore[attr-defined]
+    assert not a.gateway.store.available
     trip(a)
     await settled(a)
     redis_server.start()
@@ -681,7 +681,7 @@ async def test_a_trip_during_a_redis_outage_reaches_the_other_replica_once_redis
     async def both_up() -> bool:
         for stack in (a, b):
             await stack.gateway.sync_guard_once()
-        return all(s.gateway.store.available for s in (a, b))  # type: ignore[attr-defined]
+        return all(s.gateway.store.available for s in (a, b))
 
     assert await eventually(both_up)
     assert a.gateway.guard.state is GuardState.OPEN  # still inside its cooldown

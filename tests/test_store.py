@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.store import MemoryStore, RedisStore, Store, StoreUnavailable, open_store, utc_day
+from gateway.store import DayUsage, MemoryStore, RedisStore, Store, StoreUnavailable, open_store, utc_day
 
 from .helpers import TIMEOUT, Clock, eventually, make_config
 from .redis_server import RedisServer, free_port, redis_server  # noqa: F401 - fixture
@@ -70,7 +70,7 @@ def messages(caplog: pytest.LogCaptureFixture, fragment: str) -> list[logging.Lo
 
 
 async def test_ip_is_blocked_once_it_reaches_the_auth_failure_limit(make_store: MakeStore):
-    store = make_store(clock=Clock(START))
+    store = make_store(wall=Clock(START))
     assert await store.auth_failed(IP, 3) is False
     assert await store.auth_failed(IP, 3) is False
     assert not await store.auth_blocked(IP, 3)
@@ -79,23 +79,23 @@ async def test_ip_is_blocked_once_it_reaches_the_auth_failure_limit(make_store: 
 
 
 async def test_auth_block_lasts_until_the_minute_ends(make_store: MakeStore):
-    clock = Clock(START)
-    store = make_store(clock=clock)
+    wall = Clock(START)
+    store = make_store(wall=wall)
     await store.auth_failed(IP, 1)
-    clock.now = START + 59.9
+    wall.now = START + 59.9
     assert await store.auth_blocked(IP, 1)
-    clock.now = START + 60
+    wall.now = START + 60
     assert not await store.auth_blocked(IP, 1)
 
 
 async def test_auth_failures_are_counted_per_ip(make_store: MakeStore):
-    store = make_store(clock=Clock(START))
+    store = make_store(wall=Clock(START))
     await store.auth_failed(IP, 1)
     assert not await store.auth_blocked("198.51.100.1", 1)
 
 
 async def test_no_auth_failure_limit_never_blocks_nor_counts(make_store: MakeStore):
-    store = make_store(clock=Clock(START))
+    store = make_store(wall=Clock(START))
     for _ in range(5):
         assert await store.auth_failed(IP, None) is False
     assert not await store.auth_blocked(IP, None)
@@ -208,6 +208,38 @@ async def test_usage_memory_is_bounded_sessions_still_counted(redis_logs: pytest
     assert len(messages(redis_logs, "reached its bound")) == 1
 
 
+
+def test_day_usage_from_counts_sums_the_session_counter_by_style_and_by_backend():
+    sessions = {"legacy:old": 3, "legacy:new": 1, "message:new": 2, "message:old": 1}
+    usage = DayUsage.from_counts("2025-11-26", sessions, {"legacy": 2, "message": 3, "old": 2, "new": 3}, 4)
+    assert (usage.sessions_legacy, usage.sessions_message, usage.sessions_old, usage.sessions_new) == (4, 3, 4, 3)
+    assert (usage.users_legacy, usage.users_message, usage.users_old, usage.users_new, usage.users) == (2, 3, 2, 3, 4)
+    assert DayUsage.from_counts("2025-11-26", {}, {}, 0) == DayUsage("2025-11-26")
+
+
+async def test_usage_taken_out_of_memory_and_put_back_reads_as_before():
+    store = MemoryStore()
+    today = utc_day()
+    await count_mix(store, today)
+    before = await store.usage_days(1)
+    assert store.held_usage_days() == [today]
+    counts = store.take_usage_day(today)
+    assert store.held_usage_days() == []
+    assert not (await store.usage_days(1))[0].has_data
+    store.put_back_usage_day(today, counts)
+    assert await store.usage_days(1) == before
+
+
+async def test_usage_put_back_adds_to_what_was_counted_meanwhile():
+    store = MemoryStore()
+    today = utc_day()
+    await store.count_session(today, "legacy", "old", "alice")
+    counts = store.take_usage_day(today)
+    await store.count_session(today, "message", "new", "alice")
+    store.put_back_usage_day(today, counts)
+    [usage] = await store.usage_days(1)
+    assert (usage.sessions, usage.users, usage.users_legacy, usage.users_message) == (2, 1, 1, 1)
+
 # -- the guard -------------------------------------------------------------------------------
 
 
@@ -228,8 +260,8 @@ async def test_guard_record_reads_back_until_it_expires(make_store: MakeStore):
 
 
 async def test_two_replicas_share_the_auth_failure_limit(replicas):
-    clock = Clock(START)
-    a, b = replicas(clock=clock), replicas(clock=clock)
+    wall = Clock(START)
+    a, b = replicas(wall=wall), replicas(wall=wall)
     await a.auth_failed(IP, 3)
     await b.auth_failed(IP, 3)
     assert not await a.auth_blocked(IP, 3)
@@ -393,11 +425,34 @@ async def test_a_stalled_redis_does_not_stall_calls(replicas, redis_server: Redi
         redis_server.resume()
 
 
+
+async def test_probes_of_a_down_redis_wait_for_the_backoff_on_the_monotonic_clock(replicas):
+    clock = Clock(1_000.0)
+    store = replicas(url=f"redis://127.0.0.1:{free_port()}/0", clock=clock)
+    await store.start()  # the first probe fails: down, next probe after BACKOFF[0]
+    assert not store.available and store.errors == 1
+    await store.auth_blocked(IP, 1)
+    assert store._probe_task is None  # the clock has not moved: no probe yet
+    clock.advance(BACKOFF[0])
+    await store.auth_blocked(IP, 1)
+    assert store._probe_task is not None
+    await store._probe_task
+    assert store.errors == 2
+    clock.advance(BACKOFF[0])  # the backoff doubled after that failure
+    await store.auth_blocked(IP, 1)
+    assert store._probe_task.done() and store.errors == 2
+
+
+def test_memory_store_is_always_available():
+    assert MemoryStore().available
+
 # -- wiring ---------------------------------------------------------------------------------------
 
 
 async def test_open_store_picks_memory_without_redis_and_redis_with_it(redis_server: RedisServer):
     assert isinstance(open_store(make_config()), MemoryStore)
+    wall = Clock(START)
+    assert open_store(make_config(), wall=wall).wall is wall  # type: ignore[attr-defined]
     store = open_store(make_config(redis={"url": redis_server.url, "timeout_seconds": 0.5}, usage={"retention_days": 30}))
     try:
         assert isinstance(store, RedisStore)

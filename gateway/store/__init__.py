@@ -1,0 +1,38 @@
+"""Shared state for the gateway's replicas: limits, migration usage, the rollback guard.
+
+One interface, two implementations; `open_store(config)` picks one from the config:
+
+* `base` — the `Store` interface and what each operation promises; `DayUsage`,
+  `StoreUnavailable`, `utc_day` and the limits' constants.
+* `memory` — `MemoryStore`: in-process state. The embedded default when the config has no
+  ``redis:`` section, and the fallback inside `RedisStore`.
+* `redis_store` — `RedisStore`: state every replica shares through Redis, its key
+  families and Lua scripts, and how it rides out an outage (probe, backoff, recovery,
+  writing the usage counted meanwhile).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .base import DayUsage, Store, StoreUnavailable, utc_day
+from .memory import MemoryStore
+from .redis_store import RedisStore
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+__all__ = ["DayUsage", "MemoryStore", "RedisStore", "Store", "StoreUnavailable", "open_store", "utc_day"]
+
+
+def open_store(config: Config, **kwargs: Any) -> Store:
+    """`RedisStore` when the config has a ``redis:`` section, else `MemoryStore`.
+
+    Keyword arguments go to the RedisStore (on_error, on_availability, session_ttl, wall,
+    clock, ...); a MemoryStore takes only ``wall`` of them. Call ``await store.start()`` once
+    the event loop runs and ``await store.close()`` at shutdown.
+    """
+    if config.redis is None:
+        memory_kwargs = {"wall": kwargs["wall"]} if "wall" in kwargs else {}
+        return MemoryStore(retention_days=config.usage.retention_days, **memory_kwargs)
+    return RedisStore.from_config(config, **kwargs)
