@@ -18,7 +18,6 @@ from typing import Any
 
 
 from .admin import create_admin_app
-from .app import create_app
 from .auth import mint_token
 from .config import Config, ConfigError, load_config, parse_config
 from .logs import setup_logging
@@ -27,6 +26,7 @@ from .report import collect_report, format_report, report_json
 from .store import RedisStore, StoreUnavailable
 from .routing import choose_backend
 from .runtime import Gateway
+from .listener import Listener, listen
 from .server import Signals, run, serve, start_site
 from .stub_backend import create_stub_app
 
@@ -211,6 +211,7 @@ async def demo(port: int, new_percent: float) -> int:
     secret = secrets.token_urlsafe(32)
     auth = demo_config(secret, 1, 1, port, new_percent).auth
     runners = []
+    public: Listener | None = None
     with Signals() as signals:
         try:
             old_runner, old_port = await start_site(create_stub_app("old", auth), "127.0.0.1", 0)
@@ -219,13 +220,14 @@ async def demo(port: int, new_percent: float) -> int:
             runners.append(new_runner)
             config = demo_config(secret, old_port, new_port, port, new_percent)
             gateway = Gateway(config)
-            gateway_runner, bound = await start_site(create_app(config, gateway=gateway), "127.0.0.1", port)
-            runners.append(gateway_runner)
+            public = await listen(gateway, "127.0.0.1", port)
             admin_runner, admin_port = await start_site(create_admin_app(gateway), "127.0.0.1", 0)
             runners.append(admin_runner)
-            print(demo_banner(config, bound, old_port, new_port, admin_port), flush=True)
+            print(demo_banner(config, public.port, old_port, new_port, admin_port), flush=True)
             await signals.stop.wait()
         finally:
+            if public is not None:
+                await public.close()
             for runner in reversed(runners):
                 await runner.cleanup()
     return 0

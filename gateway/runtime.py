@@ -1,8 +1,8 @@
 """`Gateway`: what every connection of a running gateway shares.
 
 The live config (swapped whole on reload; a session keeps the one it started with), the
-token verifier built from it, the upstream client session, the rollback guard, the
-metrics, and the set of open connections that shutdown drains.
+token verifier built from it, the upstream connector, the rollback guard, the metrics,
+and the set of open connections that keepalive pings and shutdown drains.
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
-import aiohttp
-
 from . import closecodes
 from .auth import REASONS as AUTH_REASONS
 from .auth import Verifier
 from .config import Config, ConfigError, keep_restart_keys, restart_required
+from .connector import Connector
 from .guard import STATE_VALUES, Guard, GuardState, Transition
 from .metrics import Metrics
-from .pump import Flow
+from .relay import Flow
 from .routing import Route, choose_backend, held_back
 from .store import Store, open_store, utc_day
 
@@ -34,12 +33,21 @@ NOT_THE_CLIENTS_FAULT = frozenset({"rate_limited", "too_many_sessions", "legacy_
 
 
 class OpenConnection(Protocol):
-    """What the gateway needs of an open connection: its live counts, and a way to close it."""
+    """What the gateway needs of an open connection: its live counts, its keepalive, its close."""
 
     to_upstream: Flow
     to_client: Flow
+    client_ip: str
+    connection_id: str
+
+    @property
+    def upstream_dropped(self) -> bool: ...
+
+    def keepalive(self, now: float) -> None: ...
 
     async def close(self, code: int, reason: str) -> None: ...
+
+    def record(self) -> dict[str, Any]: ...
 
 
 class Gateway:
@@ -49,15 +57,18 @@ class Gateway:
         self,
         config: Config,
         *,
-        client: aiohttp.ClientSession | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         config_path: str | None = None,
         store: Store | None = None,
+        byte_relay: bool = True,
     ) -> None:
-        """`clock` (monotonic) times everything that is a duration; `wall` (unix time) what replicas share."""
-        self._client = client
+        """`clock` (monotonic) times everything that is a duration; `wall` (unix time) what replicas share.
+
+        `byte_relay` False makes every session use the frame relay (the tests prove the
+        contract on both relays; the benchmark compares them).
+        """
         self.clock = clock
         self.wall = wall
         self.metrics = metrics or Metrics()
@@ -68,12 +79,15 @@ class Gateway:
         self.guard = Guard(config.rollout.guard)
         self._closed_flows = {"client_to_backend": [0, 0], "backend_to_client": [0, 0]}
         self.metrics.add_flow_collector(self._flows)
-        self.store = store or open_store(config, on_error=self._store_error, on_availability=self._store_up)
+        self.store = store or open_store(config, wall=wall, on_error=self._store_error, on_availability=self._store_up)
+        self.connector = Connector()
+        self.byte_relay = byte_relay
         self.replica = uuid.uuid4().hex
         self._guard_seen = 0.0  # wall time of the newest trip this replica knows of
         self._own_trip: dict[str, Any] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._guard_sync: asyncio.Task[None] | None = None
+        self._keepalive: asyncio.Task[None] | None = None
         self.apply(config)
 
     # -- config ----------------------------------------------------------------------------
@@ -260,39 +274,45 @@ class Gateway:
         self.metrics.ready_seconds.labels(auth_style, backend).observe(seconds)
         self._spawn(self.store.count_session(utc_day(self.wall()), auth_style, backend, user_id))
 
-    async def session_ended(
-        self,
-        conn: OpenConnection,
-        *,
-        connection_id: str,
-        client_ip: str,
-        user_id: str | None,
-        failure: str | None,
-        relayed: tuple[str, str] | None,
-        dropped: bool,
-    ) -> None:
-        """Fold a finished connection into the totals and count how it ended.
+    def upgrade_attempted(self, auth_style: str) -> None:
+        self.metrics.attempts.labels(auth_style).inc()
 
-        `relayed` is (auth style, backend) when the session reached the relay; `dropped`
-        says the backend vanished mid-session instead of closing.
-        """
+    def connection_opened(self, conn: OpenConnection) -> None:
+        self.connections.add(conn)
+
+    def connection_finished(self, conn: OpenConnection) -> None:
+        """Account for a finished connection, then write its log line (so a test or an operator
+        that sees the line sees final metrics)."""
         self.connections.discard(conn)
         for direction, flow in (("client_to_backend", conn.to_upstream), ("backend_to_client", conn.to_client)):
             self._closed_flows[direction][0] += flow.frames
             self._closed_flows[direction][1] += flow.bytes
+        record = conn.record()
+        failure, user_id = record["failure"], record["user_id"]
+        if record["ready_s"] is not None:
+            self.metrics.active.labels(record["auth_style"], record["backend"]).dec()
+            if conn.upstream_dropped:
+                self.metrics.upstream_failures.labels(record["backend"], "dropped").inc()
+                if record["backend"] == "new":
+                    self.new_backend_outcome(failed=True)
+        store_work = []
         if failure in AUTH_REASONS:
             self.metrics.auth_failures.labels(failure).inc()
-            if failure not in NOT_THE_CLIENTS_FAULT:
-                await self.store.auth_failed(client_ip, self.config.limits.auth_failures_per_ip_per_minute)
-        if user_id is not None:
-            await self.store.release_session(user_id, connection_id)
-        if relayed is not None:
-            auth_style, backend = relayed
-            self.metrics.active.labels(auth_style, backend).dec()
-            if dropped:
-                self.metrics.upstream_failures.labels(backend, "dropped").inc()
-                if backend == "new":
-                    self.new_backend_outcome(failed=True)
+            limit = self.config.limits.auth_failures_per_ip_per_minute
+            if failure not in NOT_THE_CLIENTS_FAULT and limit is not None:
+                store_work.append(self.store.auth_failed(conn.client_ip, limit))
+        if user_id is not None and self.config.limits.max_sessions_per_user is not None:
+            store_work.append(self.store.release_session(user_id, conn.connection_id))
+        if not store_work:
+            log.info("connection closed", extra=record)
+            return
+
+        async def finish() -> None:
+            for work in store_work:
+                await work
+            log.info("connection closed", extra=record)
+
+        self._spawn(finish())
 
     # -- connections -------------------------------------------------------------------------
 
@@ -303,33 +323,38 @@ class Gateway:
             yield "client_to_backend", conn.to_upstream.frames, conn.to_upstream.bytes
             yield "backend_to_client", conn.to_client.frames, conn.to_client.bytes
 
-    @property
-    def client(self) -> aiohttp.ClientSession:
-        assert self._client is not None, "the app has not started"
-        return self._client
-
     async def start(self) -> None:
         await self.store.start()
         self._guard_sync = asyncio.create_task(self._sync_guard())
-        if self._client is None:
-            connector = aiohttp.TCPConnector(limit=self.config.limits.max_upstream_connections, limit_per_host=0)
-            self._client = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=None),
-                skip_auto_headers=("User-Agent",),
-            )
+        self._keepalive = asyncio.create_task(self._keep_alive())
 
     async def stop(self) -> None:
-        if self._guard_sync is not None:
-            self._guard_sync.cancel()
+        for task in (self._guard_sync, self._keepalive):
+            if task is not None:
+                task.cancel()
         if self._background:
             await asyncio.wait(self._background, timeout=self.close_timeout)
         await self.store.close()
-        if self._client is not None:
-            await self._client.close()
+        await self.connector.close()
+
+    async def _keep_alive(self) -> None:
+        """Ping quiet legs and drop dead ones: one loop for every connection, no timer per socket."""
+        while True:
+            interval = self.config.limits.ping_interval_seconds
+            await asyncio.sleep(interval / 2 if interval else 5.0)
+            now = self.clock()
+            for conn in list(self.connections):
+                conn.keepalive(now)
 
     async def close_all(self, code: int, reason: str) -> None:
         await asyncio.gather(*(conn.close(code, reason) for conn in list(self.connections)))
+
+    async def wait_closed(self, timeout: float) -> None:
+        """Until every connection has finished, or `timeout` passes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
 
     # -- shutdown ------------------------------------------------------------------------------
 

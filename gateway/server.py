@@ -12,9 +12,9 @@ from aiohttp import web
 
 from . import closecodes
 from .admin import create_admin_app
-from .app import create_app
 from .config import Config
-from .logs import AccessLogger
+from .listener import Listener, listen
+from .logs import AccessLogger, install_redaction
 from .reload import Fingerprint, Reloader
 from .runtime import Gateway
 
@@ -22,7 +22,7 @@ log = logging.getLogger("gateway")
 
 
 def runner_for(app: web.Application) -> web.AppRunner:
-    """An AppRunner whose access log never prints the query string."""
+    """An AppRunner (admin listener, stub backends) whose access log never prints the query string."""
     return web.AppRunner(
         app,
         access_log_class=AccessLogger,
@@ -70,10 +70,11 @@ async def serve(config: Config, config_path: str | None = None, seen: Fingerprin
         reloader = Reloader(config_path, gateway.reload, gateway.reload_failed, seen=seen)
         signals.on_hangup(reloader.reload)
     runners = []
+    public: Listener | None = None
+    install_redaction(config.auth.query_param)
     try:
-        runner, port = await start_site(create_app(config, gateway=gateway), config.listen.host, config.listen.port)
-        runners.append(runner)
-        log.info("listening", extra={"host": config.listen.host, "port": port, "path": config.path})
+        public = await listen(gateway, config.listen.host, config.listen.port)
+        log.info("listening", extra={"host": config.listen.host, "port": public.port, "path": config.path})
         if config.admin is not None:
             admin_runner, admin_port = await start_site(create_admin_app(gateway), config.admin.host, config.admin.port)
             runners.append(admin_runner)
@@ -86,6 +87,8 @@ async def serve(config: Config, config_path: str | None = None, seen: Fingerprin
         signals.close()
         if reloader is not None:
             await reloader.stop()
+        if public is not None:
+            await public.close()
         for runner in reversed(runners):
             await runner.cleanup()
     log.info("stopped")

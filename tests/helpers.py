@@ -17,9 +17,10 @@ import websockets
 from aiohttp import WSMsgType, web
 from websockets.asyncio.client import ClientConnection
 
-from gateway.app import GATEWAY, create_app
 from gateway.closecodes import SENDABLE
 from gateway.config import Config, parse_config
+from gateway.listener import Listener, listen
+from gateway.logs import install_redaction
 from gateway.runtime import Gateway
 from gateway.server import start_site
 from gateway.stub_backend import create_stub_app
@@ -69,6 +70,7 @@ class Stack:
     new_port: int
     gateway: Gateway
     runners: list[web.AppRunner]
+    listener: Listener
 
     def url(self, query: str = "") -> str:
         return self.gateway_url + (f"?{query}" if query else "")
@@ -80,6 +82,7 @@ class Stack:
         self.gateway.apply(replace(config, rollout=rollout))
 
     async def close(self) -> None:
+        await self.listener.close()
         for runner in reversed(self.runners):
             await runner.cleanup()
 
@@ -95,10 +98,10 @@ async def start_stack(*, old_port: int | None = None, new_port: int | None = Non
         runner, new_port = await start_site(create_stub_app("new", auth), "127.0.0.1", 0)
         runners.append(runner)
     config = make_config(old_port, new_port, **sections)
-    app = create_app(config)
-    runner, port = await start_site(app, "127.0.0.1", 0)
-    runners.append(runner)
-    return Stack(f"ws://127.0.0.1:{port}{config.path}", old_port, new_port, app[GATEWAY], runners)
+    gateway = Gateway(config)
+    install_redaction(config.auth.query_param)
+    listener = await listen(gateway, "127.0.0.1", 0)
+    return Stack(f"ws://127.0.0.1:{listener.port}{config.path}", old_port, new_port, gateway, runners, listener)
 
 
 # -- end-to-end helpers: a websockets client, recording backends, a closed port ----------------

@@ -432,8 +432,8 @@ def test_serve_relays_a_legacy_client_to_a_stub_backend_and_stops_on_sigterm(
                     ws.send(b"\x00binary\xff")
                     assert ws.recv(timeout=TIMEOUT) == b"\x00binary\xff"
 
-                # Both sessions are over once the access log has both upgrades; then stop.
-                requests = [gateway.wait_for_log("request") for _ in range(2)]
+                # Both sessions are over once both have their line (the upgrade folded in); then stop.
+                requests = [gateway.wait_for_log("connection closed") for _ in range(2)]
                 assert [(r["path"], r["status"]) for r in requests] == [("/ws/chat", 101)] * 2
                 assert gateway.stop(signal.SIGTERM) == 0
                 output = gateway.output()

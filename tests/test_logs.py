@@ -1,8 +1,9 @@
-"""The token never reaches a log line: not the gateway's, not aiohttp's, not the access log.
+"""The token never reaches a log line: not the gateway's, not a library's, not the access log.
 
-Sessions of every kind run against real stacks while three things listen: pytest's
-caplog (raw records, before any redaction), the gateway's own JSON formatter on a
-StringIO, and the access log of the AppRunner the stack uses.
+Sessions of every kind run against real stacks while two things listen: pytest's caplog
+(raw records, before any redaction) and the gateway's own JSON formatter on a StringIO.
+An upgrade is logged once, in its session's "connection closed" line (method, path,
+status 101, remote address, never the query string).
 """
 
 from __future__ import annotations
@@ -36,9 +37,8 @@ class Counter(logging.Handler):
                 self.reached.set()
 
 
-def _gateway_access(record: logging.LogRecord) -> bool:
-    # Only the gateway answers with an X-Request-ID, so only its access lines carry one.
-    return record.name == "gateway.access" and getattr(record, "request_id", None) is not None
+def _session_line(record: logging.LogRecord) -> bool:
+    return record.name == "gateway" and record.getMessage() == "connection closed"
 
 
 @pytest.fixture
@@ -83,12 +83,12 @@ def assert_not_logged(token: str, kind: str, raw: list[str], lines: str) -> None
         assert fragment not in lines, f"a piece of the {kind} token is in the JSON log: {fragment!r}"
 
 
-async def test_no_token_in_any_log_output_and_the_upgrade_is_in_the_access_log(servers: Servers, caplog, json_log):
+async def test_no_token_in_any_log_output_and_the_upgrade_is_in_the_session_line(servers: Servers, caplog, json_log):
     # The test's own client logs its request line; set_level also sets caplog's handler
     # level, so the root logger goes last.
     caplog.set_level(logging.WARNING, logger="websockets")
     caplog.set_level(logging.DEBUG)
-    access = Counter(_gateway_access, wanted=7)
+    access = Counter(_session_line, wanted=7)
     logging.getLogger().addHandler(access)
     stack = await servers.stack(auth={"timeout_seconds": 0.5})
     other = "the-backends-own-secret-0123456789-abcdef"
@@ -130,7 +130,7 @@ async def test_no_token_in_any_log_output_and_the_upgrade_is_in_the_access_log(s
             # 7. the upstream rejects the token itself
             ws = await open_client(rejecting, "legacy", tokens["upstream_rejects"])
             assert (await closed(ws))[0] == 1008
-            await access.reached.wait()  # every gateway handler has returned
+            await access.reached.wait()  # every session has ended
     finally:
         logging.getLogger().removeHandler(access)
 
@@ -140,13 +140,17 @@ async def test_no_token_in_any_log_output_and_the_upgrade_is_in_the_access_log(s
     for kind, token in tokens.items():
         assert_not_logged(token, kind, raw, json_log.getvalue())
 
-    access_lines = [r for r in records if _gateway_access(r)]
+    access_lines = [r for r in records if _session_line(r)]
     assert {(r.path, r.method) for r in access_lines} == {("/ws/chat", "GET")}
     assert [r.status for r in access_lines].count(101) == 7
+    assert all(r.remote == "127.0.0.1" for r in access_lines)
     assert not [r for r in records if r.name == "aiohttp.access"], "aiohttp's default access log is in use"
-    json_access = [json.loads(line) for line in json_log.getvalue().splitlines() if '"gateway.access"' in line]
-    assert any(line["path"] == "/ws/chat" and line["status"] == 101 and line["request_id"] for line in json_access)
-    assert all("?" not in line["path"] for line in json_access)
+    # The stub backends log their own requests to gateway.access; the gateway's upgrades are not there.
+    assert not [r for r in records if r.name == "gateway.access" and r.status == 101 and r.remote == "127.0.0.1"
+                and r.path == "/ws/chat" and getattr(r, "request_id", None)], "an upgrade got a second line"
+    json_access = [json.loads(line) for line in json_log.getvalue().splitlines() if '"connection closed"' in line]
+    assert len(json_access) == 7
+    assert all(line["path"] == "/ws/chat" and line["status"] == 101 and line["request_id"] for line in json_access)
 
 
 @pytest.mark.parametrize("pad", [9000, 40000], ids=["closed-1008", "refused-by-http-parser"])

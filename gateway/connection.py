@@ -1,0 +1,609 @@
+"""The shell around one session: feed it what the sockets say, do what it answers, tear down once.
+
+A `Connection` exists from the client's 101 to the moment both sockets are closed. Until
+the session machine says `StartRelay` it reads both legs frame by frame (`MessageReader`)
+and turns each frame, close, loss and deadline into a session event; the actions that
+come back are performed in order, synchronously, so held frames always reach the backend
+before later ones. Waiting happens only where something must be awaited — the per-user
+and per-IP limits when a store holds them, and opening the upstream — each in a short
+task that feeds the session when it is done. Then the legs get their pumps
+(`relay.BytePump`, `relay.FramePump`) and this object only hears about control frames,
+protocol errors and lost sockets, which all end in the same teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
+
+from . import closecodes, deflate
+from .closecodes import Leg as Side
+from .connector import Connector, HeadReader
+from .deflate import Deflate, Inflater, NegotiationError
+from .frames import (
+    CLOSE,
+    PING,
+    PONG,
+    Close,
+    Event,
+    Message,
+    MessageReader,
+    Ping,
+    ProtocolError,
+    Scanner,
+    encode,
+    parse_close,
+)
+from .handshake import UpgradeRefused
+from .protocol import (
+    Action,
+    CloseClient,
+    CloseUpstream,
+    OpenUpstream,
+    Phase,
+    RouteUser,
+    SendClient,
+    SendUpstream,
+    Session,
+    StartRelay,
+    UpstreamResult,
+)
+from .relay import BytePump, Flow, FramePump, Leg
+from .routing import Route
+
+log = logging.getLogger("gateway.connection")
+
+
+class GatewayServices(Protocol):
+    """What a connection needs from the gateway it belongs to (`runtime.Gateway` in production).
+
+    Calls take and return plain values: the gateway never reads or writes a connection's
+    fields, so a connection can be driven against a small fake.
+    """
+
+    close_timeout: float
+    connector: Connector
+
+    async def ip_blocked(self, ip: str) -> bool: ...
+
+    async def acquire_slot(self, user_id: str, connection_id: str) -> bool: ...
+
+    def route(self, user_id: str) -> Route: ...
+
+    def upstream_connected(self, backend: str, seconds: float) -> None: ...
+
+    def upstream_result(self, backend: str, result: str) -> None: ...
+
+    def fell_back(self) -> None: ...
+
+    def session_ready(self, auth_style: str, backend: str, user_id: str, seconds: float) -> None: ...
+
+    def connection_finished(self, conn: Connection) -> None: ...
+
+
+class Connection:
+    """Everything one client connection owns; the listener creates it after the 101."""
+
+    def __init__(
+        self,
+        services: GatewayServices,
+        session: Session,
+        client: Leg,
+        *,
+        request_id: str,
+        client_ip: str,
+        upstream_headers: list[tuple[str, str]],
+        client_deflate: Deflate | None,
+        clock: Callable[[], float],
+        byte_relay: bool = True,
+    ) -> None:
+        self.services = services
+        self.session = session
+        self.client = client
+        self.request_id = request_id
+        self.client_ip = client_ip
+        self.connection_id = uuid.uuid4().hex
+        self.clock = clock
+        self.started = client.last_read
+        self.ready_at: float | None = None
+        self.to_upstream = Flow()
+        self.to_client = Flow()
+        self.upstream: Leg | None = None
+        self.upstream_deflate: Deflate | None = None
+        self.finished = False
+        self.byte_relay = byte_relay
+        self.access: dict[str, Any] = {}  # the upgrade request, for the log line (remote, method, path, status)
+        self._upstream_headers = upstream_headers
+        self._client_deflate = client_deflate
+        limit = session.config.limits.max_message_bytes
+        inflater = Inflater(no_context_takeover=client_deflate.client_no_context_takeover) if client_deflate else None
+        self._client_reader = MessageReader(masked=True, max_message=limit, inflater=inflater)
+        self._upstream_reader: MessageReader | None = None
+        self._started = False
+        self._pending = bytearray()
+        self._reading: Leg | None = None  # a leg whose batch of parsed frames is being handled
+        self._carry: dict[Leg, bytes] = {}  # unparsed bytes a leg's new pump gets after its batch
+        self._timers: list[asyncio.TimerHandle] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._connecting: asyncio.Task[None] | None = None
+        client.owner = self
+
+    # -- the start ------------------------------------------------------------------------------
+
+    def begin(self, early: bytes) -> None:
+        """The 101 is written; `early` is what the client sent right behind its request."""
+        self.client.receive = self._client_bytes
+        loop = asyncio.get_running_loop()
+        self._timers.append(loop.call_later(self.session.auth_timeout, self._auth_deadline))
+        self._pending += early
+        if self.session.config.limits.auth_failures_per_ip_per_minute is None:
+            self._start()
+        else:
+            assert self.client.transport is not None
+            self.client.transport.pause_reading()
+            self._spawn(self._check_ip())
+
+    async def _check_ip(self) -> None:
+        blocked = await self.services.ip_blocked(self.client_ip)
+        if self.client.done:
+            return
+        assert self.client.transport is not None
+        self.client.transport.resume_reading()
+        if blocked:
+            self.perform(self.session.refuse("rate_limited"))
+        else:
+            self._start()
+
+    def _start(self) -> None:
+        self._started = True
+        self.perform(self.session.start())
+        if self._pending:
+            early, self._pending = bytes(self._pending), bytearray()
+            self._client_bytes(early)
+
+    # -- performing actions ---------------------------------------------------------------------
+
+    def perform(self, actions: list[Action]) -> None:
+        session = self.session
+        for action in actions:
+            kind = type(action)
+            if kind is SendUpstream:
+                assert self.upstream is not None and isinstance(action, SendUpstream)
+                data = action.data
+                self.upstream.send_message(data)
+                if session.phase is not Phase.UPSTREAM_HANDSHAKE:  # not the authenticate frame
+                    self._count(self.to_upstream, data)
+            elif kind is SendClient:
+                assert isinstance(action, SendClient)
+                self.client.send_message(action.data)
+            elif kind is UpstreamResult:
+                assert isinstance(action, UpstreamResult)
+                self.services.upstream_result(action.backend, action.result)
+            elif kind is RouteUser:
+                assert isinstance(action, RouteUser)
+                if session.config.limits.max_sessions_per_user is None:
+                    self.perform(session.routed(self.services.route(action.user_id)))
+                else:
+                    self._spawn(self._admit(action.user_id))
+            elif kind is OpenUpstream:
+                assert isinstance(action, OpenUpstream)
+                if action.fallback:
+                    self.services.fell_back()
+                    log.warning(
+                        "new backend failed; falling back to the old one",
+                        extra={"request_id": self.request_id, "reason": session.fallback_reason},
+                    )
+                self._connecting = self._spawn(self._open(action))
+            elif kind is CloseClient:
+                assert isinstance(action, CloseClient)
+                self.close_leg(self.client, action.code, action.reason)
+            elif kind is CloseUpstream:
+                assert isinstance(action, CloseUpstream)
+                if self.upstream is not None:
+                    self.close_leg(self.upstream, action.code, action.reason)
+            elif kind is StartRelay:
+                self._start_relay()
+
+    async def _admit(self, user_id: str) -> None:
+        allowed = await self.services.acquire_slot(user_id, self.connection_id)
+        if allowed:
+            self.perform(self.session.routed(self.services.route(user_id)))
+        else:
+            self.perform(self.session.refuse("too_many_sessions"))
+
+    def close_leg(self, leg: Leg, code: int, reason: str) -> None:
+        """Send `leg` the gateway's close (mapped for the wire) and remember what it got."""
+        if leg.close_sent or leg.done:
+            return
+        code, reason = closecodes.sendable(code, reason)
+        flow = self.to_client if leg.is_client else self.to_upstream
+        if flow.delivered is None:
+            flow.delivered = (code, reason)
+        leg.send_close(code, reason, self.services.close_timeout)
+
+    def _count(self, flow: Flow, data: str | bytes) -> None:
+        flow.frames += 1
+        flow.bytes += len(data.encode("utf-8")) if isinstance(data, str) else len(data)
+
+    # -- the client's frames before the relay ---------------------------------------------------
+
+    def _client_bytes(self, data: bytes) -> None:
+        if not self._started:
+            self._pending += data
+            return
+        reader = self._client_reader
+        self._handle(self.client, reader.feed(data), reader.error, self._client_event)
+
+    def _client_event(self, event: Event) -> None:
+        client = self.client
+        if type(event) is Message:
+            if not client.close_sent:
+                self.perform(self.session.client_frame(event.data))  # type: ignore[union-attr]
+        elif type(event) is Close:
+            client.close_arrived()
+            if client.close_sent:
+                return  # the answer to the gateway's own close
+            code, reason = event.code, event.reason  # type: ignore[union-attr]
+            self.to_upstream.close_code, self.to_upstream.close_reason = code, reason
+            client.send_close(closecodes.echo(code), "", self.services.close_timeout)
+            self.perform(self.session.client_closed(code, reason))
+        elif type(event) is Ping:
+            client.send_own(encode(PONG, event.payload, mask=False))  # type: ignore[union-attr]
+
+    # -- the upstream ------------------------------------------------------------------------------
+
+    async def _open(self, action: OpenUpstream) -> None:
+        session = self.session
+        started = self.clock()
+        headers = list(self._upstream_headers)
+        offer = None
+        if action.config.compress and self._client_deflate is not None:
+            offer = deflate.upstream_offer(self._client_deflate)
+            headers.append(("Sec-WebSocket-Extensions", offer))
+        try:
+            try:
+                async with asyncio.timeout(session.connect_timeout):
+                    transport, reader, response = await self.services.connector.open(action.url, headers, HeadReader)
+            except UpgradeRefused as exc:
+                log.warning(
+                    "upstream refused the upgrade",
+                    extra={"request_id": self.request_id, "backend": action.backend, "status": exc.status},
+                )
+                if exc.status in (401, 403):
+                    self.perform(session.upstream_closed(closecodes.POLICY_VIOLATION, ""))
+                else:
+                    self.perform(session.upstream_failed("connect"))
+                return
+            except (OSError, TimeoutError) as exc:
+                log.warning(
+                    "upstream unreachable",
+                    extra={"request_id": self.request_id, "backend": action.backend, "error": type(exc).__name__},
+                )
+                self.perform(session.upstream_failed("connect"))
+                return
+            try:
+                answer = response.headers.get("Sec-WebSocket-Extensions")
+                if offer is None and answer:
+                    raise NegotiationError("extension not offered")
+                self.upstream_deflate = deflate.accept_answer(answer) if offer else None
+            except NegotiationError as exc:
+                transport.abort()
+                log.warning(
+                    "upstream answered an extension it was not offered",
+                    extra={"request_id": self.request_id, "backend": action.backend, "error": str(exc)},
+                )
+                self.perform(session.upstream_failed("connect"))
+                return
+        finally:
+            if self._connecting is asyncio.current_task():
+                self._connecting = None
+        self.services.upstream_connected(action.backend, self.clock() - started)
+        self._attach_upstream(transport, reader)
+
+    def _attach_upstream(self, transport: asyncio.Transport, head: HeadReader) -> None:
+        leg = Leg(self, is_client=False)
+        transport.set_protocol(leg)
+        leg.transport = transport
+        self.upstream = leg
+        upstream_deflate = self.upstream_deflate
+        inflater = Inflater(no_context_takeover=upstream_deflate.server_no_context_takeover) if upstream_deflate else None
+        limit = self.session.config.limits.max_message_bytes
+        reader = self._upstream_reader = MessageReader(masked=False, max_message=limit, inflater=inflater)
+        leg.receive = lambda data: self._upstream_bytes(leg, reader, data)
+        session = self.session
+        if session.phase is Phase.CLOSED:  # the client left or overflowed while we connected
+            self.close_leg(leg, closecodes.GOING_AWAY, "client closed")
+        else:
+            self.perform(session.upstream_opened())
+            if session.phase is Phase.UPSTREAM_HANDSHAKE:
+                loop = asyncio.get_running_loop()
+                self._timers.append(loop.call_later(session.handshake_timeout, self._handshake_deadline))
+        transport.resume_reading()
+        if head.rest:
+            leg.data_received(head.rest)
+        if head.lost:
+            leg.connection_lost(None)
+
+    def _upstream_bytes(self, leg: Leg, reader: MessageReader, data: bytes) -> None:
+        if leg is not self.upstream:  # an upstream given up on (fallback): only its close matters
+            for event in reader.feed(data):
+                if type(event) is Close:
+                    leg.close_arrived()
+            if reader.error is not None:
+                leg.abort()
+            return
+        self._handle(leg, reader.feed(data), reader.error, self._upstream_event)
+
+    def _upstream_event(self, event: Event) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        if type(event) is Message:
+            self.perform(self.session.upstream_frame(event.data))  # type: ignore[union-attr]
+        elif type(event) is Close:
+            upstream.close_arrived()
+            if upstream.close_sent:
+                return
+            code, reason = event.code, event.reason  # type: ignore[union-attr]
+            self.to_client.close_code, self.to_client.close_reason = code, reason
+            upstream.send_close(closecodes.echo(code), "", self.services.close_timeout)
+            self.perform(self.session.upstream_closed(code, reason))
+        elif type(event) is Ping:
+            upstream.send_own(encode(PONG, event.payload, mask=True))  # type: ignore[union-attr]
+
+    def _handle(self, leg: Leg, events: list[Event], error: ProtocolError | None, before_relay: Callable[[Event], None]) -> None:
+        """One read's frames: to the session until the relay starts, then as the relay would."""
+        self._reading = leg
+        try:
+            for event in events:
+                if leg.close_received:
+                    break
+                if self.session.phase is Phase.RELAYING:
+                    self._relay_event(leg, event)
+                else:
+                    before_relay(event)
+            if error is not None and not leg.close_received:
+                self.protocol_error(leg, error)
+        finally:
+            self._reading = None
+        carried = self._carry.pop(leg, None)
+        if carried:
+            leg.receive(carried)
+
+    def _relay_event(self, leg: Leg, event: Event) -> None:
+        if type(event) is Message:
+            self.relay_message(leg, event.data)  # type: ignore[union-attr]
+        elif type(event) is Close:
+            self.relay_close(leg, event.code, event.reason)  # type: ignore[union-attr]
+        elif type(event) is Ping:
+            leg.send_own(encode(PONG, event.payload, mask=leg.masks))  # type: ignore[union-attr]
+
+    # -- deadlines ---------------------------------------------------------------------------------
+
+    def _auth_deadline(self) -> None:
+        self.perform(self.session.auth_timed_out())
+
+    def _handshake_deadline(self) -> None:
+        if self.session.phase is Phase.UPSTREAM_HANDSHAKE:
+            log.warning(
+                "upstream handshake timed out", extra={"request_id": self.request_id, "backend": self.session.backend}
+            )
+        self.perform(self.session.upstream_failed("handshake"))
+
+    def keepalive(self, now: float) -> None:
+        """Ping a leg that has been quiet for the ping interval; drop one that did not answer the last ping."""
+        interval = self.session.config.limits.ping_interval_seconds
+        if not interval:
+            return
+        for leg in (self.client, self.upstream):
+            if leg is None or leg.done or leg.close_sent:
+                continue
+            if leg.ping_sent_at is not None and leg.last_read < leg.ping_sent_at:
+                if now - leg.ping_sent_at >= interval / 2:
+                    leg.abort()  # a dead peer counts as vanished
+            elif now - leg.last_read >= interval:
+                leg.ping(now)
+
+    # -- the relay -----------------------------------------------------------------------------------
+
+    def _start_relay(self) -> None:
+        session = self.session
+        client, upstream = self.client, self.upstream
+        assert upstream is not None and session.backend is not None and session.identity is not None
+        self.ready_at = self.clock()
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        self.services.session_ready(session.auth_style, session.backend, session.identity.user_id, self.ready_at - self.started)
+        client.peer, upstream.peer = upstream, client
+        limit = session.config.limits.max_message_bytes
+        client_reader, upstream_reader = self._client_reader, self._upstream_reader
+        assert upstream_reader is not None
+        carry: list[tuple[Leg, bytes]] = []
+        if self.byte_relay and client_reader.inflater is None and not client_reader.in_message:
+            scanner = Scanner(self.to_upstream, masked=True, max_message=limit, rsv1_allowed=False)
+            client.receive = BytePump(client, upstream, scanner).data_received
+            carry.append((client, client_reader.take_buffer()))
+        else:
+            client.receive = FramePump(client, upstream, client_reader).data_received
+        passes = deflate.passes_through(self.upstream_deflate, self._client_deflate)
+        if self.byte_relay and passes and not upstream_reader.in_message:
+            scanner = Scanner(self.to_client, masked=False, max_message=limit, rsv1_allowed=self.upstream_deflate is not None)
+            upstream.receive = BytePump(upstream, client, scanner).data_received
+            carry.append((upstream, upstream_reader.take_buffer()))
+        else:
+            upstream.receive = FramePump(upstream, client, upstream_reader).data_received
+        for leg, rest in carry:
+            if not rest:
+                continue
+            if leg is self._reading:
+                self._carry[leg] = rest  # after the frames of this read already parsed
+            else:
+                leg.receive(rest)
+
+    def relay_message(self, leg: Leg, data: str | bytes) -> None:
+        """A message a `FramePump` (or the last read before the switch) parsed: write it to the other leg."""
+        other = self.upstream if leg.is_client else self.client
+        if other is None or other.close_sent or other.done:
+            return
+        other.send_message(data)
+        self._count(self.to_upstream if leg.is_client else self.to_client, data)
+
+    def control(self, leg: Leg, opcode: int, payload: bytes) -> None:
+        if opcode == PING:
+            leg.send_own(encode(PONG, payload, mask=leg.masks))
+        elif opcode == CLOSE:
+            try:
+                code, reason = parse_close(payload)
+            except ProtocolError as exc:
+                self.protocol_error(leg, exc)
+                return
+            self.relay_close(leg, code, reason)
+
+    def relay_close(self, leg: Leg, code: int | None, reason: str) -> None:
+        """`leg`'s peer closed during the relay: echo it, and pass the close on (mapped for the wire)."""
+        leg.close_arrived()
+        if leg.close_sent:
+            return  # the answer to a close the gateway sent
+        flow = self.to_upstream if leg.is_client else self.to_client
+        flow.close_code, flow.close_reason = code, reason
+        leg.send_close(closecodes.echo(code), "", self.services.close_timeout)
+        other = self.upstream if leg.is_client else self.client
+        if other is not None:
+            self.close_leg(other, *closecodes.forward(code, reason, Side.UPSTREAM if leg.is_client else Side.CLIENT))
+
+    def protocol_error(self, leg: Leg, error: ProtocolError) -> None:
+        """`leg`'s peer broke the protocol or a limit: close it with the code that says how."""
+        leg.receive = _ignore
+        flow = self.to_upstream if leg.is_client else self.to_client
+        flow.lost = True
+        flow.close_code = error.code
+        self.close_leg(leg, error.code, error.reason)
+        to = Side.UPSTREAM if leg.is_client else Side.CLIENT
+        if error.code == closecodes.MESSAGE_TOO_BIG:
+            passed_on = closecodes.oversize(to)
+        else:
+            passed_on = closecodes.forward(closecodes.ABNORMAL, "", to)
+        if self.session.phase is Phase.RELAYING:
+            other = self.upstream if leg.is_client else self.client
+            if other is not None:
+                self.close_leg(other, *passed_on)
+        elif leg.is_client:
+            self.perform(self.session.client_closed(*passed_on))
+        else:
+            self.perform(self.session.upstream_closed(closecodes.ABNORMAL, ""))
+
+    # -- losing a socket, and the teardown ----------------------------------------------------------
+
+    def leg_lost(self, leg: Leg) -> None:
+        """`leg`'s socket is gone. Without a close frame first, its peer vanished."""
+        vanished = not leg.close_received and not leg.close_sent
+        if leg is self.client:
+            if vanished:
+                if self.to_upstream.close_code is None:
+                    self.to_upstream.close_code = closecodes.ABNORMAL
+                if self.session.phase is Phase.RELAYING:
+                    self.to_upstream.lost = True
+                    if self.upstream is not None:
+                        self.close_leg(self.upstream, *closecodes.forward(closecodes.ABNORMAL, "", Side.UPSTREAM))
+                else:
+                    self.perform(self.session.client_closed(closecodes.ABNORMAL, ""))
+        elif leg is self.upstream and vanished:
+            if self.to_client.close_code is None:
+                self.to_client.close_code = closecodes.ABNORMAL
+            if self.session.phase is Phase.RELAYING:
+                self.to_client.lost = True
+                self.close_leg(self.client, *closecodes.forward(closecodes.ABNORMAL, "", Side.CLIENT))
+            else:
+                self.perform(self.session.upstream_closed(closecodes.ABNORMAL, ""))
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.finished or not self.client.done or self._connecting is not None:
+            return
+        upstream = self.upstream
+        if upstream is not None and not upstream.done:
+            # The client is gone: nothing may stay half-open, unless the session still owes the
+            # backend frames the client sent before it left (it closes the upstream itself then).
+            if not upstream.close_sent and self.session.phase in (Phase.RELAYING, Phase.CLOSED):
+                self.close_leg(upstream, closecodes.GOING_AWAY, "client closed")
+            return
+        self.finished = True
+        for timer in self._timers:
+            timer.cancel()
+        for task in self._tasks:
+            task.cancel()
+        self.services.connection_finished(self)
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the client with (`code`, `reason`) and the upstream as going away (drain, shutdown)."""
+        self.close_leg(self.client, code, reason)
+        if self.upstream is not None:
+            self.close_leg(self.upstream, closecodes.GOING_AWAY, "gateway shutting down")
+
+    @property
+    def upstream_dropped(self) -> bool:
+        """The backend vanished (or broke the protocol) mid-session rather than closing."""
+        return self.to_client.lost and self.ready_at is not None
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._guarded(work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _guarded(self, work: Awaitable[None]) -> None:
+        """Run a piece of the handshake; a bug in it closes this connection, never the process."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("connection failed", extra={"request_id": self.request_id, "error": type(exc).__name__})
+            self.close_leg(self.client, closecodes.INTERNAL_ERROR, "gateway error")
+            if self.upstream is not None:
+                self.close_leg(self.upstream, closecodes.GOING_AWAY, "gateway error")
+        finally:
+            self._maybe_finish()
+
+    # -- the record -----------------------------------------------------------------------------------
+
+    def record(self) -> dict[str, Any]:
+        """The connection log line's fields: who, which path, how it ended. Never the token."""
+        session = self.session
+        return {
+            "request_id": self.request_id,
+            "user_id": session.identity.user_id if session.identity else None,
+            "auth_style": session.auth_style,
+            "backend": session.backend,
+            "route": session.route.reason if session.route else None,
+            "fell_back": session.fell_back,
+            "failure": session.failure,
+            "ready_s": round(self.ready_at - self.started, 4) if self.ready_at is not None else None,
+            "duration_s": round(self.clock() - self.started, 3),
+            "client_frames": self.to_upstream.frames,
+            "client_bytes": self.to_upstream.bytes,
+            "backend_frames": self.to_client.frames,
+            "backend_bytes": self.to_client.bytes,
+            # what each peer sent (null: it did not close first) ...
+            "client_close_code": self.to_upstream.close_code,
+            "client_close_reason": self.to_upstream.close_reason,
+            "backend_close_code": self.to_client.close_code,
+            "backend_close_reason": self.to_client.close_reason,
+            # ... and what the gateway sent each peer (an echo when that peer closed first)
+            "client_got": _got(self.to_client.delivered, self.to_upstream),
+            "backend_got": _got(self.to_upstream.delivered, self.to_client),
+            **self.access,
+        }
+
+
+def _got(delivered: tuple[int, str] | None, own: Flow) -> list[object] | None:
+    if delivered is not None:
+        return list(delivered)
+    return [own.close_code, ""] if own.close_code is not None else None
+
+
+def _ignore(data: bytes) -> None:
+    """What a leg that broke the protocol gets to say afterwards: nothing."""

@@ -1,0 +1,449 @@
+"""RFC 6455 framing, with no I/O: frame headers, masking, message reassembly, close frames.
+
+Two readers share the header rules:
+
+* `MessageReader` parses every frame of one direction: it unmasks, reassembles fragments,
+  inflates permessage-deflate messages (`Inflater`), validates UTF-8, and yields whole
+  messages and control frames. It serves the handshake phase and the frame relay.
+* `Scanner` walks the frame headers of one direction *without touching payloads*, for
+  the byte relay: it counts frames and payload bytes, enforces the size limit and the
+  masking rule, and points out the control frames the relay must take out of the stream
+  (ping, pong, close). Data frames pass through unchanged, masks included.
+
+Both raise `ProtocolError` with the close code the offending leg gets (1002, 1007, 1009).
+Which side must mask is a parameter: clients mask, servers do not (RFC 6455 §5.1).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import Union
+
+from . import closecodes
+from .deflate import Inflater, InflateError
+
+CONTINUATION = 0x0
+TEXT = 0x1
+BINARY = 0x2
+CLOSE = 0x8
+PING = 0x9
+PONG = 0xA
+DATA_OPCODES = frozenset({TEXT, BINARY})
+CONTROL_OPCODES = frozenset({CLOSE, PING, PONG})
+MAX_CONTROL_PAYLOAD = 125
+MAX_HEADER = 14
+
+_FIN = 0x80
+_RSV1 = 0x40
+_RSV23 = 0x30
+_MASK = 0x80
+
+
+class ProtocolError(Exception):
+    """The peer broke RFC 6455 (or a limit): close its leg with `code`."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def apply_mask(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
+    """XOR `data` with the 4-byte `key` (masking and unmasking are the same operation)."""
+    size = len(data)
+    if not size:
+        return b""
+    repeated = (key * (size // 4 + 1))[:size]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(repeated, "little")).to_bytes(size, "little")
+
+
+def encode(opcode: int, payload: bytes, *, mask: bool, fin: bool = True, rsv1: bool = False) -> bytes:
+    """One frame; masked with a fresh random key when `mask` (frames a client sends)."""
+    first = (_FIN if fin else 0) | (_RSV1 if rsv1 else 0) | opcode
+    size = len(payload)
+    mask_bit = _MASK if mask else 0
+    if size < 126:
+        head = struct.pack("!BB", first, mask_bit | size)
+    elif size < 1 << 16:
+        head = struct.pack("!BBH", first, mask_bit | 126, size)
+    else:
+        head = struct.pack("!BBQ", first, mask_bit | 127, size)
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + apply_mask(payload, key)
+
+
+def encode_close(code: int, reason: str, *, mask: bool) -> bytes:
+    code, reason = closecodes.sendable(code, reason)
+    return encode(CLOSE, struct.pack("!H", code) + reason.encode("utf-8"), mask=mask)
+
+
+def parse_close(payload: bytes) -> tuple[int | None, str]:
+    """(code, reason) of a close frame's payload; None for an empty one.
+
+    A one-byte payload, a reason that is not UTF-8, or a code that may not appear on the
+    wire (RFC 6455 §7.4) is a protocol error.
+    """
+    if not payload:
+        return None, ""
+    if len(payload) < 2:
+        raise ProtocolError(closecodes.PROTOCOL_ERROR, "close frame with a one-byte payload")
+    (code,) = struct.unpack("!H", payload[:2])
+    if code not in closecodes.SENDABLE:
+        raise ProtocolError(closecodes.PROTOCOL_ERROR, "invalid close code")
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(closecodes.INVALID_PAYLOAD, "close reason is not UTF-8") from None
+    return code, reason
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    fin: bool
+    rsv1: bool
+    opcode: int
+    masked: bool
+    length: int
+    size: int
+    """Header bytes, mask key included."""
+    key: bytes
+
+
+def parse_header(data: bytes | bytearray | memoryview, start: int, *, masked: bool) -> Header | None:
+    """The frame header at `data[start:]`, or None when it is not complete yet.
+
+    Checks what a header alone can break: reserved bits (RSV1 is the deflate extension's,
+    checked by the caller), unknown opcodes, control frames that are fragmented or too
+    long, lengths over 2**63, and the masking rule for this direction.
+    """
+    available = len(data) - start
+    if available < 2:
+        return None
+    first = data[start]
+    second = data[start + 1]
+    length = second & 0x7F
+    size = 2
+    if length == 126:
+        size = 4
+        if available < size:
+            return None
+        length = (data[start + 2] << 8) | data[start + 3]
+    elif length == 127:
+        size = 10
+        if available < size:
+            return None
+        (length,) = struct.unpack_from("!Q", data, start + 2)
+        if length >> 63:
+            raise ProtocolError(closecodes.PROTOCOL_ERROR, "frame length over 2**63")
+    is_masked = bool(second & _MASK)
+    key = b""
+    if is_masked:
+        if available < size + 4:
+            return None
+        key = bytes(data[start + size : start + size + 4])
+        size += 4
+    if is_masked is not masked:
+        raise ProtocolError(
+            closecodes.PROTOCOL_ERROR, "client frames must be masked" if masked else "server frames must not be masked"
+        )
+    if first & _RSV23:
+        raise ProtocolError(closecodes.PROTOCOL_ERROR, "reserved bits set")
+    opcode = first & 0x0F
+    fin = bool(first & _FIN)
+    if opcode >= CLOSE:
+        if opcode not in CONTROL_OPCODES:
+            raise ProtocolError(closecodes.PROTOCOL_ERROR, "unknown opcode")
+        if not fin or length > MAX_CONTROL_PAYLOAD:
+            raise ProtocolError(closecodes.PROTOCOL_ERROR, "control frame fragmented or over 125 bytes")
+        if first & _RSV1:
+            raise ProtocolError(closecodes.PROTOCOL_ERROR, "reserved bit set on a control frame")
+    elif opcode > BINARY:
+        raise ProtocolError(closecodes.PROTOCOL_ERROR, "unknown opcode")
+    return Header(fin, bool(first & _RSV1), opcode, is_masked, length, size, key)
+
+
+# -- events a MessageReader yields ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A whole data message: `str` for text, `bytes` for binary."""
+
+    data: str | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: int | None
+    reason: str
+
+
+Event = Union[Message, Ping, Pong, Close]
+
+
+class MessageReader:
+    """Parses one direction's bytes into whole messages and control frames.
+
+    `masked`: frames from this peer must be masked (it is a client). `max_message`:
+    the largest message in bytes, after inflating (1009 past it). `inflater`: set when
+    permessage-deflate was negotiated on this leg; RSV1 frames are then compressed.
+    """
+
+    def __init__(self, *, masked: bool, max_message: int, inflater: Inflater | None = None) -> None:
+        self.masked = masked
+        self.max_message = max_message
+        self.inflater = inflater
+        self.error: ProtocolError | None = None
+        self._buffer = bytearray()
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._opcode: int | None = None  # of the message being reassembled
+        self._compressed = False
+
+    @property
+    def in_message(self) -> bool:
+        """A fragmented message has started and not finished."""
+        return self._opcode is not None
+
+    def take_buffer(self) -> bytes:
+        """The bytes received but not parsed yet (they start at a frame boundary)."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+    def feed(self, data: bytes) -> list[Event]:
+        """The events in what has arrived so far. After a `ProtocolError` the events before
+        it are still returned, `error` holds it, and nothing more is parsed."""
+        if self.error is not None:
+            return []
+        buffer = self._buffer
+        buffer += data
+        events: list[Event] = []
+        position = 0
+        try:
+            while True:
+                header = parse_header(buffer, position, masked=self.masked)
+                if header is None:
+                    break
+                if header.opcode < CLOSE:
+                    self._check_size(header)
+                if len(buffer) - position < header.size + header.length:
+                    break
+                start = position + header.size
+                payload = bytes(buffer[start : start + header.length])
+                position = start + header.length
+                if header.masked:
+                    payload = apply_mask(payload, header.key)
+                event = self._frame(header, payload)
+                if event is not None:
+                    events.append(event)
+                    if isinstance(event, Close):
+                        break
+        except ProtocolError as exc:
+            self.error = exc
+        del buffer[:position]
+        return events
+
+    def _check_size(self, header: Header) -> None:
+        """Refuse an oversized message from its header, before buffering its payload.
+
+        Compressed payloads get deflate's worst-case expansion as headroom; their exact
+        limit is applied to what they inflate to.
+        """
+        compressed = header.rsv1 if header.opcode != CONTINUATION else self._compressed
+        limit = self.max_message + (self.max_message // 64 + 1024 if compressed else 0)
+        so_far = self._size if header.opcode == CONTINUATION else 0
+        if so_far + header.length > limit:
+            raise ProtocolError(closecodes.MESSAGE_TOO_BIG, "message too big")
+
+    def _frame(self, header: Header, payload: bytes) -> Event | None:
+        opcode = header.opcode
+        if opcode == PING:
+            return Ping(payload)
+        if opcode == PONG:
+            return Pong(payload)
+        if opcode == CLOSE:
+            code, reason = parse_close(payload)
+            return Close(code, reason)
+        if opcode == CONTINUATION:
+            if self._opcode is None:
+                raise ProtocolError(closecodes.PROTOCOL_ERROR, "continuation frame without a message")
+            if header.rsv1:
+                raise ProtocolError(closecodes.PROTOCOL_ERROR, "RSV1 set on a continuation frame")
+        else:
+            if self._opcode is not None:
+                raise ProtocolError(closecodes.PROTOCOL_ERROR, "new message before the last one finished")
+            if header.rsv1 and self.inflater is None:
+                raise ProtocolError(closecodes.PROTOCOL_ERROR, "RSV1 set without a negotiated extension")
+            self._opcode = opcode
+            self._compressed = header.rsv1
+        self._size += len(payload)
+        if not self._compressed and self._size > self.max_message:
+            raise ProtocolError(closecodes.MESSAGE_TOO_BIG, "message too big")
+        self._parts.append(payload)
+        if not header.fin:
+            return None
+        data = b"".join(self._parts) if len(self._parts) > 1 else self._parts[0]
+        opcode, compressed = self._opcode, self._compressed
+        self._parts = []
+        self._size = 0
+        self._opcode = None
+        if compressed:
+            assert self.inflater is not None
+            try:
+                data = self.inflater.inflate(data, self.max_message)
+            except InflateError as exc:
+                raise ProtocolError(exc.code, exc.reason) from None
+        if opcode == TEXT:
+            try:
+                return Message(data.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ProtocolError(closecodes.INVALID_PAYLOAD, "text frame is not UTF-8") from None
+        return Message(data)
+
+
+# -- the byte relay's view -----------------------------------------------------------------------
+
+
+class Counts:
+    """Frames and payload bytes one direction carried; read by the metrics at scrape time."""
+
+    __slots__ = ("frames", "bytes")
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.bytes = 0
+
+
+Piece = Union[tuple[int, int], bytes]
+"""What `Scanner.scan` found, in stream order: a (start, end) span of data frames to
+forward as it is, or a whole control frame (still masked) for the relay to handle."""
+
+
+class Scanner:
+    """Walks one direction's frame headers for the byte relay; payloads are never read.
+
+    Data frames pass through unchanged (split across reads as they come: cut-through);
+    control frames are taken out of the stream, reassembled if a read splits them, and
+    handed to the relay. A header split across reads is held back until it is whole, so
+    the relay only ever writes whole headers. Counts go to `counts`.
+
+    After a `ProtocolError` the scan stops at the offending frame: `error` holds it, and
+    what came before is still returned, so nothing the peer sent correctly is lost.
+    """
+
+    __slots__ = (
+        "masked", "max_message", "rsv1_allowed", "counts", "error", "_skip", "_carry", "_in_message",
+        "_message_size",
+    )
+
+    def __init__(
+        self, counts: Counts, *, masked: bool, max_message: int, rsv1_allowed: bool, in_message: bool = False
+    ) -> None:
+        self.counts = counts
+        self.masked = masked
+        self.max_message = max_message
+        self.rsv1_allowed = rsv1_allowed
+        self.error: ProtocolError | None = None
+        self._skip = 0  # payload bytes of the current data frame still to pass
+        self._carry = b""  # an incomplete header or control frame from the last read
+        self._in_message = in_message
+        self._message_size = 0
+
+    @property
+    def mid_frame(self) -> bool:
+        """Part of a data frame has been forwarded and the rest has not: nothing may be put in between."""
+        return self._skip > 0
+
+    def scan(self, data: bytes) -> tuple[bytes, list[Piece] | None]:
+        """(`data`, None) when all of it is to be forwarded, else (the bytes, the pieces in order).
+
+        The spans index into the returned bytes, which start with whatever was carried
+        over from the last read.
+        """
+        skip = self._skip
+        size = len(data)
+        if not self._carry and skip >= size:  # the common case: inside one payload
+            self._skip = skip - size
+            return data, None
+        if self._carry:
+            data = self._carry + data
+            self._carry = b""
+            size = len(data)
+        pieces: list[Piece] = []
+        position = min(skip, size)
+        self._skip = skip - position
+        forward_from = 0
+        try:
+            while position < size:
+                header = parse_header(data, position, masked=self.masked)
+                if header is None:
+                    break
+                end = position + header.size + header.length
+                if header.opcode >= CLOSE:
+                    if end > size:
+                        break
+                    if position > forward_from:
+                        pieces.append((forward_from, position))
+                    pieces.append(data[position:end])
+                    position = forward_from = end
+                    continue
+                self._check_data(header)
+                if end > size:
+                    self._skip = end - size
+                    position = size
+                    break
+                position = end
+        except ProtocolError as exc:
+            self.error = exc
+            if position > forward_from:
+                pieces.append((forward_from, position))
+            return data, pieces
+        if position < size:  # an incomplete header or control frame: hold it back
+            self._carry = data[position:]
+        if position > forward_from:
+            if not pieces and forward_from == 0 and position == size:
+                return data, None
+            pieces.append((forward_from, position))
+        return data, pieces
+
+    def _check_data(self, header: Header) -> None:
+        if header.opcode == CONTINUATION:
+            if not self._in_message:
+                raise ProtocolError(closecodes.PROTOCOL_ERROR, "continuation frame without a message")
+            if header.rsv1:
+                raise ProtocolError(closecodes.PROTOCOL_ERROR, "RSV1 set on a continuation frame")
+            self._message_size += header.length
+        else:
+            if self._in_message:
+                raise ProtocolError(closecodes.PROTOCOL_ERROR, "new message before the last one finished")
+            if header.rsv1 and not self.rsv1_allowed:
+                raise ProtocolError(closecodes.PROTOCOL_ERROR, "RSV1 set without a negotiated extension")
+            self._message_size = header.length
+            self.counts.frames += 1
+        if self._message_size > self.max_message:
+            raise ProtocolError(closecodes.MESSAGE_TOO_BIG, "message too big")
+        self._in_message = not header.fin
+        self.counts.bytes += header.length
+
+
+def control_payload(frame: bytes, *, masked: bool) -> tuple[int, bytes]:
+    """(opcode, unmasked payload) of a whole control frame the `Scanner` handed over."""
+    header = parse_header(frame, 0, masked=masked)
+    assert header is not None
+    payload = frame[header.size : header.size + header.length]
+    return header.opcode, apply_mask(payload, header.key) if header.masked else payload

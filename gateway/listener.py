@@ -1,0 +1,267 @@
+"""The public listener: accept a TCP connection, read one HTTP request, upgrade it or answer it.
+
+Everything before the 101 happens here, on the socket's own protocol object, without a
+task: the request head is read within `limits.max_request_header_bytes` and
+`limits.handshake_timeout_seconds`, checked (`handshake.check_upgrade`), and either
+answered with a precise status and closed, or upgraded into a `connection.Connection`.
+A request that is not an upgrade gets one access log line; an upgrade is logged once, in
+its connection's line, when it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import Protocol, cast
+
+from . import closecodes, deflate, handshake
+from .auth import Verifier
+from .clientip import client_ip
+from .config import Config
+from .connection import Connection, GatewayServices
+from .frames import ProtocolError
+from .handshake import HttpError
+from .protocol import Session
+from .relay import Leg
+
+log = logging.getLogger("gateway")
+access_log = logging.getLogger("gateway.access")
+MAX_REQUEST_HEAD = 16 * 1024
+HANDSHAKE_TIMEOUT = 10.0
+_REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+
+
+class Front(GatewayServices, Protocol):
+    """What the listener needs from the gateway beyond what its connections need."""
+
+    clock: Callable[[], float]
+    config: Config
+    verifier: Verifier
+    accepting: bool
+    byte_relay: bool
+
+    def upgrade_attempted(self, auth_style: str) -> None: ...
+
+    def connection_opened(self, conn: Connection) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def close_all(self, code: int, reason: str) -> None: ...
+
+    async def wait_closed(self, timeout: float) -> None: ...
+
+
+def request_id(given: str | None) -> str:
+    """The caller's X-Request-ID when it is a sane token, else a fresh one."""
+    if given and len(given) <= 128 and set(given) <= _REQUEST_ID_CHARS:
+        return given
+    return uuid.uuid4().hex
+
+
+def upstream_headers(request: handshake.Request, peer: str, rid: str) -> list[tuple[str, str]]:
+    """Headers that tell the backend who the client is, as a reverse proxy would."""
+    prior = request.headers.get("X-Forwarded-For")
+    headers = [
+        ("X-Forwarded-For", f"{prior}, {peer}" if prior else peer),
+        ("X-Forwarded-Proto", "http"),
+        ("X-Request-ID", rid),
+    ]
+    for name in ("User-Agent", "Origin", "Accept-Language"):
+        value = request.headers.get(name)
+        if value is not None:
+            headers.append((name, value))
+    return headers
+
+
+def deprecation_headers(config: Config) -> list[tuple[str, str]]:
+    """RFC 9745 Deprecation and RFC 8594 Sunset for URL-token clients: seen by monitoring, not by apps."""
+    headers = []
+    if config.auth.legacy_deprecated_at is not None:
+        headers.append(("Deprecation", f"@{config.auth.legacy_deprecated_at}"))
+    if config.auth.legacy_sunset is not None:
+        headers.append(("Sunset", formatdate(config.auth.legacy_sunset, usegmt=True)))
+    return headers
+
+
+class Request(asyncio.Protocol):
+    """A fresh TCP connection until its request is answered or upgraded.
+
+    It is the socket's protocol only until then: an upgrade hands the transport to a
+    `relay.Leg`, which from then on belongs to the connection.
+    """
+
+    def __init__(self, gateway: Front, clock: Callable[[], float]) -> None:
+        self.gateway = gateway
+        self.clock = clock
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.timer: asyncio.TimerHandle | None = None
+        self.started = clock()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self.timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        try:
+            end = handshake.head_end(self.buffer, MAX_REQUEST_HEAD)
+        except HttpError as exc:
+            self.refuse(exc, None)
+            return
+        if end is None:
+            return
+        head, rest = bytes(self.buffer[: end - 2]), bytes(self.buffer[end:])
+        self.buffer = bytearray()
+        assert self.transport is not None
+        self.transport.pause_reading()
+        try:
+            request = handshake.parse_request(head)
+        except HttpError as exc:
+            self.refuse(exc, None)
+            return
+        self.handle(request, rest)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def refuse(self, error: HttpError, request: handshake.Request | None) -> None:
+        assert self.transport is not None
+        if self.timer is not None:
+            self.timer.cancel()
+        head_only = request is not None and request.method == "HEAD"
+        self.transport.write(handshake.error_response(error.status, error.message, error.headers, head_only=head_only))
+        self.transport.close()
+        self.access(request, error.status)
+
+    def access(self, request: handshake.Request | None, status: int) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        assert self.transport is not None
+        access_log.info(
+            "request",
+            extra={
+                "remote": _peer(self.transport),
+                "method": request.method if request else None,
+                "path": request.path if request else None,
+                "status": status,
+                "duration_s": round(self.clock() - self.started, 3),
+            },
+        )
+
+    def handle(self, request: handshake.Request, rest: bytes) -> None:
+        gateway = self.gateway
+        config = gateway.config
+        if request.path != config.path:
+            self.refuse(HttpError(404, "not found"), request)
+            return
+        if not gateway.accepting:
+            self.refuse(HttpError(503, "gateway restarting, retry shortly", [("Retry-After", "5")]), request)
+            return
+        try:
+            key = handshake.check_upgrade(request)
+        except HttpError as exc:
+            self.refuse(exc, request)
+            return
+        self.upgrade(request, key, rest)
+
+    def upgrade(self, request: handshake.Request, key: str, rest: bytes) -> None:
+        gateway = self.gateway
+        config = gateway.config
+        transport = self.transport
+        assert transport is not None and self.timer is not None
+        self.timer.cancel()
+        rid = request_id(request.headers.get("X-Request-ID"))
+        session = Session(config, gateway.verifier, request.query)
+        extra = [("X-Request-ID", rid)]
+        if session.auth_style == "legacy" and config.auth.legacy == "deprecate":
+            extra += deprecation_headers(config)
+        agreed = deflate.accept_offer(request.headers.get("Sec-WebSocket-Extensions"))
+        if agreed is not None:
+            extra.append(("Sec-WebSocket-Extensions", agreed[1]))
+        gateway.upgrade_attempted(session.auth_style)
+        transport.write(handshake.switching_protocols(key, extra))
+
+        peer = _peer(transport)
+        forwarded = ", ".join(request.headers.getall("X-Forwarded-For"))
+        leg = Leg(_Upgrading(self.clock), is_client=True)
+        leg.transport = transport
+        conn = Connection(
+            gateway,
+            session,
+            leg,
+            request_id=rid,
+            client_ip=client_ip(peer, forwarded, config.trusted_proxies),
+            upstream_headers=upstream_headers(request, peer, rid),
+            client_deflate=agreed[0] if agreed else None,
+            clock=self.clock,
+            byte_relay=gateway.byte_relay,
+        )
+        conn.started = self.started
+        conn.access = {"remote": peer, "method": request.method, "path": request.path, "status": 101}
+        transport.set_protocol(leg)
+        gateway.connection_opened(conn)
+        conn.begin(rest)
+        transport.resume_reading()
+
+
+class _Upgrading:
+    """A leg's owner for the instant between its creation and its connection's."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+
+    def leg_lost(self, leg: Leg) -> None: ...
+
+    def control(self, leg: Leg, opcode: int, payload: bytes) -> None: ...
+
+    def protocol_error(self, leg: Leg, error: ProtocolError) -> None: ...
+
+    def relay_message(self, leg: Leg, data: str | bytes) -> None: ...
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "")
+
+
+class Listener:
+    """The public port of a running gateway."""
+
+    def __init__(self, gateway: Front, server: asyncio.Server, port: int) -> None:
+        self.gateway = gateway
+        self.server = server
+        self.port = port
+
+    async def close(self) -> None:
+        """Stop accepting, close every session with 1012, wait (bounded) until they are gone."""
+        self.server.close()
+        gateway = self.gateway
+        await gateway.close_all(closecodes.SERVICE_RESTART, "server restarting")
+        await gateway.wait_closed(gateway.close_timeout)
+        await gateway.stop()
+
+
+async def listen(gateway: Front, host: str, port: int, *, reuse_port: bool = False) -> Listener:
+    """Start `gateway` and listen on host:port (0 picks a free port)."""
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    try:
+        server = await loop.create_server(
+            lambda: Request(gateway, gateway.clock), host, port, reuse_port=reuse_port or None, backlog=4096
+        )
+    except OSError as exc:
+        await gateway.stop()
+        # asyncio's own text repeats the address; the errno's name says it once.
+        reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {reason}") from None
+    return Listener(gateway, server, server.sockets[0].getsockname()[1])
