@@ -165,10 +165,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
-def main_entry() -> None:
-    sys.exit(main())
-
-
 async def print_report(config: Config, days: int, as_json: bool) -> int:
     store = RedisStore.from_config(config)
     try:
@@ -234,7 +230,7 @@ async def demo(port: int, new_percent: float) -> int:
 
 
 def demo_banner(config: Config, port: int, old_port: int, new_port: int, admin_port: int) -> str:
-    users = {}
+    users: dict[str, str] = {}
     for n in range(1, 1000):
         user = f"user-{n}"
         users.setdefault(choose_backend(user, config.rollout).backend, user)
@@ -264,6 +260,3 @@ def demo_banner(config: Config, port: int, old_port: int, new_port: int, admin_p
     lines.append("Anything you send after that is echoed by the backend. Ctrl-C stops the demo.")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

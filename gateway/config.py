@@ -319,7 +319,7 @@ class _Reader:
         return tuple(items)
 
     def choice(self, raw: Mapping[str, Any], path: str, key: str, default: str, options: tuple[str, ...]) -> str:
-        value = self.string(raw, path, key, default)
+        value: str = self.string(raw, path, key, default)
         if value not in options:
             self.error(_join(path, key), f"{value!r} is not one of {', '.join(options)}")
             return default
@@ -541,7 +541,7 @@ def _timestamp(r: _Reader, raw: Mapping[str, Any], path: str, key: str, default:
 
 
 def _parameter_name(r: _Reader, raw: Mapping[str, Any], path: str, key: str, default: str) -> str:
-    name = r.string(raw, path, key, default)
+    name: str = r.string(raw, path, key, default)
     if not name or not re.fullmatch(r"[A-Za-z0-9_.~-]+", name):
         r.error(_join(path, key), f"{name!r} is not a plain URL parameter name")
         return default

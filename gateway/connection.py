@@ -241,17 +241,17 @@ class Connection:
         client = self.client
         if type(event) is Message:
             if not client.close_sent:
-                self.perform(self.session.client_frame(event.data))  # type: ignore[union-attr]
+                self.perform(self.session.client_frame(event.data))
         elif type(event) is Close:
             client.close_arrived()
             if client.close_sent:
                 return  # the answer to the gateway's own close
-            code, reason = event.code, event.reason  # type: ignore[union-attr]
+            code, reason = event.code, event.reason
             self.to_upstream.close_code, self.to_upstream.close_reason = code, reason
             client.send_close(closecodes.echo(code), "", self.services.close_timeout)
             self.perform(self.session.client_closed(code, reason))
         elif type(event) is Ping:
-            client.send_own(encode(PONG, event.payload, mask=False))  # type: ignore[union-attr]
+            client.send_own(encode(PONG, event.payload, mask=False))
 
     # -- the upstream ------------------------------------------------------------------------------
 
@@ -341,17 +341,17 @@ class Connection:
         upstream = self.upstream
         assert upstream is not None
         if type(event) is Message:
-            self.perform(self.session.upstream_frame(event.data))  # type: ignore[union-attr]
+            self.perform(self.session.upstream_frame(event.data))
         elif type(event) is Close:
             upstream.close_arrived()
             if upstream.close_sent:
                 return
-            code, reason = event.code, event.reason  # type: ignore[union-attr]
+            code, reason = event.code, event.reason
             self.to_client.close_code, self.to_client.close_reason = code, reason
             upstream.send_close(closecodes.echo(code), "", self.services.close_timeout)
             self.perform(self.session.upstream_closed(code, reason))
         elif type(event) is Ping:
-            upstream.send_own(encode(PONG, event.payload, mask=True))  # type: ignore[union-attr]
+            upstream.send_own(encode(PONG, event.payload, mask=True))
 
     def _handle(self, leg: Leg, events: list[Event], error: ProtocolError | None, before_relay: Callable[[Event], None]) -> None:
         """One read's frames: to the session until the relay starts, then as the relay would."""
@@ -374,11 +374,11 @@ class Connection:
 
     def _relay_event(self, leg: Leg, event: Event) -> None:
         if type(event) is Message:
-            self.relay_message(leg, event.data)  # type: ignore[union-attr]
+            self.relay_message(leg, event.data)
         elif type(event) is Close:
-            self.relay_close(leg, event.code, event.reason)  # type: ignore[union-attr]
+            self.relay_close(leg, event.code, event.reason)
         elif type(event) is Ping:
-            leg.send_own(encode(PONG, event.payload, mask=leg.masks))  # type: ignore[union-attr]
+            leg.send_own(encode(PONG, event.payload, mask=leg.masks))
 
     # -- deadlines ---------------------------------------------------------------------------------
 

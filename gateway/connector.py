@@ -139,7 +139,7 @@ class Connector:
             except OSError as exc:
                 error = exc
                 continue
-            return cast(asyncio.Transport, transport), protocol
+            return transport, protocol
         raise error or OSError(f"no address for {target.host}")
 
     async def _resolve(self, host: str, port: int) -> list[Any]:

@@ -147,7 +147,12 @@ def accept_answer(header: str | None) -> Deflate | None:
             bits[key] = parsed
         else:
             raise NegotiationError(f"unknown parameter {key}")
-    return Deflate(**agreed, **bits)
+    return Deflate(
+        server_no_context_takeover=agreed["server_no_context_takeover"],
+        client_no_context_takeover=agreed["client_no_context_takeover"],
+        server_max_window_bits=bits["server_max_window_bits"],
+        client_max_window_bits=bits["client_max_window_bits"],
+    )
 
 
 def passes_through(backend: Deflate | None, client: Deflate | None) -> bool:

@@ -106,7 +106,7 @@ class Request(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        self.timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, transport.abort)
+        self.timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self.transport.abort)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data

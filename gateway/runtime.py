@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Protocol
 
 from . import closecodes
@@ -295,7 +295,7 @@ class Gateway:
                 self.metrics.upstream_failures.labels(record["backend"], "dropped").inc()
                 if record["backend"] == "new":
                     self.new_backend_outcome(failed=True)
-        store_work = []
+        store_work: list[Coroutine[Any, Any, object]] = []
         if failure in AUTH_REASONS:
             self.metrics.auth_failures.labels(failure).inc()
             limit = self.config.limits.auth_failures_per_ip_per_minute

@@ -6,7 +6,8 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 
@@ -154,7 +155,7 @@ class Signals:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)
 
 
-def run(main: Callable[[], Awaitable[int]]) -> int:
+def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run `main` on uvloop where available (a faster loop for a socket-bound process)."""
     try:
         import uvloop

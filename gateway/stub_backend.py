@@ -94,8 +94,8 @@ async def _echo(ws: web.WebSocketResponse, request: web.Request, info: dict[str,
             continue
         if msg.type is not WSMsgType.TEXT:
             continue
-        command = _command(msg.data)
-        kind = command.get("type") if command else None
+        command = _command(msg.data) or {}
+        kind = command.get("type")
         if kind == "stub.info":
             await ws.send_str(json.dumps(info))
         elif kind == "stub.burst":

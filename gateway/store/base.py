@@ -22,7 +22,7 @@ What each operation promises
   distinct-user numbers come out low), and that is logged once.
 * Guard: one small JSON record, last writer wins, expiring after ``ttl_seconds`` (of the
   ``wall`` clock in `MemoryStore`, of Redis's in `RedisStore`); every replica reads it
-  every few seconds.
+  once a second (``runtime.GUARD_SYNC_SECONDS``).
 * `available` is False while the shared store cannot be reached (always True in memory);
   `retention_days` (``usage.retention_days``) may be reassigned on config reload.
 """
