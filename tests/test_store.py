@@ -10,7 +10,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -291,11 +291,12 @@ async def test_a_crashed_replicas_sessions_expire_after_the_ttl(replicas):
     await crashed.close()  # no release, no refresh: as if the process died
     assert not await live.acquire_session("alice", "s3", 3)
 
-    async def admitted() -> bool:
-        return await live.acquire_session("alice", "s3", 3)
+    def admitted(session: str) -> Callable[[], Awaitable[bool]]:
+        return lambda: live.acquire_session("alice", session, 3)
 
-    assert await eventually(admitted, within=TIMEOUT)
-    assert await live.acquire_session("alice", "s4", 3)
+    # s1 and s2 were taken one after the other, so they expire one after the other.
+    assert await eventually(admitted("s3"), within=TIMEOUT)
+    assert await eventually(admitted("s4"), within=TIMEOUT)
     assert not await live.acquire_session("alice", "s5", 3)
 
 
