@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
+import os
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
@@ -105,7 +105,7 @@ class Connection:
         self.client = client
         self.request_id = request_id
         self.client_ip = client_ip
-        self.connection_id = uuid.uuid4().hex
+        self.connection_id = os.urandom(16).hex()
         self.clock = clock
         self.started = client.last_read
         self.ready_at: float | None = None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import uuid
 from collections.abc import Callable
 from email.utils import formatdate
 from typing import Protocol, cast
@@ -61,7 +60,7 @@ def request_id(given: str | None) -> str:
     """The caller's X-Request-ID when it is a sane token, else a fresh one."""
     if given and len(given) <= 128 and set(given) <= _REQUEST_ID_CHARS:
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def upstream_headers(request: handshake.Request, peer: str, rid: str) -> list[tuple[str, str]]:

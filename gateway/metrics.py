@@ -12,7 +12,7 @@ metric locks while long sessions still show up live.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -84,17 +84,32 @@ class Metrics:
         )
         self.store_up = Gauge(f"{PREFIX}_store_up", "1 while Redis answers (always 1 without Redis).", registry=r)
         self.store_up.set(1)
-        for style in ("legacy", "message"):
-            self.attempts.labels(style)
-            for backend in ("old", "new"):
-                self.opened.labels(style, backend)
-                self.active.labels(style, backend)
+        # Children looked up once: `labels()` validates and locks on every call, and these
+        # are touched several times per session.
+        self.attempts_by_style = {style: self.attempts.labels(style) for style in ("legacy", "message")}
+        self.session_by_route = {
+            (style, backend): SessionMetrics(
+                self.opened.labels(style, backend),
+                self.active.labels(style, backend),
+                self.ready_seconds.labels(style, backend),
+            )
+            for style in ("legacy", "message")
+            for backend in ("old", "new")
+        }
         for result in ("success", "invalid", "restart_required"):
             self.reloads.labels(result)
 
     def add_flow_collector(self, flows: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
         """Expose messages/bytes totals; `flows` yields (direction, frames, bytes) at scrape time."""
         self.registry.register(_FlowCollector(flows))
+
+
+class SessionMetrics(NamedTuple):
+    """The children of one (auth style, backend) pair."""
+
+    opened: Counter
+    active: Gauge
+    ready_seconds: Histogram
 
 
 class _FlowCollector(Collector):

@@ -269,13 +269,14 @@ class Gateway:
         self.metrics.fallbacks.inc()
 
     def session_ready(self, auth_style: str, backend: str, user_id: str, seconds: float) -> None:
-        self.metrics.opened.labels(auth_style, backend).inc()
-        self.metrics.active.labels(auth_style, backend).inc()
-        self.metrics.ready_seconds.labels(auth_style, backend).observe(seconds)
+        children = self.metrics.session_by_route[auth_style, backend]
+        children.opened.inc()
+        children.active.inc()
+        children.ready_seconds.observe(seconds)
         self._spawn(self.store.count_session(utc_day(self.wall()), auth_style, backend, user_id))
 
     def upgrade_attempted(self, auth_style: str) -> None:
-        self.metrics.attempts.labels(auth_style).inc()
+        self.metrics.attempts_by_style[auth_style].inc()
 
     def connection_opened(self, conn: OpenConnection) -> None:
         self.connections.add(conn)
@@ -290,7 +291,7 @@ class Gateway:
         record = conn.record()
         failure, user_id = record["failure"], record["user_id"]
         if record["ready_s"] is not None:
-            self.metrics.active.labels(record["auth_style"], record["backend"]).dec()
+            self.metrics.session_by_route[record["auth_style"], record["backend"]].active.dec()
             if conn.upstream_dropped:
                 self.metrics.upstream_failures.labels(record["backend"], "dropped").inc()
                 if record["backend"] == "new":
