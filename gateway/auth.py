@@ -95,6 +95,8 @@ def authenticate_message(token: str) -> str:
     return json.dumps({"type": "authenticate", "token": token}, separators=(",", ":"))
 
 
+TIME_CLAIMS = ("exp", "nbf", "iat")
+
 _PYJWT_REASONS: tuple[tuple[type[Exception], str], ...] = (
     (jwt.ExpiredSignatureError, "expired"),
     (jwt.ImmatureSignatureError, "not_yet_valid"),
@@ -136,8 +138,12 @@ class Verifier:
                 if isinstance(exc, kind):
                     raise AuthError(reason) from None
             raise AuthError("invalid_token") from None
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):
             raise AuthError("malformed_token") from None
+        for claim in TIME_CLAIMS:  # RFC 7519 §2 NumericDate; PyJWT would take "123" for 123
+            value = claims.get(claim, 0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise AuthError("malformed_token")
         user_id = claims.get(cfg.user_id_claim)
         if isinstance(user_id, bool) or not isinstance(user_id, (str, int)):
             raise AuthError("bad_user_id")

@@ -122,6 +122,9 @@ class LimitsConfig:
     hold_buffer_frames: int = 1000
     ping_interval_seconds: float = 20.0
     max_upstream_connections: int = 10000
+    handshake_timeout_seconds: float = 10.0
+    max_request_header_bytes: int = 16 * 1024
+    max_pending_handshakes: int = 1000
     auth_failures_per_ip_per_minute: int | None = None
     max_sessions_per_user: int | None = None
 
@@ -651,6 +654,7 @@ def _parse_limits(r: _Reader, raw: Any) -> LimitsConfig:
         {
             "max_message_bytes", "hold_buffer_bytes", "hold_buffer_frames", "ping_interval_seconds",
             "max_upstream_connections", "auth_failures_per_ip_per_minute", "max_sessions_per_user",
+            "handshake_timeout_seconds", "max_request_header_bytes", "max_pending_handshakes",
         },
     )
     max_message = r.number(
@@ -680,6 +684,17 @@ def _parse_limits(r: _Reader, raw: Any) -> LimitsConfig:
         ),
         max_sessions_per_user=r.number(
             s, p, "max_sessions_per_user", _default(LimitsConfig, "max_sessions_per_user"), low=1, high=10**6, integer=True
+        ),
+        handshake_timeout_seconds=r.number(
+            s, p, "handshake_timeout_seconds", _default(LimitsConfig, "handshake_timeout_seconds"), low=0.1, high=600
+        ),
+        max_request_header_bytes=r.number(
+            s, p, "max_request_header_bytes", _default(LimitsConfig, "max_request_header_bytes"),
+            low=1024, high=1024 * 1024, integer=True,
+        ),
+        max_pending_handshakes=r.number(
+            s, p, "max_pending_handshakes", _default(LimitsConfig, "max_pending_handshakes"),
+            low=1, high=10**6, integer=True,
         ),
     )
 

@@ -56,6 +56,10 @@ from .routing import Route
 
 log = logging.getLogger("gateway.connection")
 
+# Upgrade refusals caused by the client's own request (its URL or headers are too big or
+# malformed for the backend): answered with 1014, never counted against the backend.
+CLIENT_FAULT_STATUSES = frozenset({400, 414, 431})
+
 
 class GatewayServices(Protocol):
     """What a connection needs from the gateway it belongs to (`runtime.Gateway` in production).
@@ -274,6 +278,8 @@ class Connection:
                 )
                 if exc.status in (401, 403):
                     self.perform(session.upstream_closed(closecodes.POLICY_VIOLATION, ""))
+                elif exc.status in CLIENT_FAULT_STATUSES:
+                    self.perform(session.upstream_failed("bad_request"))
                 else:
                     self.perform(session.upstream_failed("connect"))
                 return

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from email.utils import formatdate
 from typing import Protocol, cast
 
@@ -29,8 +29,9 @@ from .relay import Leg
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
-MAX_REQUEST_HEAD = 16 * 1024
-HANDSHAKE_TIMEOUT = 10.0
+# After an error answer, what the client still sends is read and dropped for at most this
+# long (the connection stays counted in `pending` meanwhile), then the socket is closed.
+LINGER_SECONDS = 2.0
 _REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 
@@ -42,6 +43,10 @@ class Front(GatewayServices, Protocol):
     verifier: Verifier
     accepting: bool
     byte_relay: bool
+    pending: int
+
+    @property
+    def connections(self) -> Sized: ...
 
     def upgrade_attempted(self, auth_style: str) -> None: ...
 
@@ -93,6 +98,11 @@ class Request(asyncio.Protocol):
 
     It is the socket's protocol only until then: an upgrade hands the transport to a
     `relay.Leg`, which from then on belongs to the connection.
+
+    From accept until its session relays or ends, every connection counts in
+    ``gateway.pending`` (``limits.max_pending_handshakes``): this object counts it until the
+    upgrade, the gateway after. Over the limit a new socket gets 503 before it is read, so a
+    flood of slow handshakes cannot take every file descriptor.
     """
 
     def __init__(self, gateway: Front, clock: Callable[[], float]) -> None:
@@ -102,15 +112,32 @@ class Request(asyncio.Protocol):
         self.buffer = bytearray()
         self.timer: asyncio.TimerHandle | None = None
         self.started = clock()
+        self.counted = False
+        self.lingering = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        self.timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self.transport.abort)
+        gateway = self.gateway
+        limits = gateway.config.limits
+        if gateway.pending >= limits.max_pending_handshakes:
+            self.refuse(HttpError(503, "too many connections in their handshake, retry shortly", [("Retry-After", "1")]), None)
+            return
+        gateway.pending += 1
+        self.counted = True
+        # Nothing the client sends extends this: the whole request must arrive within it.
+        self.timer = asyncio.get_running_loop().call_later(limits.handshake_timeout_seconds, self.transport.abort)
+
+    def _uncount(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.gateway.pending -= 1
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return
         self.buffer += data
         try:
-            end = handshake.head_end(self.buffer, MAX_REQUEST_HEAD)
+            end = handshake.head_end(self.buffer, self.gateway.config.limits.max_request_header_bytes)
         except HttpError as exc:
             self.refuse(exc, None)
             return
@@ -128,17 +155,27 @@ class Request(asyncio.Protocol):
         self.handle(request, rest)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._uncount()
         if self.timer is not None:
             self.timer.cancel()
 
     def refuse(self, error: HttpError, request: handshake.Request | None) -> None:
-        assert self.transport is not None
+        """Answer and close, lingering as nginx does: a client still sending (a request head
+        over the limit) would otherwise get a reset that discards the answer unread."""
+        transport = self.transport
+        assert transport is not None
         if self.timer is not None:
             self.timer.cancel()
         head_only = request is not None and request.method == "HEAD"
-        self.transport.write(handshake.error_response(error.status, error.message, error.headers, head_only=head_only))
-        self.transport.close()
+        transport.write(handshake.error_response(error.status, error.message, error.headers, head_only=head_only))
         self.access(request, error.status)
+        if not self.counted:  # over the pending limit: nothing read, nothing to linger for
+            transport.close()
+            return
+        self.buffer = bytearray()
+        self.lingering = True
+        self.timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+        transport.resume_reading()
 
     def access(self, request: handshake.Request | None, status: int) -> None:
         if not access_log.isEnabledFor(logging.INFO):
@@ -164,6 +201,9 @@ class Request(asyncio.Protocol):
         if not gateway.accepting:
             self.refuse(HttpError(503, "gateway restarting, retry shortly", [("Retry-After", "5")]), request)
             return
+        if len(gateway.connections) >= config.limits.max_upstream_connections:
+            self.refuse(HttpError(503, "gateway at capacity, retry shortly", [("Retry-After", "5")]), request)
+            return
         try:
             key = handshake.check_upgrade(request)
         except HttpError as exc:
@@ -177,6 +217,7 @@ class Request(asyncio.Protocol):
         transport = self.transport
         assert transport is not None and self.timer is not None
         self.timer.cancel()
+        self.counted = False  # the connection's from here: the gateway uncounts it when it relays or ends
         rid = request_id(request.headers.get("X-Request-ID"))
         session = Session(config, gateway.verifier, request.query)
         extra = [("X-Request-ID", rid)]

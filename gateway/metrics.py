@@ -43,7 +43,8 @@ class Metrics:
         )
         self.upstream_failures = Counter(
             f"{PREFIX}_upstream_failures",
-            "Upstream problems: connect, handshake, rejected (backend refused the token), dropped (lost mid-session).",
+            "Upstream problems: connect, handshake, rejected (backend refused the token), bad_request (backend "
+            "refused the client's request: 400, 414, 431), dropped (lost mid-session).",
             ["backend", "reason"],
             registry=r,
         )
@@ -78,6 +79,12 @@ class Metrics:
         )
         self.guard_trips = Counter(f"{PREFIX}_guard_trips", "Times the rollback guard tripped.", registry=r)
         self.draining = Gauge(f"{PREFIX}_draining", "1 while the gateway drains for shutdown.", registry=r)
+        self.pending_handshakes = Gauge(
+            f"{PREFIX}_pending_handshakes",
+            "Connections accepted but not yet relaying (HTTP request, auth, upstream handshake); "
+            "capped by limits.max_pending_handshakes.",
+            registry=r,
+        )
         self.store_errors = Counter(
             f"{PREFIX}_store_errors", "Failed Redis round trips (answered from memory instead), by operation.",
             ["operation"], registry=r,

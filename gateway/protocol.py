@@ -45,7 +45,10 @@ Frame = Union[str, bytes]
 
 ClientStyle = Literal["legacy", "message"]
 BackendStyle = Literal["query", "message"]
-UpstreamResultKind = Literal["ok", "connect", "handshake", "rejected"]
+UpstreamResultKind = Literal["ok", "connect", "handshake", "rejected", "bad_request"]
+# The backend refused the upgrade because of the client's own request (400, 414, 431): the
+# client's fault, so it is answered but never counted against the backend by the guard.
+FailureKind = Literal["connect", "handshake", "bad_request"]
 
 
 @dataclass(frozen=True)
@@ -342,8 +345,9 @@ class Session:
             ]
         return self._upstream_failed("handshake", close_upstream=False)
 
-    def upstream_failed(self, kind: Literal["connect", "handshake"]) -> list[Action]:
-        """Connecting timed out or was refused, or the handshake deadline passed."""
+    def upstream_failed(self, kind: FailureKind) -> list[Action]:
+        """Connecting timed out or was refused, the backend refused the client's request, or
+        the handshake deadline passed."""
         if not self._takes("upstream_failed"):
             return []
         return self._upstream_failed(kind, close_upstream=self.phase is Phase.UPSTREAM_HANDSHAKE)
@@ -418,13 +422,15 @@ class Session:
         actions.append(StartRelay())
         return actions
 
-    def _upstream_failed(self, kind: Literal["connect", "handshake"], *, close_upstream: bool) -> list[Action]:
-        """Give up on this upstream: fall back to the old backend once if allowed, else 1014."""
+    def _upstream_failed(self, kind: FailureKind, *, close_upstream: bool) -> list[Action]:
+        """Give up on this upstream: fall back to the old backend once if allowed, else 1014.
+
+        A request the backend refused as bad would be refused by the other backend too: no fallback."""
         assert self.backend is not None
         actions: list[Action] = [UpstreamResult(self.backend, kind)]
         if close_upstream:
             actions.append(CloseUpstream(closecodes.PROTOCOL_ERROR, "authentication handshake failed"))
-        if self.backend == "new" and self._config.rollout.fallback_to_old and not self.fell_back:
+        if self.backend == "new" and self._config.rollout.fallback_to_old and not self.fell_back and kind != "bad_request":
             self.fell_back = True
             self.fallback_reason = kind
             self.backend = "old"

@@ -82,6 +82,7 @@ class Gateway:
         self.store = store or open_store(config, wall=wall, on_error=self._store_error, on_availability=self._store_up)
         self.connector = Connector()
         self.byte_relay = byte_relay
+        self.pending = 0  # connections from accept until relaying or closed (listener.Request)
         self.replica = uuid.uuid4().hex
         self._guard_seen = 0.0  # wall time of the newest trip this replica knows of
         self._own_trip: dict[str, Any] | None = None
@@ -218,8 +219,10 @@ class Gateway:
         return self.config.rollout.new_percent * self.guard.share()
 
     def refresh_gauges(self) -> None:
+        """Before a scrape: gauges that only matter when someone looks."""
         self._observe(self.guard.tick(self.clock()))
         self._set_gauges()
+        self.metrics.pending_handshakes.set(self.pending)
 
     def _set_gauges(self) -> None:
         self.metrics.configured_percent.set(self.config.rollout.new_percent)
@@ -259,16 +262,18 @@ class Gateway:
         self.metrics.upstream_connect_seconds.labels(backend).observe(seconds)
 
     def upstream_result(self, backend: str, result: str) -> None:
-        """How one upstream attempt ended: ok, connect, handshake or rejected (the token)."""
+        """How one upstream attempt ended: ok, connect, handshake, rejected (the token) or
+        bad_request (the client's request); only the backend's own faults reach the guard."""
         if result != "ok":
             self.metrics.upstream_failures.labels(backend, result).inc()
-        if backend == "new" and result != "rejected":
+        if backend == "new" and result not in ("rejected", "bad_request"):
             self.new_backend_outcome(failed=result != "ok")
 
     def fell_back(self) -> None:
         self.metrics.fallbacks.inc()
 
     def session_ready(self, auth_style: str, backend: str, user_id: str, seconds: float) -> None:
+        self.pending -= 1
         children = self.metrics.session_by_route[auth_style, backend]
         children.opened.inc()
         children.active.inc()
@@ -279,6 +284,7 @@ class Gateway:
         self.metrics.attempts_by_style[auth_style].inc()
 
     def connection_opened(self, conn: OpenConnection) -> None:
+        """`conn` was upgraded; it stays in `pending` (counted by the listener) until it relays or ends."""
         self.connections.add(conn)
 
     def connection_finished(self, conn: OpenConnection) -> None:
@@ -290,7 +296,9 @@ class Gateway:
             self._closed_flows[direction][1] += flow.bytes
         record = conn.record()
         failure, user_id = record["failure"], record["user_id"]
-        if record["ready_s"] is not None:
+        if record["ready_s"] is None:
+            self.pending -= 1
+        else:
             self.metrics.session_by_route[record["auth_style"], record["backend"]].active.dec()
             if conn.upstream_dropped:
                 self.metrics.upstream_failures.labels(record["backend"], "dropped").inc()
