@@ -254,6 +254,9 @@ class Gateway:
             "config_loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
             "active_connections": len(self.connections),
             "draining": self.draining,
+            "pending_handshakes": self.pending,
+            # asyncio tasks alive: an established session has none, so this stays flat (bench/soak.py).
+            "tasks": len(asyncio.all_tasks()),
         }
 
     # -- session outcomes (called by the relay) ----------------------------------------------
