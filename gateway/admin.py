@@ -1,9 +1,19 @@
-"""The admin listener: health, readiness, metrics and rollout state, never on the public port."""
+"""The admin listener: health, readiness, metrics and rollout state, never on the public port.
+
+`create_admin_app` serves one gateway process. With ``serve --workers N`` the supervisor
+serves `create_supervisor_admin_app` on the configured admin port instead, and reads each
+worker's own admin app (on a private unix socket) to answer.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
+
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from .runtime import Gateway
 
@@ -25,6 +35,126 @@ def create_admin_app(gateway: Gateway) -> web.Application:
 
     async def rollout(request: web.Request) -> web.Response:
         return web.json_response(gateway.rollout_status())
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/rollout", rollout)
+    return app
+
+
+# -- several workers behind one admin port ---------------------------------------------------
+
+# Gauges that describe the config or state every worker shares rather than something each
+# worker counts: adding them up would be wrong. The supervisor's /metrics shows the largest
+# value across workers (they agree unless a reload or a guard trip is on its way through
+# them, and then the largest is the one the slowest worker is about to reach or has just
+# left) — except `store_up`, where the smallest says "some worker cannot reach Redis".
+SHARED_GAUGES: dict[str, Callable[[list[float]], float]] = {
+    "ws_gateway_rollout_configured_percent": max,
+    "ws_gateway_rollout_effective_percent": max,
+    "ws_gateway_guard_state": max,
+    "ws_gateway_draining": max,
+    "ws_gateway_store_up": min,
+}
+
+
+def merge_metrics(expositions: Iterable[Iterable[Metric]]) -> list[Metric]:
+    """Metric families of several workers as the families of one gateway.
+
+    Samples with the same family, sample name and labels are combined: added up (counters,
+    histogram buckets, counts and sums, and gauges that count, like open sessions), except
+    the `SHARED_GAUGES` (see there) and ``*_created`` timestamps (the earliest). Families
+    and samples keep the order in which they first appear.
+    """
+    kinds: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]] = {}
+    for families in expositions:
+        for family in families:
+            if family.name not in kinds:
+                kinds[family.name] = family
+                values[family.name] = {}
+            samples = values[family.name]
+            for sample in family.samples:
+                samples.setdefault((sample.name, tuple(sorted(sample.labels.items()))), []).append(sample.value)
+    merged = []
+    for name, first in kinds.items():
+        family = Metric(name, first.documentation, first.type, first.unit)
+        shared = SHARED_GAUGES.get(name)
+        for (sample_name, labels), seen in values[name].items():
+            if sample_name.endswith("_created"):
+                value = min(seen)
+            elif shared is not None:
+                value = shared(seen)
+            else:
+                value = sum(seen)
+            family.add_sample(sample_name, dict(labels), value)
+        merged.append(family)
+    return merged
+
+
+class _Families(Collector):
+    """Metric families as a prometheus-client collector, for its encoders."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+class Workers(Protocol):
+    """What the supervisor's admin app needs of the supervisor (gateway.workers.Supervisor)."""
+
+    draining: bool
+
+    def workers_ready(self) -> int: ...
+
+    async def worker_metrics(self) -> list[list[Metric]]: ...
+
+    def own_metrics(self) -> list[Metric]: ...
+
+    async def worker_rollouts(self) -> list[dict[str, Any]]: ...
+
+
+def create_supervisor_admin_app(workers: Workers) -> web.Application:
+    """The admin port of ``serve --workers N``: the same routes, answered for all workers.
+
+    * ``/healthz``: 200 while the supervisor is alive.
+    * ``/readyz``: 503 while the supervisor drains, or while no worker is listening.
+    * ``/metrics``: every worker's metrics added up (`merge_metrics`), plus
+      ``ws_gateway_workers`` and ``ws_gateway_worker_restarts_total``.
+    * ``/rollout``: the first worker's answer, with ``active_connections`` summed and
+      ``draining`` true when the supervisor or any worker drains, and ``workers``: every
+      worker's own answer, with its ``worker`` number and ``pid``.
+    """
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive", "workers": workers.workers_ready()})
+
+    async def readyz(request: web.Request) -> web.Response:
+        if workers.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        ready = workers.workers_ready()
+        if not ready:
+            return web.json_response({"status": "no worker listening", "workers": 0}, status=503)
+        return web.json_response({"status": "ready", "workers": ready})
+
+    async def metrics(request: web.Request) -> web.Response:
+        families = merge_metrics(await workers.worker_metrics()) + workers.own_metrics()
+        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encode(_Families(families)), headers={"Content-Type": content_type})
+
+    async def rollout(request: web.Request) -> web.Response:
+        states = await workers.worker_rollouts()
+        if not states:
+            return web.json_response({"status": "no worker answered"}, status=503)
+        first = {key: value for key, value in states[0].items() if key not in ("worker", "pid")}
+        first["active_connections"] = sum(state.get("active_connections", 0) for state in states)
+        first["draining"] = workers.draining or any(state.get("draining") for state in states)
+        first["workers"] = states
+        return web.json_response(first)
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)

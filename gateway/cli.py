@@ -29,6 +29,7 @@ from .runtime import Gateway
 from .listener import Listener, listen
 from .server import Signals, run, serve, start_site
 from .stub_backend import create_stub_app
+from .workers import run_worker, supervise
 
 log = logging.getLogger("gateway")
 DEFAULT_CONFIG = "config/gateway.yaml"
@@ -57,6 +58,8 @@ def _bounded(convert: Callable[[str], Any], low: float, high: float, what: str) 
 _port = _bounded(int, 0, 65535, "a port number")
 _percent = _bounded(float, 0, 100, "a number")
 _days = _bounded(int, 1, 3650, "a whole number of days")
+_workers = _bounded(int, 1, 256, "a whole number of workers")
+_fd = _bounded(int, 0, 2**31 - 1, "a file descriptor")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the gateway")
     p.add_argument("--config", help=config_help)
+    p.add_argument(
+        "--workers", type=_workers, default=1,
+        help="gateway processes sharing the port (SO_REUSEPORT) under one supervisor (default 1: no supervisor)",
+    )
+    p.add_argument("--worker-fd", type=_fd, help=argparse.SUPPRESS)  # set by the supervisor for its workers
 
     p = sub.add_parser("demo", help="run the gateway with built-in stub backends on localhost")
     p.add_argument("--port", type=_port, default=8080, help="gateway port (default 8080)")
@@ -133,9 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run(lambda: print_report(config, args.days, args.json))
         if args.command == "serve":
             path = _config_path(args.config)
+            if args.worker_fd is not None:
+                return run_worker(args.worker_fd, path, lambda config: setup_logging(config.log_level, config.auth.query_param))
             seen = fingerprint(path)
             config = load_config(path)
             setup_logging(config.log_level, config.auth.query_param)
+            if args.workers > 1:
+                return run(lambda: supervise(config, path, seen, args.workers))
             return run(lambda: serve(config, path, seen))
         if args.command == "stub-backend":
             config = load_config(_config_path(args.config))

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -18,6 +18,9 @@ from .listener import Listener, listen
 from .logs import AccessLogger, install_redaction
 from .reload import Fingerprint, Reloader
 from .runtime import Gateway
+
+if TYPE_CHECKING:
+    from .workers import WorkerChannel
 
 log = logging.getLogger("gateway")
 
@@ -51,7 +54,29 @@ async def start_site(app: web.Application, host: str, port: int) -> tuple[web.Ap
     return runner, runner.addresses[0][1]
 
 
-async def serve(config: Config, config_path: str | None = None, seen: Fingerprint | None = None) -> int:
+async def start_unix_site(app: web.Application, path: str) -> web.AppRunner:
+    """Start `app` on the unix socket `path` (a worker's admin app, for its supervisor only).
+
+    Without an access log: the supervisor reads it on every scrape of its own admin port,
+    which logs the request once.
+    """
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        await web.UnixSite(runner, path).start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+async def serve(
+    config: Config,
+    config_path: str | None = None,
+    seen: Fingerprint | None = None,
+    *,
+    worker: WorkerChannel | None = None,
+) -> int:
     """Run the gateway until SIGTERM/SIGINT, then drain; the sequence ops can rely on:
 
     1. SIGTERM: /readyz turns 503 so the load balancer stops sending new clients.
@@ -62,6 +87,12 @@ async def serve(config: Config, config_path: str | None = None, seen: Fingerprin
     A second SIGTERM or SIGINT at any point closes everything at once. SIGHUP reloads
     the config file, which is also watched for changes. `seen` is the file's fingerprint
     taken before `config` was loaded from it, so an edit made meanwhile is not missed.
+
+    As one of the workers of ``serve --workers N`` (`worker` given; see gateway/workers.py)
+    it listens with SO_REUSEPORT on the port its supervisor chose, serves its admin app on
+    a private unix socket instead of ``admin``, says "worker listening" rather than
+    "listening" (the supervisor says that once every worker does), and also takes drain,
+    reload and stop from its supervisor.
     """
     gateway = Gateway(config, config_path=config_path)
     signals = Signals()
@@ -74,18 +105,29 @@ async def serve(config: Config, config_path: str | None = None, seen: Fingerprin
     public: Listener | None = None
     install_redaction(config.auth.query_param)
     try:
-        public = await listen(gateway, config.listen.host, config.listen.port)
-        log.info("listening", extra={"host": config.listen.host, "port": public.port, "path": config.path})
-        if config.admin is not None:
-            admin_runner, admin_port = await start_site(create_admin_app(gateway), config.admin.host, config.admin.port)
-            runners.append(admin_runner)
-            log.info("admin listening", extra={"host": config.admin.host, "port": admin_port})
+        if worker is None:
+            public = await listen(gateway, config.listen.host, config.listen.port)
+            log.info("listening", extra={"host": config.listen.host, "port": public.port, "path": config.path})
+            if config.admin is not None:
+                admin_runner, admin_port = await start_site(create_admin_app(gateway), config.admin.host, config.admin.port)
+                runners.append(admin_runner)
+                log.info("admin listening", extra={"host": config.admin.host, "port": admin_port})
+        else:
+            await worker.follow(signals, reloader.reload if reloader is not None else None)
+            if reloader is not None:
+                reloader.check()  # a restarted worker catches up with edits made since its supervisor started
+            public = await listen(gateway, config.listen.host, worker.port, reuse_port=True)
+            runners.append(await start_unix_site(create_admin_app(gateway), worker.admin_path))
+            log.info("worker listening", extra={"host": config.listen.host, "port": public.port, "path": config.path})
+            worker.ready()
         if reloader is not None:
             reloader.start()
         await signals.stop.wait()
         await drain(gateway, signals)
     finally:
         signals.close()
+        if worker is not None:
+            await worker.close()
         if reloader is not None:
             await reloader.stop()
         if public is not None:
@@ -125,16 +167,27 @@ class Signals:
     def __init__(self) -> None:
         self.stop = asyncio.Event()
         self.urgent = asyncio.Event()
+        self._signalled = False
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop)
 
     def _stop(self) -> None:
-        if self.stop.is_set():
+        if self._signalled:
             self.urgent.set()
         else:
+            self._signalled = True
             log.info("stop signal received")
             self.stop.set()
+
+    def request_stop(self, *, urgent: bool = False) -> None:
+        """Stop as on a signal, at a worker's supervisor's request. Only `urgent` hurries it,
+        and it does not count as a signal: the same SIGTERM or Ctrl-C may also reach the
+        worker directly through its process group, before or after, and together they are
+        one stop, not two."""
+        self.stop.set()
+        if urgent:
+            self.urgent.set()
 
     def close(self) -> None:
         loop = asyncio.get_running_loop()
