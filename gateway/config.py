@@ -130,8 +130,20 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class SentinelConfig:
+    """Redis behind Sentinel: the sentinels to ask, and the name of the master they watch."""
+
+    hosts: tuple[tuple[str, int], ...]
+    service_name: str
+    password: str | None = field(default=None, repr=False)  # the master's (and replicas') password
+
+
+@dataclass(frozen=True)
 class RedisConfig:
-    url: str = field(repr=False)
+    """Exactly one of `url` (a single endpoint) and `sentinel`."""
+
+    url: str | None = field(default=None, repr=False)
+    sentinel: SentinelConfig | None = None
     timeout_seconds: float = 0.25
 
 
@@ -394,12 +406,16 @@ def parse_config(
     )
     redis = _default(Config, "redis")
     if top.get("redis") is not None:
-        redis_raw = r.section(top.get("redis"), "redis", {"url", "timeout_seconds"})
-        url = r.string(redis_raw, "redis", "url", "")  # required: "" fails the check below
-        if not re.fullmatch(r"(redis|rediss|unix)://\S+", url):
+        redis_raw = r.section(top.get("redis"), "redis", {"url", "sentinel", "timeout_seconds"})
+        url = r.string(redis_raw, "redis", "url", None)
+        sentinel = _parse_sentinel(r, redis_raw.get("sentinel"))
+        if (url is None) == (redis_raw.get("sentinel") is None):
+            r.error("redis", "set exactly one of redis.url and redis.sentinel")
+        elif url is not None and not re.fullmatch(r"(redis|rediss|unix)://\S+", url):
             r.error("redis.url", "expected a redis://, rediss:// or unix:// URL")
         redis = RedisConfig(
             url=url,
+            sentinel=sentinel,
             timeout_seconds=r.number(
                 redis_raw, "redis", "timeout_seconds", _default(RedisConfig, "timeout_seconds"),
                 low=0, high=30, low_inclusive=False,
@@ -644,6 +660,28 @@ def _parse_guard(r: _Reader, raw: Any) -> GuardConfig:
         recovery_steps=steps,
         spare_forced=r.boolean(g, p, "spare_forced", _default(GuardConfig, "spare_forced")),
     )
+
+
+def _parse_sentinel(r: _Reader, raw: Any) -> SentinelConfig | None:
+    if raw is None:
+        return None
+    p = "redis.sentinel"
+    s = r.section(raw, p, {"hosts", "service_name", "password"})
+    hosts = []
+    for index, entry in enumerate(r.string_list(s, p, "hosts", ())):
+        host, _, port = entry.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            r.error(f"{p}.hosts[{index}]", f"{entry!r} is not host:port")
+            continue
+        hosts.append((host.strip("[]"), int(port)))
+    if not hosts and "hosts" not in s:
+        r.error(f"{p}.hosts", "required: the sentinels as host:port")
+    elif not hosts:
+        r.error(f"{p}.hosts", "at least one sentinel (host:port) is needed")
+    service_name = r.string(s, p, "service_name", "")
+    if not service_name:
+        r.error(f"{p}.service_name", "required: the master's name the sentinels monitor")
+    return SentinelConfig(tuple(hosts), service_name, r.string(s, p, "password", None) or None)
 
 
 def _parse_limits(r: _Reader, raw: Any) -> LimitsConfig:

@@ -48,6 +48,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
@@ -69,7 +70,7 @@ from .base import (
 from .memory import DayCounts, MemoryStore
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from ..config import Config, SentinelConfig
 
 log = logging.getLogger("gateway.store")
 
@@ -138,6 +139,13 @@ def redact_url(url: str) -> str:
         return "<unparseable redis url>"
 
 
+def _sentinel_name(sentinel: SentinelConfig | None) -> str:
+    if sentinel is None:
+        return ""
+    hosts = ",".join(f"{host}:{port}" for host, port in sentinel.hosts)
+    return f"sentinel://{hosts}/{sentinel.service_name}"
+
+
 class RedisStore(Store):
     """Shared state in Redis, answered from an internal MemoryStore while Redis is unreachable.
 
@@ -148,8 +156,9 @@ class RedisStore(Store):
 
     def __init__(
         self,
-        url: str,
+        url: str | None,
         *,
+        sentinel: SentinelConfig | None = None,
         timeout_seconds: float = 0.25,
         session_ttl: float = SESSION_TTL_SECONDS,
         retention_days: int = RETENTION_DAYS,
@@ -162,7 +171,8 @@ class RedisStore(Store):
         wall: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.url = url
+        self.url = url or _sentinel_name(sentinel)  # for log lines: no password
+        self._password = urlsplit(url).password if url else sentinel.password if sentinel else None
         self.timeout = timeout_seconds
         self.bulk_timeout = max(2.0, 10 * timeout_seconds)
         self.session_ttl = session_ttl
@@ -185,15 +195,28 @@ class RedisStore(Store):
         self._flush_task: asyncio.Task[bool] | None = None
         self._closed = False
         self.memory = MemoryStore(retention_days=retention_days, max_usage_users=max_usage_users, wall=wall)
-        self._pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_seconds,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-            retry=Retry(NoBackoff(), 1),  # one immediate retry on a stale pooled connection
-            decode_responses=True,
-        )
+        options: dict[str, Any] = {
+            "max_connections": max_connections,
+            "socket_timeout": timeout_seconds,
+            "socket_connect_timeout": timeout_seconds,
+            "retry": Retry(NoBackoff(), 1),  # one immediate retry on a stale pooled connection
+            "decode_responses": True,
+        }
+        self._pool: aioredis.ConnectionPool
+        if sentinel is not None:
+            # Each new connection asks the sentinels for the current master, and one that
+            # finds its server demoted disconnects: after a failover the next call (the
+            # outage probe) reaches the new master.
+            sentinels = Sentinel(
+                list(sentinel.hosts),
+                sentinel_kwargs={"socket_timeout": timeout_seconds, "socket_connect_timeout": timeout_seconds},
+            )
+            self._pool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+                sentinel.service_name, sentinels, password=sentinel.password, check_connection=True, **options
+            )
+        else:
+            assert url is not None
+            self._pool = aioredis.BlockingConnectionPool.from_url(url, timeout=timeout_seconds, **options)
         self._redis = aioredis.Redis(connection_pool=self._pool)
         self._auth_script = self._redis.register_script(_AUTH_FAILED)
         self._acquire_script = self._redis.register_script(_ACQUIRE)
@@ -205,6 +228,7 @@ class RedisStore(Store):
         assert config.redis is not None
         return cls(
             config.redis.url,
+            sentinel=config.redis.sentinel,
             timeout_seconds=config.redis.timeout_seconds,
             retention_days=config.usage.retention_days,
             **kwargs,
@@ -315,10 +339,7 @@ class RedisStore(Store):
 
     def _describe(self, exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        try:
-            password = urlsplit(self.url).password
-        except ValueError:
-            password = None
+        password = self._password
         return text.replace(password, "***") if password else text
 
     def _notify(self, up: bool) -> None:
