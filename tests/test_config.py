@@ -357,9 +357,13 @@ def test_redis_takes_a_redis_rediss_or_unix_url(url: str) -> None:
     assert redis == RedisConfig(url=url)
 
 
-@pytest.mark.parametrize("redis", [{"url": "http://cache:6379"}, {"url": "redis://"}, {"url": ""}, {"timeout_seconds": 1}])
-def test_redis_refuses_any_other_url_or_none(redis: dict[str, Any]) -> None:
+@pytest.mark.parametrize("redis", [{"url": "http://cache:6379"}, {"url": "redis://"}, {"url": ""}])
+def test_redis_refuses_any_other_url(redis: dict[str, Any]) -> None:
     assert problem(redis=redis) == "redis.url: expected a redis://, rediss:// or unix:// URL"
+
+
+def test_redis_needs_a_url_or_a_sentinel() -> None:
+    assert problem(redis={"timeout_seconds": 1}) == "redis: set exactly one of redis.url and redis.sentinel"
 
 
 def test_a_bad_redis_url_is_not_echoed_since_it_may_carry_a_password() -> None:
