@@ -25,6 +25,8 @@ def create_admin_app(gateway: Gateway) -> web.Application:
     async def readyz(request: web.Request) -> web.Response:
         if gateway.draining:
             return web.json_response({"status": "draining"}, status=503)
+        if not gateway.ready:
+            return web.json_response({"status": "no signing keys yet (auth.jwks_url)"}, status=503)
         return web.json_response({"status": "ready"})
 
     async def metrics(request: web.Request) -> web.Response:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import warnings
 
@@ -34,6 +34,7 @@ REASONS: dict[str, str] = {
     "token_too_large": "token too large",
     "malformed_token": "malformed token",
     "bad_signature": "invalid token signature",
+    "unknown_key": "token signed by an unknown key",
     "bad_algorithm": "token algorithm not allowed",
     "expired": "token expired",
     "not_yet_valid": "token not yet valid",
@@ -110,12 +111,24 @@ _PYJWT_REASONS: tuple[tuple[type[Exception], str], ...] = (
 )
 
 
-class Verifier:
-    """Verifies tokens against one `AuthConfig`; built once per config (re)load."""
+class Keys(Protocol):
+    """Where a verifier finds a JWKS key by kid (`jwks.KeySet`)."""
 
-    def __init__(self, config: AuthConfig) -> None:
+    def key_for(self, kid: str) -> Any | None: ...
+
+
+class Verifier:
+    """Verifies tokens against one `AuthConfig`; built once per config (re)load.
+
+    With ``auth.jwks_url`` the key is the one `keys` holds under the token's ``kid``; a kid
+    it lacks is `AuthError("unknown_key")`, which the session answers by asking the shell to
+    refresh the set once before it gives up.
+    """
+
+    def __init__(self, config: AuthConfig, keys: Keys | None = None) -> None:
         self._config = config
-        self._key = config.verification_key
+        self._key = config.secret if config.secret is not None else config.public_key
+        self._keys = keys if config.jwks_url is not None else None
 
     def verify(self, token: str | None) -> Identity:
         if not token:
@@ -123,10 +136,11 @@ class Verifier:
         if len(token) > MAX_TOKEN_BYTES or len(token.encode("utf-8", "surrogatepass")) > MAX_TOKEN_BYTES:
             raise AuthError("token_too_large")
         cfg = self._config
+        key: Any = self._key if cfg.jwks_url is None else self._key_by_kid(token)
         try:
             claims = jwt.decode(
                 token,
-                self._key,
+                key,
                 algorithms=list(cfg.algorithms),
                 audience=list(cfg.audience) or None,
                 issuer=cfg.issuer,
@@ -152,6 +166,22 @@ class Verifier:
             raise AuthError("bad_user_id")
         exp = claims.get("exp")
         return Identity(user_id, float(exp) if isinstance(exp, (int, float)) else None)
+
+    def _key_by_kid(self, token: str) -> Any:
+        kid = _kid(token)
+        key = self._keys.key_for(kid) if self._keys is not None and kid is not None else None
+        if key is None:
+            raise AuthError("unknown_key")
+        return key
+
+
+def _kid(token: str) -> str | None:
+    try:
+        header = jwt.get_unverified_header(token)
+    except (jwt.PyJWTError, ValueError, TypeError):
+        raise AuthError("malformed_token") from None
+    kid = header.get("kid")
+    return kid if isinstance(kid, str) else None
 
 
 def mint_token(config: AuthConfig, user_id: str, ttl_seconds: float, *, now: float | None = None) -> str:

@@ -65,6 +65,8 @@ class AuthConfig:
     secret: str | None = field(default=None, repr=False)
     public_key_file: str | None = None
     public_key: str | None = field(default=None, repr=False)
+    jwks_url: str | None = None
+    jwks_refresh_seconds: float = 300.0
     user_id_claim: str = "user_id"
     query_param: str = "token"
     timeout_seconds: float = 30.0
@@ -75,12 +77,6 @@ class AuthConfig:
     legacy: str = "allow"
     legacy_deprecated_at: int | None = None
     legacy_sunset: int | None = None
-
-    @property
-    def verification_key(self) -> str:
-        key = self.secret if self.secret is not None else self.public_key
-        assert key is not None, "parse_config guarantees a key"
-        return key
 
 
 @dataclass(frozen=True)
@@ -182,7 +178,9 @@ class Config:
 
 
 # Keys bound to sockets at start-up: a reload that changes them is reported, not applied.
-RESTART_KEYS = ("listen", "path", "admin", "redis", "limits.max_upstream_connections")
+RESTART_KEYS = (
+    "listen", "path", "admin", "redis", "limits.max_upstream_connections", "auth.jwks_url", "auth.jwks_refresh_seconds",
+)
 
 
 def restart_required(old: Config, new: Config) -> list[str]:
@@ -465,7 +463,7 @@ def _parse_auth(r: _Reader, raw: Any, read_public_key: PublicKeyReader | None) -
         raw,
         p,
         {
-            "algorithms", "secret", "public_key_file", "user_id_claim", "query_param",
+            "algorithms", "secret", "public_key_file", "jwks_url", "jwks_refresh_seconds", "user_id_claim", "query_param",
             "timeout_seconds", "audience", "issuer", "leeway_seconds", "connected_message",
             "legacy", "legacy_deprecated_at", "legacy_sunset",
         },
@@ -490,14 +488,22 @@ def _parse_auth(r: _Reader, raw: Any, read_public_key: PublicKeyReader | None) -
             r.error(f"{p}.secret", "required (non-empty) for HMAC algorithms")
         if key_file:
             r.error(f"{p}.public_key_file", "not used with HMAC algorithms; set auth.secret")
+    jwks_url = r.string(a, p, "jwks_url", _default(AuthConfig, "jwks_url"))
+    if jwks_url is not None:
+        if not re.fullmatch(r"https?://\S+", jwks_url):
+            r.error(f"{p}.jwks_url", "expected an http:// or https:// URL")
+        if hmac:
+            r.error(f"{p}.jwks_url", "a JWKS holds public keys: use public-key algorithms (RS256, ES256, ...)")
+        if key_file:
+            r.error(f"{p}.public_key_file", "set one of auth.public_key_file and auth.jwks_url")
     if public and not hmac:
         if secret:
-            r.error(f"{p}.secret", "not used with public-key algorithms; set auth.public_key_file")
-        if not key_file:
-            r.error(f"{p}.public_key_file", "required for public-key algorithms")
-        elif read_public_key is None:
+            r.error(f"{p}.secret", "not used with public-key algorithms; set auth.public_key_file or auth.jwks_url")
+        if not key_file and jwks_url is None:
+            r.error(f"{p}.public_key_file", "required for public-key algorithms (or auth.jwks_url)")
+        elif key_file and read_public_key is None:
             r.error(f"{p}.public_key_file", f"{key_file!r} was not read: no public key reader was given")
-        else:
+        elif key_file and read_public_key is not None:
             try:
                 public_key = read_public_key(key_file)
             except ValueError as exc:
@@ -522,6 +528,10 @@ def _parse_auth(r: _Reader, raw: Any, read_public_key: PublicKeyReader | None) -
         secret=secret,
         public_key_file=key_file,
         public_key=public_key,
+        jwks_url=jwks_url,
+        jwks_refresh_seconds=r.number(
+            a, p, "jwks_refresh_seconds", _default(AuthConfig, "jwks_refresh_seconds"), low=10, high=86400
+        ),
         user_id_claim=r.string(a, p, "user_id_claim", _default(AuthConfig, "user_id_claim")),
         query_param=_parameter_name(r, a, p, "query_param", _default(AuthConfig, "query_param")),
         timeout_seconds=r.number(

@@ -42,6 +42,7 @@ from .protocol import (
     Action,
     CloseClient,
     CloseUpstream,
+    FetchKeys,
     OpenUpstream,
     Phase,
     RouteUser,
@@ -74,6 +75,8 @@ class GatewayServices(Protocol):
     async def ip_blocked(self, ip: str) -> bool: ...
 
     async def acquire_slot(self, user_id: str, connection_id: str) -> bool: ...
+
+    async def refresh_keys(self) -> None: ...
 
     def route(self, user_id: str) -> Route: ...
 
@@ -186,6 +189,8 @@ class Connection:
             elif kind is UpstreamResult:
                 assert isinstance(action, UpstreamResult)
                 self.services.upstream_result(action.backend, action.result)
+            elif kind is FetchKeys:
+                self._spawn(self._fetch_keys())
             elif kind is RouteUser:
                 assert isinstance(action, RouteUser)
                 if session.config.limits.max_sessions_per_user is None:
@@ -256,6 +261,10 @@ class Connection:
             self.perform(self.session.client_closed(code, reason))
         elif type(event) is Ping:
             client.send_own(encode(PONG, event.payload, mask=False))
+
+    async def _fetch_keys(self) -> None:
+        await self.services.refresh_keys()
+        self.perform(self.session.keys_fetched())
 
     # -- the upstream ------------------------------------------------------------------------------
 

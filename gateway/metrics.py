@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 PREFIX = "ws_gateway"
+REPLY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -58,6 +59,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.reply_seconds = Histogram(
+            f"{PREFIX}_reply_seconds",
+            "From a client data frame that follows a backend frame (or starts the session) to the "
+            "backend's next data frame: the chat's time to first reply, per backend.",
+            ["backend"],
+            buckets=REPLY_BUCKETS,
+            registry=r,
+        )
         self.upstream_connect_seconds = Histogram(
             f"{PREFIX}_upstream_connect_seconds",
             "Time to open the upstream WebSocket (TCP + upgrade).",
@@ -70,6 +79,9 @@ class Metrics:
         )
         self.effective_percent = Gauge(
             f"{PREFIX}_rollout_effective_percent", "Percentage actually routed new, after the guard.", registry=r
+        )
+        self.jwks_refreshes = Counter(
+            f"{PREFIX}_jwks_refreshes", "Fetches of auth.jwks_url, by result (success, failure).", ["result"], registry=r
         )
         self.reloads = Counter(
             f"{PREFIX}_config_reloads", "Config reload attempts by result.", ["result"], registry=r

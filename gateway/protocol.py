@@ -78,6 +78,7 @@ TRANSLATIONS: dict[tuple[ClientStyle, BackendStyle], Translation] = {
 
 class Phase(Enum):
     AUTHENTICATING = "authenticating"
+    FETCHING_KEYS = "fetching_keys"  # the token names a JWKS kid the gateway has not seen yet
     ROUTING = "routing"
     CONNECTING = "connecting"
     UPSTREAM_HANDSHAKE = "upstream_handshake"
@@ -90,10 +91,11 @@ _UPSTREAM_PENDING = frozenset({Phase.CONNECTING, Phase.UPSTREAM_HANDSHAKE})
 
 EVENT_PHASES: dict[str, frozenset[Phase]] = {
     "start": frozenset({Phase.AUTHENTICATING}),
-    "auth_timed_out": frozenset({Phase.AUTHENTICATING}),
+    "auth_timed_out": frozenset({Phase.AUTHENTICATING, Phase.FETCHING_KEYS}),
+    "keys_fetched": frozenset({Phase.FETCHING_KEYS}),
     "client_frame": frozenset(Phase) - {Phase.CLOSED},
     "client_closed": frozenset(Phase),
-    "refuse": frozenset({Phase.AUTHENTICATING, Phase.ROUTING}),
+    "refuse": frozenset({Phase.AUTHENTICATING, Phase.FETCHING_KEYS, Phase.ROUTING}),
     "routed": frozenset({Phase.ROUTING}),
     "upstream_opened": frozenset({Phase.CONNECTING}),
     "upstream_frame": frozenset({Phase.UPSTREAM_HANDSHAKE, Phase.RELAYING}),
@@ -105,6 +107,11 @@ EVENT_PHASES: dict[str, frozenset[Phase]] = {
 
 class ShellError(RuntimeError):
     """The shell fed an event before the session could take it: a gateway bug, never a peer's doing."""
+
+
+@dataclass(frozen=True)
+class FetchKeys:
+    """The token's signing key is not in the JWKS the gateway holds: refresh it, then feed `keys_fetched`."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +164,7 @@ class StartRelay:
     pass
 
 
-Action = Union[RouteUser, OpenUpstream, UpstreamResult, SendClient, SendUpstream, CloseClient, CloseUpstream, StartRelay]
+Action = Union[FetchKeys, RouteUser, OpenUpstream, UpstreamResult, SendClient, SendUpstream, CloseClient, CloseUpstream, StartRelay]
 
 
 def split_query(raw_query: str, param: str) -> tuple[str | None, list[str]]:
@@ -290,6 +297,12 @@ class Session:
             return [SendUpstream(data)]
         return self._hold(data)
 
+    def keys_fetched(self) -> list[Action]:
+        """The JWKS refresh `FetchKeys` asked for is done (or was not due): verify once more."""
+        if not self._takes("keys_fetched"):
+            return []
+        return self._authenticated(self._token)
+
     def auth_timed_out(self) -> list[Action]:
         if not self._takes("auth_timed_out"):
             return []
@@ -373,6 +386,10 @@ class Session:
         try:
             self.identity = self._verifier.verify(token)
         except AuthError as exc:
+            if exc.reason == "unknown_key" and self.phase is Phase.AUTHENTICATING:
+                self._token = token
+                self.phase = Phase.FETCHING_KEYS
+                return [FetchKeys()]
             return self._reject(exc)
         self._token = token
         self.phase = Phase.ROUTING

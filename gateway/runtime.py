@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from . import closecodes
 from .auth import REASONS as AUTH_REASONS
 from .auth import Verifier
+from .jwks import KeySet
 from .config import Config, ConfigError, keep_restart_keys, restart_required
 from .connector import Connector
 from .guard import STATE_VALUES, Guard, GuardState, Transition
@@ -82,6 +83,17 @@ class Gateway:
         self.store = store or open_store(config, wall=wall, on_error=self._store_error, on_availability=self._store_up)
         self.connector = Connector()
         self.byte_relay = byte_relay
+        # auth.jwks_url is bound at start (a restart key): one key set for the process's life.
+        self.keys = (
+            KeySet(
+                config.auth.jwks_url,
+                config.auth.algorithms,
+                refresh_seconds=config.auth.jwks_refresh_seconds,
+                on_result=lambda result: self.metrics.jwks_refreshes.labels(result).inc(),
+            )
+            if config.auth.jwks_url is not None
+            else None
+        )
         self.pending = 0  # connections from accept until relaying or closed (listener.Request)
         self.replica = uuid.uuid4().hex
         self._guard_seen = 0.0  # wall time of the newest trip this replica knows of
@@ -96,7 +108,7 @@ class Gateway:
     def apply(self, config: Config) -> None:
         """Serve `config` to new connections; established ones keep the one they started with."""
         self.config = config
-        self.verifier = Verifier(config.auth)
+        self.verifier = Verifier(config.auth, self.keys)
         self.loaded_at = self.wall()
         if config.auth.secret is not None and len(config.auth.secret.encode()) < 32:
             log.warning("auth.secret is shorter than 32 bytes: weak for HMAC; rotate it when the old backend allows")
@@ -335,7 +347,19 @@ class Gateway:
             yield "client_to_backend", conn.to_upstream.frames, conn.to_upstream.bytes
             yield "backend_to_client", conn.to_client.frames, conn.to_client.bytes
 
+    @property
+    def ready(self) -> bool:
+        """Whether a load balancer should send new clients (/readyz)."""
+        return not self.draining and (self.keys is None or bool(self.keys.keys))
+
+    async def refresh_keys(self) -> None:
+        if self.keys is not None:
+            await self.keys.refresh_on_demand()
+
     async def start(self) -> None:
+        if self.keys is not None:
+            await self.keys.refresh()
+            self.keys.start()
         await self.store.start()
         self._guard_sync = asyncio.create_task(self._sync_guard())
         self._keepalive = asyncio.create_task(self._keep_alive())
@@ -348,6 +372,8 @@ class Gateway:
             await asyncio.wait(self._background, timeout=self.close_timeout)
         await self.store.close()
         await self.connector.close()
+        if self.keys is not None:
+            await self.keys.stop()
 
     async def _keep_alive(self) -> None:
         """Ping quiet legs and drop dead ones: one loop for every connection, no timer per socket."""

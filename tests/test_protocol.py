@@ -6,7 +6,9 @@ import json
 from typing import Any
 from urllib.parse import quote
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.auth import MAX_TOKEN_BYTES, Verifier, authenticate_message
 from gateway.config import BackendConfig, Config
@@ -16,6 +18,7 @@ from gateway.protocol import (
     Action,
     CloseClient,
     CloseUpstream,
+    FetchKeys,
     OpenUpstream,
     Phase,
     RouteUser,
@@ -724,11 +727,17 @@ EVENTS: dict[str, Any] = {
     "upstream_frame": lambda s: s.upstream_frame(BACKEND_CONNECTED),
     "upstream_closed": lambda s: s.upstream_closed(1000, ""),
     "upstream_failed": lambda s: s.upstream_failed("connect"),
+    "keys_fetched": lambda s: s.keys_fetched(),
 }
 
 
 def in_phase(phase: Phase) -> Session:
     """A message client routed new, driven to `phase`."""
+    if phase is Phase.FETCHING_KEYS:
+        s, _ = jwks_session({})
+        s.client_frame(json.dumps({"type": "authenticate", "token": RS_TOKEN}))
+        assert s.phase is phase
+        return s
     s = session("new")
     if phase is Phase.AUTHENTICATING:
         return s
@@ -744,6 +753,46 @@ def in_phase(phase: Phase) -> Session:
         s.upstream_frame(BACKEND_CONNECTED)
     assert s.phase is phase
     return s
+
+
+# -- signing keys from a JWKS endpoint -----------------------------------------------------------
+
+RS_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+RS_TOKEN = jwt.encode({"user_id": "alice", "exp": 2**31}, RS_KEY, algorithm="RS256", headers={"kid": "k1"})
+
+
+class KeysByKid(dict):
+    """The `auth.Keys` a `jwks.KeySet` is, without its fetching."""
+
+    def key_for(self, kid: str) -> Any:
+        return self.get(kid)
+
+
+def jwks_session(keys: dict[str, Any]) -> tuple[Session, KeysByKid]:
+    config = config_for("new", auth={"algorithms": ["RS256"], "secret": None, "jwks_url": "https://idp/jwks.json"})
+    held = KeysByKid(keys)
+    return Session(config, Verifier(config.auth, held), ""), held
+
+
+def test_a_kid_the_gateway_lacks_asks_for_the_keys_once_and_holds_early_frames() -> None:
+    s, keys = jwks_session({})
+    assert s.client_frame(json.dumps({"type": "authenticate", "token": RS_TOKEN})) == [FetchKeys()]
+    assert s.phase is Phase.FETCHING_KEYS
+    assert s.client_frame("early") == []
+    keys["k1"] = RS_KEY.public_key()
+    assert s.keys_fetched() == [RouteUser("alice")]
+
+
+def test_a_kid_still_unknown_after_the_refresh_closes_1008() -> None:
+    s, _ = jwks_session({})
+    s.client_frame(json.dumps({"type": "authenticate", "token": RS_TOKEN}))
+    assert s.keys_fetched() == [CloseClient(1008, "token signed by an unknown key")]
+    assert s.failure == "unknown_key"
+
+
+def test_a_known_kid_verifies_without_asking() -> None:
+    s, _ = jwks_session({"k1": RS_KEY.public_key()})
+    assert s.client_frame(json.dumps({"type": "authenticate", "token": RS_TOKEN})) == [RouteUser("alice")]
 
 
 def test_every_event_has_its_phases() -> None:
