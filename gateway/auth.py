@@ -91,6 +91,11 @@ def parse_authenticate_frame(data: str | bytes) -> tuple[str, dict[str, Any]]:
     return token, message
 
 
+def might_be_authenticate(data: str) -> bool:
+    """The test an in-band refresh costs a relayed text frame before any JSON parse."""
+    return len(data) <= MAX_AUTH_FRAME_BYTES and '"authenticate"' in data
+
+
 def authenticate_message(token: str) -> str:
     """The frame that authenticates to a message-style backend on a legacy client's behalf."""
     return json.dumps({"type": "authenticate", "token": token}, separators=(",", ":"))

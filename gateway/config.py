@@ -41,6 +41,7 @@ UPSTREAM_STYLES = ("query", "message")
 DEFAULT_CONNECTED_MESSAGE = '{"type":"connected","message":"Connected to Wealth Coach AI"}'
 SECRET_KEYS = frozenset({"secret"})
 LEGACY_MODES = ("allow", "deprecate", "deny")
+SESSION_EXPIRY_MODES = ("ignore", "close")
 
 
 class ConfigError(Exception):
@@ -77,6 +78,7 @@ class AuthConfig:
     legacy: str = "allow"
     legacy_deprecated_at: int | None = None
     legacy_sunset: int | None = None
+    session_expiry: str = "ignore"
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,14 @@ class GuardConfig:
 
 
 @dataclass(frozen=True)
+class RebalanceConfig:
+    enabled: bool = False
+    window_seconds: float = 60.0
+    idle_seconds: float = 5.0
+    on_guard_trip: bool = False
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
     new_percent: float = 0.0
     salt: str = "chat-auth-migration"
@@ -109,6 +119,7 @@ class RolloutConfig:
     force_old: frozenset[str] = frozenset()
     fallback_to_old: bool = True
     guard: GuardConfig = GuardConfig()
+    rebalance: RebalanceConfig = RebalanceConfig()
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,9 @@ class RedisConfig:
 class UsageConfig:
     retention_days: int = 120
     legacy_threshold_percent: float = 1.0
+    # SQLite file for usage without Redis, so `ws-gateway report` has data to read; None
+    # keeps usage in memory only. Relative to the config file's directory (load_config).
+    path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +194,7 @@ class Config:
 # Keys bound to sockets at start-up: a reload that changes them is reported, not applied.
 RESTART_KEYS = (
     "listen", "path", "admin", "redis", "limits.max_upstream_connections", "auth.jwks_url", "auth.jwks_refresh_seconds",
+    "usage.path",
 )
 
 
@@ -419,7 +434,12 @@ def parse_config(
                 low=0, high=30, low_inclusive=False,
             ),
         )
-    usage_raw = r.section(top.get("usage"), "usage", {"retention_days", "legacy_threshold_percent"})
+    usage_raw = r.section(top.get("usage"), "usage", {"retention_days", "legacy_threshold_percent", "path"})
+    usage_path = r.string(usage_raw, "usage", "path", _default(UsageConfig, "path"))
+    if usage_path is not None and not usage_path.strip():
+        r.error("usage.path", "must not be empty (omit it to keep usage in memory)")
+    elif usage_path is not None and redis is not None:
+        r.error("usage.path", "not used with redis: usage is counted in Redis; remove one of them")
     usage = UsageConfig(
         retention_days=r.number(
             usage_raw, "usage", "retention_days", _default(UsageConfig, "retention_days"), low=1, high=3650, integer=True
@@ -427,6 +447,7 @@ def parse_config(
         legacy_threshold_percent=r.number(
             usage_raw, "usage", "legacy_threshold_percent", _default(UsageConfig, "legacy_threshold_percent"), low=0, high=100
         ),
+        path=usage_path,
     )
     proxies = _default(Config, "trusted_proxies")
     if top.get("trusted_proxies") is not None:
@@ -465,7 +486,7 @@ def _parse_auth(r: _Reader, raw: Any, read_public_key: PublicKeyReader | None) -
         {
             "algorithms", "secret", "public_key_file", "jwks_url", "jwks_refresh_seconds", "user_id_claim", "query_param",
             "timeout_seconds", "audience", "issuer", "leeway_seconds", "connected_message",
-            "legacy", "legacy_deprecated_at", "legacy_sunset",
+            "legacy", "legacy_deprecated_at", "legacy_sunset", "session_expiry",
         },
     )
     if raw is None:
@@ -544,6 +565,7 @@ def _parse_auth(r: _Reader, raw: Any, read_public_key: PublicKeyReader | None) -
         legacy=legacy,
         legacy_deprecated_at=deprecated_at,
         legacy_sunset=sunset,
+        session_expiry=r.choice(a, p, "session_expiry", _default(AuthConfig, "session_expiry"), SESSION_EXPIRY_MODES),
     )
 
 
@@ -618,7 +640,7 @@ def _parse_backends(r: _Reader, raw: Any) -> dict[str, BackendConfig]:
 
 def _parse_rollout(r: _Reader, raw: Any) -> RolloutConfig:
     p = "rollout"
-    s = r.section(raw, p, {"new_percent", "salt", "force_new", "force_old", "fallback_to_old", "guard"})
+    s = r.section(raw, p, {"new_percent", "salt", "force_new", "force_old", "fallback_to_old", "guard", "rebalance"})
     force_new = frozenset(r.string_list(s, p, "force_new", _default(RolloutConfig, "force_new")))
     force_old = frozenset(r.string_list(s, p, "force_old", _default(RolloutConfig, "force_old")))
     both = sorted(force_new & force_old)
@@ -634,6 +656,18 @@ def _parse_rollout(r: _Reader, raw: Any) -> RolloutConfig:
         force_old=force_old,
         fallback_to_old=r.boolean(s, p, "fallback_to_old", _default(RolloutConfig, "fallback_to_old")),
         guard=_parse_guard(r, s.get("guard")),
+        rebalance=_parse_rebalance(r, s.get("rebalance")),
+    )
+
+
+def _parse_rebalance(r: _Reader, raw: Any) -> RebalanceConfig:
+    p = "rollout.rebalance"
+    b = r.section(raw, p, {"enabled", "window_seconds", "idle_seconds", "on_guard_trip"})
+    return RebalanceConfig(
+        enabled=r.boolean(b, p, "enabled", _default(RebalanceConfig, "enabled")),
+        window_seconds=r.number(b, p, "window_seconds", _default(RebalanceConfig, "window_seconds"), low=0, high=86400),
+        idle_seconds=r.number(b, p, "idle_seconds", _default(RebalanceConfig, "idle_seconds"), low=0, high=3600),
+        on_guard_trip=r.boolean(b, p, "on_guard_trip", _default(RebalanceConfig, "on_guard_trip")),
     )
 
 
@@ -778,11 +812,16 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError([f"{where}{problem}"], source) from None
-    read_key = _public_key_file_reader(Path(path).resolve().parent)
+    base_dir = Path(path).resolve().parent
+    read_key = _public_key_file_reader(base_dir)
     try:
-        return parse_config(raw, env=os.environ if env is None else env, read_public_key=read_key)
+        config = parse_config(raw, env=os.environ if env is None else env, read_public_key=read_key)
     except ConfigError as exc:
         raise ConfigError(exc.problems, source) from None
+    if config.usage.path is None:
+        return config
+    # `serve` and `report` must find the same file whatever directory each is started in.
+    return replace(config, usage=replace(config.usage, path=str(base_dir / config.usage.path)))
 
 
 def _public_key_file_reader(base_dir: Path) -> PublicKeyReader:

@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from . import closecodes, deflate
+from .auth import might_be_authenticate
 from .closecodes import Leg as Side
 from .connector import Connector, HeadReader
 from .deflate import Deflate, Inflater, NegotiationError
@@ -42,6 +44,7 @@ from .protocol import (
     Action,
     CloseClient,
     CloseUpstream,
+    ExpireAt,
     FetchKeys,
     OpenUpstream,
     Phase,
@@ -50,6 +53,7 @@ from .protocol import (
     SendUpstream,
     Session,
     StartRelay,
+    TokenRefreshed,
     UpstreamResult,
 )
 from .relay import BytePump, Flow, FramePump, Leg
@@ -60,6 +64,13 @@ log = logging.getLogger("gateway.connection")
 # Upgrade refusals caused by the client's own request (its URL or headers are too big or
 # malformed for the backend): answered with 1014, never counted against the backend.
 CLIENT_FAULT_STATUSES = frozenset({400, 414, 431})
+
+
+class Placement(NamedTuple):
+    user_id: str
+    routed: str  # the backend the route chose at connect, before any fallback
+    backend: str  # the backend the session is on
+    last_frame: float  # clock() of the last frame read from either side
 
 
 class GatewayServices(Protocol):
@@ -77,6 +88,10 @@ class GatewayServices(Protocol):
     async def acquire_slot(self, user_id: str, connection_id: str) -> bool: ...
 
     async def refresh_keys(self) -> None: ...
+
+    def token_refreshed(self, result: str) -> None: ...
+
+    def session_expired(self) -> None: ...
 
     def route(self, user_id: str) -> Route: ...
 
@@ -134,6 +149,7 @@ class Connection:
         self._reading: Leg | None = None  # a leg whose batch of parsed frames is being handled
         self._carry: dict[Leg, bytes] = {}  # unparsed bytes a leg's new pump gets after its batch
         self._timers: list[asyncio.TimerHandle] = []
+        self._expiry: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connecting: asyncio.Task[None] | None = None
         client.owner = self
@@ -215,6 +231,12 @@ class Connection:
                     self.close_leg(self.upstream, action.code, action.reason)
             elif kind is StartRelay:
                 self._start_relay()
+            elif kind is ExpireAt:
+                assert isinstance(action, ExpireAt)
+                self._expire_at(action.at)
+            elif kind is TokenRefreshed:
+                assert isinstance(action, TokenRefreshed)
+                self.services.token_refreshed(action.result)
 
     async def _admit(self, user_id: str) -> None:
         allowed = await self.services.acquire_slot(user_id, self.connection_id)
@@ -261,6 +283,19 @@ class Connection:
             self.perform(self.session.client_closed(code, reason))
         elif type(event) is Ping:
             client.send_own(encode(PONG, event.payload, mask=False))
+
+    def _expire_at(self, at: float | None) -> None:
+        """(Re)arm the deadline of ``auth.session_expiry: close``; `at` is wall-clock time."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+        if at is not None:
+            self._expiry = asyncio.get_running_loop().call_later(max(0.0, at - time.time()), self._expired)
+            self._timers.append(self._expiry)
+
+    def _expired(self) -> None:
+        self.services.session_expired()
+        log.info("token expired: closing the session", extra={"request_id": self.request_id})
+        self.perform(self.session.expired())
 
     async def _fetch_keys(self) -> None:
         await self.services.refresh_keys()
@@ -437,7 +472,9 @@ class Connection:
         client_reader, upstream_reader = self._client_reader, self._upstream_reader
         assert upstream_reader is not None
         carry: list[tuple[Leg, bytes]] = []
-        if self.byte_relay and client_reader.inflater is None and not client_reader.in_message:
+        # With session_expiry: close the client's frames are parsed, to see in-band refreshes.
+        refreshes = session.config.auth.session_expiry == "close"
+        if self.byte_relay and client_reader.inflater is None and not client_reader.in_message and not refreshes:
             scanner = Scanner(self.to_upstream, masked=True, max_message=limit, rsv1_allowed=False)
             client.receive = BytePump(client, upstream, scanner).data_received
             carry.append((client, client_reader.take_buffer()))
@@ -462,6 +499,9 @@ class Connection:
         """A message a `FramePump` (or the last read before the switch) parsed: write it to the other leg."""
         other = self.upstream if leg.is_client else self.client
         if other is None or other.close_sent or other.done:
+            return
+        if leg.is_client and self._expiry is not None and type(data) is str and might_be_authenticate(data):
+            self.perform(self.session.client_refresh(data))
             return
         other.send_message(data)
         self._count(self.to_upstream if leg.is_client else self.to_client, data)
@@ -552,11 +592,21 @@ class Connection:
             task.cancel()
         self.services.connection_finished(self)
 
-    async def close(self, code: int, reason: str) -> None:
-        """Close the client with (`code`, `reason`) and the upstream as going away (drain, shutdown)."""
+    async def close(self, code: int, reason: str, upstream_reason: str = "gateway shutting down") -> None:
+        """Close the client with (`code`, `reason`) and the upstream as going away (drain, shutdown, rebalance)."""
         self.close_leg(self.client, code, reason)
         if self.upstream is not None:
-            self.close_leg(self.upstream, closecodes.GOING_AWAY, "gateway shutting down")
+            self.close_leg(self.upstream, closecodes.GOING_AWAY, upstream_reason)
+
+    def placement(self) -> Placement | None:
+        """Where this session is, while it relays (for rebalancing)."""
+        session, upstream = self.session, self.upstream
+        if session.phase is not Phase.RELAYING or session.route is None or session.identity is None or upstream is None:
+            return None
+        assert session.backend is not None
+        return Placement(
+            session.identity.user_id, session.route.backend, session.backend, max(self.client.last_read, upstream.last_read)
+        )
 
     @property
     def upstream_dropped(self) -> bool:

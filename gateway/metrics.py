@@ -83,6 +83,22 @@ class Metrics:
         self.jwks_refreshes = Counter(
             f"{PREFIX}_jwks_refreshes", "Fetches of auth.jwks_url, by result (success, failure).", ["result"], registry=r
         )
+        self.session_expiries = Counter(
+            f"{PREFIX}_session_expiries", "Sessions closed (1008) when their token expired (auth.session_expiry: close).",
+            registry=r,
+        )
+        self.token_refreshes = Counter(
+            f"{PREFIX}_token_refreshes",
+            "In-band authenticate frames during a session, by result (ok, invalid, other_user).",
+            ["result"],
+            registry=r,
+        )
+        self.rebalance_closes = Counter(
+            f"{PREFIX}_rebalance_closes",
+            "Sessions closed with 1012 to move them to the backend their changed route points to.",
+            ["from", "to"],
+            registry=r,
+        )
         self.reloads = Counter(
             f"{PREFIX}_config_reloads", "Config reload attempts by result.", ["result"], registry=r
         )

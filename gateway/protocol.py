@@ -36,7 +36,7 @@ from typing import Literal, Union, cast
 from urllib.parse import quote, unquote_plus
 
 from . import closecodes
-from .auth import AuthError, Identity, Verifier, authenticate_message, parse_authenticate_frame
+from .auth import REASONS, AuthError, Identity, Verifier, authenticate_message, parse_authenticate_frame
 from .config import BackendConfig, Config
 from .routing import Route
 
@@ -93,6 +93,8 @@ EVENT_PHASES: dict[str, frozenset[Phase]] = {
     "start": frozenset({Phase.AUTHENTICATING}),
     "auth_timed_out": frozenset({Phase.AUTHENTICATING, Phase.FETCHING_KEYS}),
     "keys_fetched": frozenset({Phase.FETCHING_KEYS}),
+    "client_refresh": frozenset({Phase.RELAYING}),
+    "expired": frozenset({Phase.RELAYING}),
     "client_frame": frozenset(Phase) - {Phase.CLOSED},
     "client_closed": frozenset(Phase),
     "refuse": frozenset({Phase.AUTHENTICATING, Phase.FETCHING_KEYS, Phase.ROUTING}),
@@ -164,7 +166,24 @@ class StartRelay:
     pass
 
 
-Action = Union[FetchKeys, RouteUser, OpenUpstream, UpstreamResult, SendClient, SendUpstream, CloseClient, CloseUpstream, StartRelay]
+@dataclass(frozen=True)
+class ExpireAt:
+    """With ``auth.session_expiry: close``: feed `expired` at this wall-clock time (None: never)."""
+
+    at: float | None
+
+
+@dataclass(frozen=True)
+class TokenRefreshed:
+    """An in-band ``authenticate`` frame during the relay, and how it ended (for the metrics)."""
+
+    result: Literal["ok", "invalid", "other_user"]
+
+
+Action = Union[
+    FetchKeys, RouteUser, OpenUpstream, UpstreamResult, SendClient, SendUpstream, CloseClient, CloseUpstream,
+    StartRelay, ExpireAt, TokenRefreshed,
+]
 
 
 def split_query(raw_query: str, param: str) -> tuple[str | None, list[str]]:
@@ -303,6 +322,52 @@ class Session:
             return []
         return self._authenticated(self._token)
 
+    @property
+    def expires_at(self) -> float | None:
+        """When the session must end (``auth.session_expiry: close``): the token's exp plus the leeway."""
+        auth = self._config.auth
+        if auth.session_expiry != "close" or self.identity is None or self.identity.expires_at is None:
+            return None
+        return self.identity.expires_at + auth.leeway_seconds
+
+    def client_refresh(self, data: str) -> list[Action]:
+        """A relayed client frame that may be an in-band ``authenticate`` (``session_expiry: close``).
+
+        Not one after all (a chat message that mentions the word): relayed as usual. A valid
+        token of the same user moves the deadline; the frame goes on to a message-style
+        backend and is swallowed for a query-style one, which would not understand it. A bad
+        token or another user's ends the session with 1008 on both legs.
+        """
+        if not self._takes("client_refresh"):
+            return []
+        try:
+            token, _ = parse_authenticate_frame(data)
+        except AuthError:
+            return [SendUpstream(data)]
+        assert self.identity is not None
+        try:
+            identity = self._verifier.verify(token)
+        except AuthError as exc:
+            return [TokenRefreshed("invalid"), *self._end(exc.reason, exc.close_reason)]
+        if identity.user_id != self.identity.user_id:
+            return [TokenRefreshed("other_user"), *self._end("other_user", "token names another user")]
+        self.identity, self._token = identity, token
+        actions: list[Action] = [TokenRefreshed("ok"), ExpireAt(self.expires_at)]
+        if self._backend_config.auth == "message":
+            actions.append(SendUpstream(data))
+        return actions
+
+    def expired(self) -> list[Action]:
+        """The deadline of `ExpireAt` passed."""
+        if not self._takes("expired"):
+            return []
+        return self._end("session_expired", REASONS["expired"])  # not an auth failure: the session ran its course
+
+    def _end(self, failure: str, reason: str) -> list[Action]:
+        self.phase = Phase.CLOSED
+        self.failure = failure
+        return [CloseClient(closecodes.POLICY_VIOLATION, reason), CloseUpstream(closecodes.POLICY_VIOLATION, reason)]
+
     def auth_timed_out(self) -> list[Action]:
         if not self._takes("auth_timed_out"):
             return []
@@ -437,6 +502,8 @@ class Session:
             return actions
         self.phase = Phase.RELAYING
         actions.append(StartRelay())
+        if self.expires_at is not None:
+            actions.append(ExpireAt(self.expires_at))
         return actions
 
     def _upstream_failed(self, kind: FailureKind, *, close_upstream: bool) -> list[Action]:

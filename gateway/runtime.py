@@ -18,17 +18,19 @@ from typing import Any, Protocol
 from . import closecodes
 from .auth import REASONS as AUTH_REASONS
 from .auth import Verifier
-from .jwks import KeySet
 from .config import Config, ConfigError, keep_restart_keys, restart_required
 from .connector import Connector
 from .guard import STATE_VALUES, Guard, GuardState, Transition
+from .jwks import KeySet
 from .metrics import Metrics
+from .rebalance import Move, Schedule, due, plan
 from .relay import Flow
 from .routing import Route, choose_backend, held_back
 from .store import Store, open_store, utc_day
 
 log = logging.getLogger("gateway")
 GUARD_SYNC_SECONDS = 1.0
+REBALANCE_TICK_SECONDS = 0.25
 # Refusals that say nothing about whether the client guessed a token: not counted per IP.
 NOT_THE_CLIENTS_FAULT = frozenset({"rate_limited", "too_many_sessions", "legacy_denied"})
 
@@ -46,9 +48,11 @@ class OpenConnection(Protocol):
 
     def keepalive(self, now: float) -> None: ...
 
-    async def close(self, code: int, reason: str) -> None: ...
+    async def close(self, code: int, reason: str, upstream_reason: str = ...) -> None: ...
 
     def record(self) -> dict[str, Any]: ...
+
+    def placement(self) -> Any: ...
 
 
 class Gateway:
@@ -101,6 +105,9 @@ class Gateway:
         self._background: set[asyncio.Task[Any]] = set()
         self._guard_sync: asyncio.Task[None] | None = None
         self._keepalive: asyncio.Task[None] | None = None
+        self.rebalance: Schedule | None = None
+        self._rebalance_why = ""
+        self._rebalancer: asyncio.Task[None] | None = None
         self.apply(config)
 
     # -- config ----------------------------------------------------------------------------
@@ -127,6 +134,7 @@ class Gateway:
                 extra={"file": self.config_path, "keys": stuck},
             )
         self.apply(config)
+        self.replan("the rollout changed")
         self.metrics.reloads.labels("success").inc()
         log.info(
             "config reloaded",
@@ -158,10 +166,67 @@ class Gateway:
                 log.error("rollback guard " + transition.detail, extra={"guard_state": transition.state.value})
                 if share:
                     self._share_trip(transition)
+                if self.config.rollout.rebalance.on_guard_trip:
+                    self.replan("the new backend is failing")
             else:
                 log.warning("rollback guard " + transition.detail, extra={"guard_state": transition.state.value})
         if transitions:
             self._set_gauges()
+
+    # -- rebalancing open sessions ---------------------------------------------------------------
+
+    def replan(self, why: str) -> None:
+        """Schedule the close (1012) of every relaying session whose route changed and that is
+        not on its new backend already; replaces any schedule in progress."""
+        config = self.config.rollout.rebalance
+        if not config.enabled:
+            self.rebalance = None
+            return
+        rollout = self.config.rollout
+        share, blocks = (self.guard.share(), self.guard.blocks_forced()) if config.on_guard_trip else (1.0, False)
+        moves = []
+        for conn in self.connections:
+            placed = conn.placement()
+            if placed is None:
+                continue
+            target = held_back(choose_backend(placed.user_id, rollout), rollout, share, blocks).backend
+            if target != placed.routed and target != placed.backend:
+                moves.append(Move(conn, placed.backend, target))
+        self.rebalance = plan(config, self.clock(), moves, self.rebalance)
+        self._rebalance_why = why
+        if moves:
+            log.warning(
+                "rebalancing open sessions whose route changed",
+                extra={"sessions": len(moves), "window_seconds": config.window_seconds, "reason": why},
+            )
+        if self._rebalancer is None or self._rebalancer.done():
+            self._rebalancer = asyncio.create_task(self._rebalance())
+
+    async def _rebalance(self) -> None:
+        while self.rebalance is not None and (self.rebalance.slots or self.clock() < self.rebalance.ends_at):
+            schedule = self.rebalance
+            for move in due(schedule, self.clock(), self._last_frame):
+                self.metrics.rebalance_closes.labels(move.source, move.target).inc()
+                await move.key.close(
+                    closecodes.SERVICE_RESTART,
+                    f"rebalancing: {self._rebalance_why}; reconnect to reach the {move.target} backend",
+                    "client moved to another backend",
+                )
+            await asyncio.sleep(REBALANCE_TICK_SECONDS)
+
+    def _last_frame(self, conn: Any) -> float | None:
+        placed = conn.placement() if conn in self.connections else None
+        return placed.last_frame if placed is not None else None
+
+    def _rebalance_status(self, schedule: Schedule | None) -> dict[str, Any] | None:
+        if schedule is None:
+            return None
+        return {
+            "scheduled": schedule.scheduled,
+            "closed": schedule.closed,
+            "reason": self._rebalance_why,
+            "ends_in_seconds": round(max(0.0, schedule.ends_at - self.clock()), 1),
+        }
 
     # -- the guard across replicas -----------------------------------------------------------
 
@@ -269,6 +334,7 @@ class Gateway:
             "pending_handshakes": self.pending,
             # asyncio tasks alive: an established session has none, so this stays flat (bench/soak.py).
             "tasks": len(asyncio.all_tasks()),
+            "rebalance": self._rebalance_status(self.rebalance),
         }
 
     # -- session outcomes (called by the relay) ----------------------------------------------
@@ -283,6 +349,12 @@ class Gateway:
             self.metrics.upstream_failures.labels(backend, result).inc()
         if backend == "new" and result not in ("rejected", "bad_request"):
             self.new_backend_outcome(failed=result != "ok")
+
+    def token_refreshed(self, result: str) -> None:
+        self.metrics.token_refreshes.labels(result).inc()
+
+    def session_expired(self) -> None:
+        self.metrics.session_expiries.inc()
 
     def fell_back(self) -> None:
         self.metrics.fallbacks.inc()
@@ -365,7 +437,7 @@ class Gateway:
         self._keepalive = asyncio.create_task(self._keep_alive())
 
     async def stop(self) -> None:
-        for task in (self._guard_sync, self._keepalive):
+        for task in (self._guard_sync, self._keepalive, self._rebalancer):
             if task is not None:
                 task.cancel()
         if self._background:

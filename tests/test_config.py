@@ -423,11 +423,11 @@ def test_hmac_algorithms_refuse_a_public_key_file() -> None:
 
 def test_public_key_algorithms_refuse_a_secret() -> None:
     found = problems_of(raw_config(auth={**ES256, "secret": SECRET}), read_public_key=lambda name: PUBLIC_PEM)
-    assert found == ["auth.secret: not used with public-key algorithms; set auth.public_key_file"]
+    assert found == ["auth.secret: not used with public-key algorithms; set auth.public_key_file or auth.jwks_url"]
 
 
 def test_public_key_algorithms_need_a_public_key_file() -> None:
-    assert problem(auth={**ES256, "public_key_file": None}) == "auth.public_key_file: required for public-key algorithms"
+    assert problem(auth={**ES256, "public_key_file": None}) == "auth.public_key_file: required for public-key algorithms (or auth.jwks_url)"
 
 
 def test_the_key_reader_gets_the_expanded_file_name_and_its_text_is_the_key() -> None:

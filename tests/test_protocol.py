@@ -18,6 +18,7 @@ from gateway.protocol import (
     Action,
     CloseClient,
     CloseUpstream,
+    ExpireAt,
     FetchKeys,
     OpenUpstream,
     Phase,
@@ -27,6 +28,7 @@ from gateway.protocol import (
     Session,
     ShellError,
     StartRelay,
+    TokenRefreshed,
     UpstreamResult,
     is_connected_frame,
     split_query,
@@ -728,6 +730,8 @@ EVENTS: dict[str, Any] = {
     "upstream_closed": lambda s: s.upstream_closed(1000, ""),
     "upstream_failed": lambda s: s.upstream_failed("connect"),
     "keys_fetched": lambda s: s.keys_fetched(),
+    "client_refresh": lambda s: s.client_refresh("chat"),
+    "expired": lambda s: s.expired(),
 }
 
 
@@ -830,3 +834,73 @@ def test_refusing_a_verified_user_closes_1008_and_opens_nothing() -> None:
     s = in_phase(Phase.ROUTING)
     assert s.refuse("too_many_sessions") == [CloseClient(1008, "too many open sessions for this user")]
     assert s.failure == "too_many_sessions" and s.phase is Phase.CLOSED
+
+
+# -- token expiry and in-band refresh (auth.session_expiry: close) -------------------------------
+
+
+def relaying(backend: str = "new", ttl: float = 300, **auth: Any) -> tuple[Session, list[Action]]:
+    """A message client relaying to `backend` with session_expiry close; the actions of the switch."""
+    s = session(backend, auth={"session_expiry": "close", **auth})
+    token = make_token("alice", ttl=ttl)
+    actions = routed(s, s.client_frame(json.dumps({"type": "authenticate", "token": token})))
+    actions += s.upstream_opened()
+    if backend == "new":
+        actions += s.upstream_frame(BACKEND_CONNECTED)
+    assert s.phase is Phase.RELAYING
+    return s, actions
+
+
+def test_the_switch_to_the_relay_sets_the_deadline_at_exp_plus_leeway() -> None:
+    s, actions = relaying(leeway_seconds=5)
+    assert s.identity is not None and s.identity.expires_at is not None
+    assert actions[-2:] == [StartRelay(), ExpireAt(s.identity.expires_at + 5)]
+
+
+def test_without_session_expiry_no_deadline_is_set() -> None:
+    s = session("old")
+    actions = routed(s, s.client_frame(AUTH)) + s.upstream_opened()
+    assert not any(isinstance(a, ExpireAt) for a in actions)
+    assert s.expires_at is None
+
+
+def test_expiry_closes_both_legs_with_1008() -> None:
+    s, _ = relaying()
+    assert s.expired() == [CloseClient(1008, "token expired"), CloseUpstream(1008, "token expired")]
+    assert s.phase is Phase.CLOSED and s.failure == "session_expired"
+
+
+@pytest.mark.parametrize(("backend", "forwarded"), [("new", True), ("old", False)])
+def test_a_refresh_of_the_same_user_moves_the_deadline_and_reaches_only_a_message_backend(backend, forwarded) -> None:
+    s, _ = relaying(backend, ttl=60)
+    before = s.expires_at
+    frame = json.dumps({"type": "authenticate", "token": make_token("alice", ttl=3600)})
+    actions = s.client_refresh(frame)
+    assert actions[0] == TokenRefreshed("ok")
+    assert isinstance(actions[1], ExpireAt) and actions[1].at == s.expires_at
+    assert before is not None and s.expires_at is not None and s.expires_at >= before + 3000
+    assert (SendUpstream(frame) in actions) is forwarded
+    assert s.phase is Phase.RELAYING
+
+
+def test_a_refresh_with_another_users_token_closes_1008() -> None:
+    s, _ = relaying()
+    actions = s.client_refresh(json.dumps({"type": "authenticate", "token": make_token("mallory")}))
+    assert actions == [TokenRefreshed("other_user"), CloseClient(1008, "token names another user"),
+                       CloseUpstream(1008, "token names another user")]
+
+
+@pytest.mark.parametrize("token", [make_token("alice", ttl=-10), make_token("alice", secret="x" * 40), "junk"])
+def test_a_refresh_with_a_bad_token_closes_1008(token: str) -> None:
+    s, _ = relaying()
+    actions = s.client_refresh(json.dumps({"type": "authenticate", "token": token}))
+    assert actions[0] == TokenRefreshed("invalid")
+    assert [type(a) for a in actions[1:]] == [CloseClient, CloseUpstream]
+    assert all(a.code == 1008 for a in actions[1:])  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("text", ['{"type":"message","text":"how do I authenticate?"}', '{"type": "authenticate"}'])
+def test_a_frame_that_is_no_refresh_after_all_is_relayed(text: str) -> None:
+    s, _ = relaying()
+    assert s.client_refresh(text) == [SendUpstream(text)]
+    assert s.phase is Phase.RELAYING
