@@ -56,7 +56,7 @@ from .protocol import (
     TokenRefreshed,
     UpstreamResult,
 )
-from .relay import BytePump, Flow, FramePump, Leg
+from .relay import BytePump, Flow, FramePump, Leg, Reply
 from .routing import Route
 
 log = logging.getLogger("gateway.connection")
@@ -92,6 +92,8 @@ class GatewayServices(Protocol):
     def token_refreshed(self, result: str) -> None: ...
 
     def session_expired(self) -> None: ...
+
+    def reply_observer(self, backend: str) -> Callable[[float], None]: ...
 
     def route(self, user_id: str) -> Route: ...
 
@@ -150,6 +152,8 @@ class Connection:
         self._carry: dict[Leg, bytes] = {}  # unparsed bytes a leg's new pump gets after its batch
         self._timers: list[asyncio.TimerHandle] = []
         self._expiry: asyncio.TimerHandle | None = None
+        self.reply: Reply | None = None  # from the switch to the relay
+        self._asked_at: float | None = None  # the first chat frame read before it
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connecting: asyncio.Task[None] | None = None
         client.owner = self
@@ -272,6 +276,8 @@ class Connection:
         client = self.client
         if type(event) is Message:
             if not client.close_sent:
+                if self._asked_at is None and self.session.phase is not Phase.AUTHENTICATING:
+                    self._asked_at = client.last_read  # a chat frame held before the relay: its reply counts
                 self.perform(self.session.client_frame(event.data))
         elif type(event) is Close:
             client.close_arrived()
@@ -468,6 +474,8 @@ class Connection:
         self._timers.clear()
         self.services.session_ready(session.auth_style, session.backend, session.identity.user_id, self.ready_at - self.started)
         client.peer, upstream.peer = upstream, client
+        reply = self.reply = Reply(self.services.reply_observer(session.backend))
+        reply.asked_at = self._asked_at
         limit = session.config.limits.max_message_bytes
         client_reader, upstream_reader = self._client_reader, self._upstream_reader
         assert upstream_reader is not None
@@ -476,14 +484,14 @@ class Connection:
         refreshes = session.config.auth.session_expiry == "close"
         if self.byte_relay and client_reader.inflater is None and not client_reader.in_message and not refreshes:
             scanner = Scanner(self.to_upstream, masked=True, max_message=limit, rsv1_allowed=False)
-            client.receive = BytePump(client, upstream, scanner).data_received
+            client.receive = BytePump(client, upstream, scanner, reply).data_received
             carry.append((client, client_reader.take_buffer()))
         else:
             client.receive = FramePump(client, upstream, client_reader).data_received
         passes = deflate.passes_through(self.upstream_deflate, self._client_deflate)
         if self.byte_relay and passes and not upstream_reader.in_message:
             scanner = Scanner(self.to_client, masked=False, max_message=limit, rsv1_allowed=self.upstream_deflate is not None)
-            upstream.receive = BytePump(upstream, client, scanner).data_received
+            upstream.receive = BytePump(upstream, client, scanner, reply).data_received
             carry.append((upstream, upstream_reader.take_buffer()))
         else:
             upstream.receive = FramePump(upstream, client, upstream_reader).data_received
@@ -500,6 +508,8 @@ class Connection:
         other = self.upstream if leg.is_client else self.client
         if other is None or other.close_sent or other.done:
             return
+        if self.reply is not None:
+            self.reply.seen(leg)
         if leg.is_client and self._expiry is not None and type(data) is str and might_be_authenticate(data):
             self.perform(self.session.client_refresh(data))
             return
@@ -638,6 +648,7 @@ class Connection:
     def record(self) -> dict[str, Any]:
         """The connection log line's fields: who, which path, how it ended. Never the token."""
         session = self.session
+        median, longest = self.reply.summary() if self.reply is not None else (None, None)
         return {
             "request_id": self.request_id,
             "user_id": session.identity.user_id if session.identity else None,
@@ -652,6 +663,8 @@ class Connection:
             "client_bytes": self.to_upstream.bytes,
             "backend_frames": self.to_client.frames,
             "backend_bytes": self.to_client.bytes,
+            "reply_p50_s": round(median, 4) if median is not None else None,
+            "reply_max_s": round(longest, 4) if longest is not None else None,
             # what each peer sent (null: it did not close first) ...
             "client_close_code": self.to_upstream.close_code,
             "client_close_reason": self.to_upstream.close_reason,

@@ -369,6 +369,11 @@ class Scanner:
         """Part of a data frame has been forwarded and the rest has not: nothing may be put in between."""
         return self._skip > 0
 
+    @property
+    def owed(self) -> int:
+        """Payload bytes of the half-forwarded data frame still to come (0 between frames)."""
+        return self._skip
+
     def scan(self, data: bytes) -> tuple[bytes, list[Piece] | None]:
         """(`data`, None) when all of it is to be forwarded, else (the bytes, the pieces in order).
 

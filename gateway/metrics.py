@@ -121,6 +121,7 @@ class Metrics:
         self.store_up.set(1)
         # Children looked up once: `labels()` validates and locks on every call, and these
         # are touched several times per session.
+        self.reply_by_backend = {backend: self.reply_seconds.labels(backend).observe for backend in ("old", "new")}
         self.attempts_by_style = {style: self.attempts.labels(style) for style in ("legacy", "message")}
         self.session_by_route = {
             (style, backend): SessionMetrics(

@@ -117,6 +117,7 @@ class Leg(asyncio.Protocol):
         self.done = True
         if self.close_timer is not None:
             self.close_timer.cancel()
+        self.resume_writing()  # a peer this leg held back must be read again (its close, at least)
         self.owner.leg_lost(self)
 
     def pause_writing(self) -> None:
@@ -138,7 +139,7 @@ class Leg(asyncio.Protocol):
 
     def send_own(self, frame: bytes) -> None:
         """Write a frame the gateway made, between two frames of what the relay writes here."""
-        if self.done or self.transport is None:
+        if self.done or self.transport is None or self.transport.is_closing():
             return
         if self.feeder is not None and self.feeder.mid_frame:
             self.deferred.append(frame)
@@ -149,6 +150,8 @@ class Leg(asyncio.Protocol):
         frames, self.deferred = self.deferred, []
         for frame in frames:
             self.send_own(frame)
+        if self.close_sent and self.close_received:
+            self.finish()  # the closing handshake completed while the close frame waited
 
     def send_message(self, data: str | bytes) -> None:
         if isinstance(data, str):
@@ -162,9 +165,9 @@ class Leg(asyncio.Protocol):
             return
         self.close_sent = True
         self.send_own(encode_close(code, reason, mask=self.masks))
-        if self.close_received:
+        if self.close_received and not self.deferred:
             self.finish()
-        else:
+        else:  # no echo yet, or the close waits behind a half-relayed frame that may never end
             self.close_timer = asyncio.get_running_loop().call_later(timeout, self.abort)
 
     def close_arrived(self) -> None:
@@ -192,17 +195,57 @@ def _drop(data: bytes) -> None:
     """What a leg does with bytes that arrive after its peer's close frame: nothing."""
 
 
+class Reply:
+    """The chat's time to first reply on one session: from a client data frame that follows
+    a backend frame (or starts the session) to the backend's next data frame.
+
+    Fed one call per read that carried a data frame (the leg's read timestamp, no parsing);
+    each reply goes to `observe` (the backend's histogram) and is kept, up to `KEEP`, for the
+    session's log line.
+    """
+
+    __slots__ = ("observe", "asked_at", "times")
+    KEEP = 1000
+
+    def __init__(self, observe: Callable[[float], None]) -> None:
+        self.observe = observe
+        self.asked_at: float | None = None
+        self.times: list[float] = []
+
+    def seen(self, src: Leg) -> None:
+        if src.is_client:
+            if self.asked_at is None:
+                self.asked_at = src.last_read
+        elif self.asked_at is not None:
+            took = src.last_read - self.asked_at
+            self.asked_at = None
+            self.observe(took)
+            if len(self.times) < self.KEEP:
+                self.times.append(took)
+
+    def summary(self) -> tuple[float | None, float | None]:
+        """(median, maximum) in seconds, None without a reply."""
+        if not self.times:
+            return None, None
+        ordered = sorted(self.times)
+        return ordered[len(ordered) // 2], ordered[-1]
+
+
 class BytePump:
     """One direction of the byte relay: `src`'s frames go to `dst` as they arrived."""
 
-    __slots__ = ("src", "dst", "scanner", "_write")
+    __slots__ = ("src", "dst", "scanner", "reply", "_write", "_closing")
 
-    def __init__(self, src: Leg, dst: Leg, scanner: Scanner) -> None:
+    def __init__(self, src: Leg, dst: Leg, scanner: Scanner, reply: Reply) -> None:
         self.src = src
         self.dst = dst
         self.scanner = scanner
+        self.reply = reply
         assert dst.transport is not None
         self._write = dst.transport.write
+        # uvloop raises on a write to a transport closed by either side before connection_lost
+        # runs (asyncio drops it): ask the transport, not only the leg.
+        self._closing = dst.transport.is_closing
         dst.feeder = self
 
     @property
@@ -210,10 +253,20 @@ class BytePump:
         return self.scanner.mid_frame
 
     def data_received(self, data: bytes) -> None:
-        data, pieces = self.scanner.scan(data)
         dst = self.dst
+        # Nothing goes to a socket that is gone, nor, once the gateway has closed `dst`, anything
+        # but the end of a frame it was half-way through: its close waits behind that (`Leg.send_own`).
+        closing = self._closing()
+        owed = self.scanner.owed if dst.close_sent and dst.deferred and not closing else 0
+        counts = self.scanner.counts
+        frames = counts.frames
+        data, pieces = self.scanner.scan(data)
+        if counts.frames != frames:
+            self.reply.seen(self.src)
+        if owed:
+            self._write(data[:owed])
         if pieces is None:
-            if not dst.close_sent:
+            if not dst.close_sent and not closing:
                 self._write(data)
         else:
             src = self.src
@@ -221,7 +274,7 @@ class BytePump:
                 if src.close_received:
                     return  # nothing counts after the peer's close frame
                 if type(piece) is tuple:
-                    if not dst.close_sent:
+                    if not dst.close_sent and not self._closing():
                         start, end = piece
                         self._write(data[start:end])
                 else:

@@ -350,6 +350,9 @@ class Gateway:
         if backend == "new" and result not in ("rejected", "bad_request"):
             self.new_backend_outcome(failed=result != "ok")
 
+    def reply_observer(self, backend: str) -> Callable[[float], None]:
+        return self.metrics.reply_by_backend[backend]
+
     def token_refreshed(self, result: str) -> None:
         self.metrics.token_refreshes.labels(result).inc()
 

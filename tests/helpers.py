@@ -27,6 +27,7 @@ from gateway.stub_backend import create_stub_app
 
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
 TIMEOUT = 10.0  # the one time unit every test wait is bounded by
+RELAYS = ("byte", "frame")  # what `Gateway(byte_relay=...)` selects: BytePump or FramePump after the switch
 
 
 def raw_config(old_port: int = 1, new_port: int = 2, **sections: Any) -> dict[str, Any]:
@@ -87,8 +88,16 @@ class Stack:
             await runner.cleanup()
 
 
-async def start_stack(*, old_port: int | None = None, new_port: int | None = None, **sections: Any) -> Stack:
-    """Start stubs (unless ports are given, e.g. of a custom backend) and a gateway in front."""
+async def start_stack(
+    *, old_port: int | None = None, new_port: int | None = None, relay: str = "byte", **sections: Any
+) -> Stack:
+    """Start stubs (unless ports are given, e.g. of a custom backend) and a gateway in front.
+
+    `relay` is the relay sessions use once ready: "byte" (the default) or "frame"
+    (`Gateway(byte_relay=False)`).
+    """
+    if relay not in RELAYS:
+        raise ValueError(f"relay must be one of {RELAYS}, not {relay!r}")
     runners = []
     auth = make_config().auth
     if old_port is None:
@@ -98,7 +107,7 @@ async def start_stack(*, old_port: int | None = None, new_port: int | None = Non
         runner, new_port = await start_site(create_stub_app("new", auth), "127.0.0.1", 0)
         runners.append(runner)
     config = make_config(old_port, new_port, **sections)
-    gateway = Gateway(config)
+    gateway = Gateway(config, byte_relay=relay == "byte")
     install_redaction(config.auth.query_param)
     listener = await listen(gateway, "127.0.0.1", 0)
     return Stack(f"ws://127.0.0.1:{listener.port}{config.path}", old_port, new_port, gateway, runners, listener)
@@ -382,15 +391,24 @@ class RecordingBackend(LoopbackBackend):
 
 
 class Servers:
-    """Every server a test starts, stopped in reverse order at teardown."""
+    """Every server a test starts, stopped in reverse order at teardown.
 
-    def __init__(self) -> None:
+    Stacks use `relay` unless a call says otherwise.
+    """
+
+    def __init__(self, relay: str = "byte") -> None:
+        self.relay = relay
         self._closers: list[Any] = []
 
     async def stack(self, **kwargs: Any) -> Stack:
+        kwargs.setdefault("relay", self.relay)
         stack = await start_stack(**kwargs)
         self._closers.append(stack.close)
         return stack
+
+    def closing(self, closer: Callable[[], Awaitable[Any]]) -> None:
+        """Stop something else the test started along with the rest."""
+        self._closers.append(closer)
 
     async def recording(self, style: str = "query", **kwargs: Any) -> RecordingBackend:
         backend = await RecordingBackend(style, **kwargs).start()

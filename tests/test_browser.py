@@ -21,7 +21,7 @@ from gateway.server import start_site
 from .helpers import TIMEOUT, Stack, make_token
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed"), pytest.mark.relays("byte", "frame")]
 
 PAGE = """<!doctype html><html><body><script>
 const runs = %s;

@@ -25,6 +25,9 @@ from .helpers import (
     receive_until_closed,
 )
 
+# The contract holds on both relays (`Gateway(byte_relay=...)`): each test runs once per relay.
+pytestmark = pytest.mark.relays("byte", "frame")
+
 PATHS = [("legacy", "old"), ("legacy", "new"), ("message", "old"), ("message", "new")]
 
 

@@ -17,6 +17,8 @@ import pytest
 
 from .helpers import TIMEOUT, Stack, make_token
 
+pytestmark = pytest.mark.relays("byte", "frame")
+
 NODE, NPM = shutil.which("node"), shutil.which("npm")
 DEPS = Path(__file__).resolve().parent.parent / ".node-test-deps"
 

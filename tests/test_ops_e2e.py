@@ -49,6 +49,9 @@ from .helpers import (
     refused_port,
 )
 
+# Counting and logging happen in different places on each relay: every test runs on both.
+pytestmark = pytest.mark.relays("byte", "frame")
+
 SALT = make_config().rollout.salt
 OTHER_SECRET = "the-new-backends-own-secret-0123456789-abcdef"
 

@@ -1,8 +1,11 @@
 import json
 
+import pytest
 import websockets
 
 from .helpers import make_token
+
+pytestmark = pytest.mark.relays("byte", "frame")
 
 
 async def test_legacy_client_reaches_old_backend_and_gets_echo(stack):
