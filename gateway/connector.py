@@ -111,6 +111,8 @@ class Connector:
         transport, reader = await self._connect(target, protocol_factory)
         try:
             key = handshake.new_key(os.urandom(16))
+            if transport.is_closing():  # the backend reset at once; uvloop raises on the write
+                raise ConnectionResetError(f"{target.host} closed the connection before the upgrade")
             transport.write(handshake.upgrade_request(target.host_header, target.path, key, headers))
             head = await reader.head
             response = handshake.check_response(head, key)

@@ -297,6 +297,10 @@ async def test_client_that_vanishes_mid_session_gives_the_backend_1001(servers: 
         assert await sock.wait_closed() == (1001, "client connection lost")
 
 
+# The path only changes the handshake: on the frame relay this rule is covered by
+# test_frame_one_byte_over_the_limit_is_refused_1009 and tests/test_relay_switch.py. (Each
+# run here waits out the gateway's 5 s close timeout: see _one_byte_over_the_limit_is_refused_1009.)
+@pytest.mark.relays("byte")
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 async def test_client_frame_over_max_message_bytes_closes_client_1009_and_backend_cleanly(servers: Servers, path):
     style, backend = path
@@ -428,6 +432,8 @@ ONE_BYTE_OVER = pytest.mark.parametrize(
 
 
 async def _one_byte_over_the_limit_is_refused_1009(servers: Servers, frame, compression) -> None:
+    # Takes close_timeout (5 s): after refusing a frame the gateway reads nothing more from the
+    # client, its echo of the close included, and drops the socket only when the timer fires.
     old = await servers.recording("query", max_message_bytes=4 * MiB)  # would take it: the gateway must not
     stack = await servers.stack(old_port=old.port)
     async with asyncio.timeout(TIMEOUT):
