@@ -155,7 +155,7 @@ class _FlowCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         messages = CounterMetricFamily(f"{PREFIX}_messages", "Data frames relayed, by direction.", labels=["direction"])
         sizes = CounterMetricFamily(
-            f"{PREFIX}_bytes", "Payload relayed (characters for text frames), by direction.", labels=["direction"]
+            f"{PREFIX}_bytes", "Payload bytes relayed (UTF-8 for text; compressed size when passed through compressed), by direction.", labels=["direction"]
         )
         totals: dict[str, list[int]] = {"client_to_backend": [0, 0], "backend_to_client": [0, 0]}
         for direction, frames, size in self._flows():
