@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NamedTuple, Protocol
 
@@ -82,6 +81,7 @@ class GatewayServices(Protocol):
 
     close_timeout: float
     connector: Connector
+    wall: Callable[[], float]  # the injected wall clock: token times are wall-clock times
 
     async def ip_blocked(self, ip: str) -> bool: ...
 
@@ -295,7 +295,7 @@ class Connection:
         if self._expiry is not None:
             self._expiry.cancel()
         if at is not None:
-            self._expiry = asyncio.get_running_loop().call_later(max(0.0, at - time.time()), self._expired)
+            self._expiry = asyncio.get_running_loop().call_later(max(0.0, at - self.services.wall()), self._expired)
             self._timers.append(self._expiry)
 
     def _expired(self) -> None:
