@@ -12,9 +12,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 import websockets
+from aiohttp import web
 
 from gateway.auth import AuthError, Verifier
 from gateway.guard import GuardState
+from gateway.server import start_site
 
 from .helpers import SECRET, TIMEOUT, Servers, closed, eventually, make_config, make_token, open_client
 
@@ -245,3 +247,31 @@ async def test_a_backend_answering_5xx_does_trip_the_guard(servers: Servers):
         assert stack.gateway.guard.state is GuardState.OPEN
     finally:
         server.close()
+
+
+async def test_a_new_backend_that_pings_but_never_says_connected_is_timed_out(servers: Servers):
+    """The upstream handshake deadline is not moved by the backend's pings."""
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(heartbeat=0.2)  # a ping every 0.2 s, never `connected`
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws/chat", handler)
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    try:
+        stack = await servers.stack(
+            new_port=port,
+            rollout={"new_percent": 100, "fallback_to_old": False},
+            backends={
+                "old": {"url": "ws://127.0.0.1:1/ws/chat", "auth": "query"},
+                "new": {"url": f"ws://127.0.0.1:{port}/ws/chat", "auth": "message", "handshake_timeout_seconds": 1},
+            },
+        )
+        ws = await open_client(stack, "message", make_token("alice"))
+        assert (await closed(ws))[0] == 1014
+    finally:
+        await runner.cleanup()
