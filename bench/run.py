@@ -608,6 +608,10 @@ async def drive(node: str, opts: dict[str, Any], stack: Stack, logdir: Path,
         report = await expect(proc, {"done"}, bound)
         s1 = sample(roots)
         observed["cpu_s"] = {role: s1[role] - s0[role] for role in roots}
+        # The load generator may have exited by the second sample (its /proc entry gone):
+        # its own account of the window, from process.cpuUsage(), is the one to use.
+        if isinstance(report.get("loadgen_cpu_s"), (int, float)):
+            observed["cpu_s"]["loadgen"] = report["loadgen_cpu_s"]
         observed["wall_s"] = s1["t"] - s0["t"]
     finally:
         if proc.returncode is None:
