@@ -1,4 +1,5 @@
-"""The admin listener: health, readiness, metrics and rollout state, never on the public port.
+"""The admin listener: health, readiness, metrics, rollout state and the status page, never
+on the public port.
 
 `create_admin_app` serves one gateway process. With ``serve --workers N`` the supervisor
 serves `create_supervisor_admin_app` on the configured admin port instead, and reads each
@@ -7,7 +8,10 @@ worker's own admin app (on a private unix socket) to answer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -15,7 +19,9 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from . import status_assets
 from .runtime import Gateway
+from .status_page import History, Sample, sample_of, status_json
 
 
 def create_admin_app(gateway: Gateway) -> web.Application:
@@ -38,12 +44,68 @@ def create_admin_app(gateway: Gateway) -> web.Application:
     async def rollout(request: web.Request) -> web.Response:
         return web.json_response(gateway.rollout_status())
 
+    async def sample() -> Sample:
+        gateway.refresh_gauges()
+        return sample_of(gateway.metrics.registry.collect(), gateway.wall())
+
+    async def status(history: History) -> dict[str, Any]:
+        rollout = gateway.rollout_status()  # refreshes the gauges the sample reads
+        return status_json(history, sample_of(gateway.metrics.registry.collect(), gateway.wall()), rollout)
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/rollout", rollout)
+    add_status_page(app, sample, status)
     return app
+
+
+# -- the status page --------------------------------------------------------------------------
+
+
+def add_status_page(
+    app: web.Application,
+    sample: Callable[[], Awaitable[Sample]],
+    status: Callable[[History], Awaitable[dict[str, Any]]],
+) -> None:
+    """``/`` (the page), its script and style, and ``/status.json``; and the loop that adds
+    a `sample` to the page's `History` every `History.every` seconds while the app runs."""
+    history = History()
+
+    async def sampling(app: web.Application) -> AsyncIterator[None]:
+        async def loop() -> None:
+            while True:
+                history.add(await sample())
+                await asyncio.sleep(history.every)
+
+        task = asyncio.create_task(loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def asset(body: str, content_type: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handler(request: web.Request) -> web.Response:
+            return web.Response(text=body, content_type=content_type, headers=_PAGE_HEADERS)
+
+        return handler
+
+    async def status_handler(request: web.Request) -> web.Response:
+        return web.json_response(await status(history), headers={**_PAGE_HEADERS, "Cache-Control": "no-store"})
+
+    app.cleanup_ctx.append(sampling)
+    app.router.add_get("/", asset(status_assets.PAGE, "text/html"))
+    app.router.add_get("/status.js", asset(status_assets.SCRIPT, "text/javascript"))
+    app.router.add_get("/status.css", asset(status_assets.STYLE, "text/css"))
+    app.router.add_get("/status.json", status_handler)
+
+
+_PAGE_HEADERS = {
+    "Content-Security-Policy": status_assets.CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 # -- several workers behind one admin port ---------------------------------------------------
@@ -130,6 +192,7 @@ def create_supervisor_admin_app(workers: Workers) -> web.Application:
     * ``/rollout``: the first worker's answer, with ``active_connections`` summed and
       ``draining`` true when the supervisor or any worker drains, and ``workers``: every
       worker's own answer, with its ``worker`` number and ``pid``.
+    * ``/`` and ``/status.json``: the status page over the merged metrics and ``/rollout``.
     """
 
     async def healthz(request: web.Request) -> web.Response:
@@ -148,19 +211,33 @@ def create_supervisor_admin_app(workers: Workers) -> web.Application:
         encode, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encode(_Families(families)), headers={"Content-Type": content_type})
 
-    async def rollout(request: web.Request) -> web.Response:
+    async def merged_rollout() -> dict[str, Any] | None:
         states = await workers.worker_rollouts()
         if not states:
-            return web.json_response({"status": "no worker answered"}, status=503)
+            return None
         first = {key: value for key, value in states[0].items() if key not in ("worker", "pid")}
         first["active_connections"] = sum(state.get("active_connections", 0) for state in states)
         first["draining"] = workers.draining or any(state.get("draining") for state in states)
         first["workers"] = states
-        return web.json_response(first)
+        return first
+
+    async def rollout(request: web.Request) -> web.Response:
+        merged = await merged_rollout()
+        if merged is None:
+            return web.json_response({"status": "no worker answered"}, status=503)
+        return web.json_response(merged)
+
+    async def sample() -> Sample:
+        return sample_of(merge_metrics(await workers.worker_metrics()), time.time())
+
+    async def status(history: History) -> dict[str, Any]:
+        rollout_state = await merged_rollout() or {"draining": workers.draining}
+        return status_json(history, await sample(), rollout_state, workers=workers.workers_ready())
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/rollout", rollout)
+    add_status_page(app, sample, status)
     return app

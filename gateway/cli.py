@@ -8,11 +8,14 @@ usage.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
+import re
 import secrets
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,10 +23,12 @@ from typing import Any
 from .admin import create_admin_app
 from .auth import mint_token
 from .config import Config, ConfigError, load_config, parse_config
+from .drill import DEFAULT, SHORT, Plan, run_drill
 from .logs import setup_logging
+from .probe import run_probe
 from .reload import fingerprint
 from .report import collect_report, format_report, report_json
-from .store import RedisStore, StoreUnavailable
+from .store import RedisStore, SqliteStore, Store, StoreUnavailable
 from .routing import choose_backend
 from .runtime import Gateway
 from .listener import Listener, listen
@@ -60,6 +65,7 @@ _percent = _bounded(float, 0, 100, "a number")
 _days = _bounded(int, 1, 3650, "a whole number of days")
 _workers = _bounded(int, 1, 256, "a whole number of workers")
 _fd = _bounded(int, 0, 2**31 - 1, "a file descriptor")
+_timeout = _bounded(float, 0.1, 600, "a number of seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,10 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help=config_help)
     p.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (default 3600)")
 
-    p = sub.add_parser("report", help="legacy vs message auth usage per UTC day, from Redis, and a verdict")
+    p = sub.add_parser("report", help="legacy vs message auth usage per UTC day (Redis or usage.path), and a verdict")
     p.add_argument("--config", help=config_help)
     p.add_argument("--days", type=_days, default=14, help="days to show, newest last (default 14; 7 or more for a verdict)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("probe", help="check a running gateway as both app versions on both backends (QA on staging)")
+    p.add_argument("url", help="the gateway's public URL, e.g. wss://chat.staging.example.com/ws/chat")
+    p.add_argument("--config", help=config_help + "; its auth.secret mints the tokens, its rollout picks the users")
+    p.add_argument("--user-old", help="the user to probe the old backend with (default: the first of rollout.force_old, else one the bucket sends there)")
+    p.add_argument("--user-new", help="the same for the new backend (default: the first of rollout.force_new, ...)")
+    p.add_argument("--timeout", type=_timeout, default=10.0, help="seconds to wait for each answer (default 10)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("drill", help="break a stub new backend on purpose, on loopback, and check the gateway copes")
+    p.add_argument("--short", action="store_true", help="the quick version CI runs (fewer sessions, shorter guard timings)")
+    p.add_argument("--hold", action="store_true", help="after the checks, keep the gateway and its status page up until Ctrl-C")
 
     p = sub.add_parser("stub-backend", help="run a reference backend for one auth style")
     p.add_argument("--style", choices=("old", "new"), required=True)
@@ -134,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "report":
             config = load_config(_config_path(args.config))
-            if config.redis is None:
-                print("error: the usage report reads Redis; this config has no redis section", file=sys.stderr)
+            if config.redis is None and config.usage.path is None:
+                print("error: the usage report reads Redis or the usage.path file; this config has neither", file=sys.stderr)
                 return 2
             setup_logging("CRITICAL")  # the store logs the outage too; the one error line says it
             return run(lambda: print_report(config, args.days, args.json))
@@ -156,6 +174,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             setup_logging("INFO")
             return run(lambda: demo(args.port, args.new_percent))
+        if args.command == "probe":
+            config = load_config(_config_path(args.config))
+            if not re.fullmatch(r"wss?://[^/?#\s]+(/[^#\s]*)?", args.url):
+                print(f"error: {args.url!r} is not a ws:// or wss:// URL", file=sys.stderr)
+                return 2
+            if config.auth.secret is None:
+                print("error: the probe mints tokens with auth.secret; this config verifies with public keys", file=sys.stderr)
+                return 2
+            users = {"old": args.user_old, "new": args.user_new}
+            return run(lambda: print_probe(config, args.url, users, args.timeout, args.json))
+        if args.command == "drill":
+            setup_logging("CRITICAL")  # hundreds of expected failures; the drill narrates what matters
+            return run(lambda: drill(SHORT if args.short else DEFAULT, args.hold))
     except ConfigError as exc:
         # One self-contained line per problem, so a single problem is a single line and
         # each line survives grep and log shippers: "error: FILE: key.path: what is wrong".
@@ -178,7 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def print_report(config: Config, days: int, as_json: bool) -> int:
-    store = RedisStore.from_config(config)
+    store: Store
+    if config.redis is not None:
+        store = RedisStore.from_config(config)
+    else:
+        assert config.usage.path is not None
+        store = SqliteStore(config.usage.path)  # not started: it only reads the file, never creates it
     try:
         usage = await collect_report(store, days)
     finally:
@@ -186,6 +222,12 @@ async def print_report(config: Config, days: int, as_json: bool) -> int:
     threshold = config.usage.legacy_threshold_percent
     print(report_json(usage, threshold) if as_json else format_report(usage, threshold))
     return 0
+
+
+async def print_probe(config: Config, url: str, users: dict[str, str | None], timeout: float, as_json: bool) -> int:
+    report = await run_probe(config, url, users=users, timeout=timeout)
+    print(json.dumps(report.as_dict(), indent=2) if as_json else report.text(), end="\n" if as_json else "")
+    return 0 if report.passed else 1
 
 
 async def serve_stub(style: str, config: Config, host: str, port: int) -> int:
@@ -200,7 +242,15 @@ async def serve_stub(style: str, config: Config, host: str, port: int) -> int:
     return 0
 
 
-def demo_config(secret: str, old_port: int, new_port: int, port: int, new_percent: float) -> Config:
+async def drill(plan: Plan, hold: bool) -> int:
+    with Signals() as signals:
+        results = await run_drill(plan, lambda line: print(line, flush=True), stop=signals.stop, hold=hold)
+    if results is None:
+        return 130
+    return 0 if all(result.passed for result in results) else 1
+
+
+def demo_config(secret: str, old_port: int, new_port: int, port: int, new_percent: float, usage_path: str | None = None) -> Config:
     return parse_config(
         {
             "listen": {"host": "127.0.0.1", "port": port},
@@ -210,6 +260,7 @@ def demo_config(secret: str, old_port: int, new_port: int, port: int, new_percen
                 "new": {"url": f"ws://127.0.0.1:{new_port}/ws/chat", "auth": "message"},
             },
             "rollout": {"new_percent": new_percent, "salt": "demo"},
+            "usage": {"path": usage_path},
         },
         env={},
     )
@@ -220,13 +271,13 @@ async def demo(port: int, new_percent: float) -> int:
     auth = demo_config(secret, 1, 1, port, new_percent).auth
     runners = []
     public: Listener | None = None
-    with Signals() as signals:
+    with Signals() as signals, tempfile.TemporaryDirectory(prefix="ws-gateway-demo-") as scratch:
         try:
             old_runner, old_port = await start_site(create_stub_app("old", auth), "127.0.0.1", 0)
             runners.append(old_runner)
             new_runner, new_port = await start_site(create_stub_app("new", auth), "127.0.0.1", 0)
             runners.append(new_runner)
-            config = demo_config(secret, old_port, new_port, port, new_percent)
+            config = demo_config(secret, old_port, new_port, port, new_percent, os.path.join(scratch, "usage.db"))
             gateway = Gateway(config)
             public = await listen(gateway, "127.0.0.1", port)
             admin_runner, admin_port = await start_site(create_admin_app(gateway), "127.0.0.1", 0)
@@ -254,7 +305,8 @@ def demo_banner(config: Config, port: int, old_port: int, new_port: int, admin_p
         f"  old backend (token in URL):   ws://127.0.0.1:{old_port}{config.path}",
         f"  new backend (authenticate):   ws://127.0.0.1:{new_port}{config.path}",
         f"  rollout: {config.rollout.new_percent:g}% of users to the new backend",
-        f"  admin:   http://127.0.0.1:{admin_port}/rollout  /metrics  /readyz",
+        f"  status page: http://127.0.0.1:{admin_port}/   (also /rollout  /metrics  /readyz)",
+        f"  usage:   {config.usage.path} (SQLite; removed when the demo stops)",
         "",
     ]
     for backend, user in sorted(users.items()):

@@ -32,8 +32,8 @@ class Verdict:
 async def collect_report(store: Store, days: int, today: date | str | None = None) -> list[DayUsage]:
     """The last `days` UTC days (today included) from `store`, oldest first.
 
-    A RedisStore raises `store.StoreUnavailable` when Redis cannot answer: the report is
-    never built from one process's memory.
+    A RedisStore raises `store.StoreUnavailable` when Redis cannot answer, a SqliteStore
+    when its file cannot be read: the report is never built from one process's memory.
     """
     return await store.usage_days(days, today)
 

@@ -11,6 +11,11 @@ as text, binary as binary). A few text commands let tests and QA drive the edges
   then closes with CODE (omit ``close`` to stay open).
 * ``{"type":"stub.close","code":CODE,"reason":R}`` closes with that code.
 * ``{"type":"stub.drop"}`` drops the TCP connection without a close frame.
+
+Faults for drills and QA are switched over HTTP on the stub's own port, so a test, the
+drill or a person with curl can make a healthy backend misbehave and heal it again:
+``POST /stub/faults`` with a JSON object (`Faults`; ``{}`` heals) applies to connections
+upgraded from then on; ``GET /stub/faults`` shows what is set.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -30,16 +37,111 @@ STYLES = ("old", "new")
 FORWARDED_HEADERS = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Request-ID", "User-Agent", "Origin")
 
 
+@dataclass(frozen=True)
+class Faults:
+    """What the stub does wrong to the connections it picks; the defaults are a healthy backend."""
+
+    ratio: float = 1.0  # share of connections picked, spread evenly (0.25: every fourth)
+    refuse_status: int | None = None  # answer the upgrade with this HTTP status instead
+    upgrade_delay_seconds: float = 0.0  # hold the upgrade answer this long
+    reject_token: bool = False  # close 1008 right after the upgrade, as if the token were bad
+    drop_after_seconds: float | None = None  # vanish without a close frame this long after the upgrade
+    reply_delay_seconds: float = 0.0  # wait this long before every reply
+
+
+class FaultsError(ValueError):
+    """A faults request that cannot be applied; one problem per key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+# key -> (low, high) for numbers, None for the one boolean; `refuse_status` is an integer.
+_FAULT_RANGES: dict[str, tuple[float, float] | None] = {
+    "ratio": (0.0, 1.0),
+    "refuse_status": (400, 599),
+    "upgrade_delay_seconds": (0.0, 300.0),
+    "reject_token": None,
+    "drop_after_seconds": (0.0, 3600.0),
+    "reply_delay_seconds": (0.0, 300.0),
+}
+
+
+def parse_faults(raw: Any) -> Faults:
+    """`Faults` from a decoded JSON body, or `FaultsError` naming every bad key and value."""
+    if not isinstance(raw, dict):
+        raise FaultsError([f"expected a JSON object, got {type(raw).__name__}"])
+    problems = [f"{key}: unknown key (allowed: {', '.join(_FAULT_RANGES)})" for key in raw if key not in _FAULT_RANGES]
+    values: dict[str, Any] = {}
+    for f in fields(Faults):
+        if raw.get(f.name) is None:
+            continue
+        value, bounds = raw[f.name], _FAULT_RANGES[f.name]
+        if bounds is None:
+            if isinstance(value, bool):
+                values[f.name] = value
+            else:
+                problems.append(f"{f.name}: expected true or false, got {value!r}")
+            continue
+        integer = f.name == "refuse_status"
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or math.isnan(value):
+            problems.append(f"{f.name}: expected {'an integer' if integer else 'a number'}, got {value!r}")
+        elif not bounds[0] <= value <= bounds[1]:
+            problems.append(f"{f.name}: {value!r} is out of range [{bounds[0]:g}, {bounds[1]:g}]")
+        else:
+            values[f.name] = value if integer else float(value)
+    if problems:
+        raise FaultsError(problems)
+    return Faults(**values)
+
+
+class FaultSwitch:
+    """The faults in force, and which of the connections upgraded since they were set they hit."""
+
+    def __init__(self) -> None:
+        self.faults = Faults()
+        self.upgrades = 0  # connections seen since `faults` were set
+
+    def set(self, faults: Faults) -> None:
+        self.faults = faults
+        self.upgrades = 0
+
+    def next(self) -> Faults | None:
+        """The faults for the next connection, or None when it is spared.
+
+        Deterministic, so a drill knows what to expect: connection n is picked when
+        ``floor((n + 1) * ratio)`` steps past ``floor(n * ratio)``.
+        """
+        n, self.upgrades = self.upgrades, self.upgrades + 1
+        faults = self.faults
+        if faults == Faults() or math.floor((n + 1) * faults.ratio) == math.floor(n * faults.ratio):
+            return None
+        return faults
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"faults": asdict(self.faults), "upgrades": self.upgrades}
+
+
 def create_stub_app(
     style: str, auth: AuthConfig, *, path: str = "/ws/chat", greeting: str | None = None, max_message_bytes: int = 1024 * 1024
 ) -> web.Application:
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}")
     verifier = Verifier(auth)
+    switch = FaultSwitch()
 
     async def handler(request: web.Request) -> web.StreamResponse:
+        faults = switch.next() or Faults()
+        if faults.upgrade_delay_seconds:
+            await asyncio.sleep(faults.upgrade_delay_seconds)
+        if faults.refuse_status is not None:
+            return web.Response(status=faults.refuse_status, text="refused by a stub fault\n")
         ws = web.WebSocketResponse(max_msg_size=max_message_bytes + 1, heartbeat=20)
         await ws.prepare(request)
+        if faults.reject_token:
+            await ws.close(code=1008, message=b"token rejected (stub fault)")
+            return ws
         identity = await (_query_auth(ws, request, verifier, auth) if style == "old" else _message_auth(ws, verifier, greeting))
         if identity is None:
             return ws
@@ -52,11 +154,33 @@ def create_stub_app(
             "query_names": list(request.query.keys()),
             "headers": {h: request.headers[h] for h in FORWARDED_HEADERS if h in request.headers},
         }
-        await _echo(ws, request, info)
+        drop = None
+        if faults.drop_after_seconds is not None and request.transport is not None:
+            drop = asyncio.get_running_loop().call_later(faults.drop_after_seconds, request.transport.abort)
+        try:
+            await _echo(ws, request, info, faults.reply_delay_seconds)
+        finally:
+            if drop is not None:
+                drop.cancel()
         return ws
+
+    async def get_faults(request: web.Request) -> web.Response:
+        return web.json_response(switch.as_dict())
+
+    async def post_faults(request: web.Request) -> web.Response:
+        try:
+            faults = parse_faults(await request.json())
+        except ValueError as exc:  # FaultsError, or a body that is not JSON
+            problems = exc.problems if isinstance(exc, FaultsError) else ["the body is not JSON"]
+            return web.json_response({"errors": problems}, status=400)
+        switch.set(faults)
+        log.info("stub faults set", extra={"style": style, **asdict(faults)})
+        return web.json_response(switch.as_dict())
 
     app = web.Application()
     app.router.add_get(path, handler)
+    app.router.add_get("/stub/faults", get_faults)
+    app.router.add_post("/stub/faults", post_faults)
     return app
 
 
@@ -87,8 +211,10 @@ async def _message_auth(ws: web.WebSocketResponse, verifier: Verifier, greeting:
     return identity
 
 
-async def _echo(ws: web.WebSocketResponse, request: web.Request, info: dict[str, Any]) -> None:
+async def _echo(ws: web.WebSocketResponse, request: web.Request, info: dict[str, Any], delay: float) -> None:
     async for msg in ws:
+        if delay and msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            await asyncio.sleep(delay)  # the fault itself: a slow backend
         if msg.type is WSMsgType.BINARY:
             await ws.send_bytes(msg.data)
             continue

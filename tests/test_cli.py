@@ -36,7 +36,7 @@ from gateway.routing import choose_backend
 
 TIMEOUT = 10.0  # the one bound on every wait in this file
 SECRET = "cli-test-secret-9f8e7d6c5b4a39281706f5e4d3c2b1a0"
-COMMANDS = ("serve", "demo", "check-config", "route", "token", "stub-backend")
+COMMANDS = ("serve", "demo", "check-config", "route", "token", "report", "probe", "drill", "stub-backend")
 
 
 # -- building blocks ---------------------------------------------------------------------

@@ -861,3 +861,46 @@ def test_a_public_key_problem_is_reported_with_every_other_problem(tmp_path: Pat
         f"auth.public_key_file: cannot read {str(tmp_path / 'missing.pub')!r}: No such file or directory",
         "log_level: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR",
     ]
+
+
+# -- usage.path ---------------------------------------------------------------------------------
+
+
+def test_usage_path_is_off_by_default() -> None:
+    assert parse().usage.path is None
+
+
+def test_usage_path_is_kept_as_written_by_the_pure_parser() -> None:
+    assert parse(usage={"path": "data/usage.db"}).usage.path == "data/usage.db"
+
+
+def test_usage_path_expands_environment_variables() -> None:
+    assert parse(usage={"path": "${DATA}/usage.db"}, env={"DATA": "/var/lib/wsgw"}).usage.path == "/var/lib/wsgw/usage.db"
+
+
+def test_an_empty_usage_path_is_refused() -> None:
+    assert problem(usage={"path": " "}) == "usage.path: must not be empty (omit it to keep usage in memory)"
+
+
+def test_usage_path_with_redis_is_refused() -> None:
+    assert problem(usage={"path": "usage.db"}, redis={"url": "redis://127.0.0.1:6379/0"}) == (
+        "usage.path: not used with redis: usage is counted in Redis; remove one of them"
+    )
+
+
+def test_usage_path_of_the_wrong_type_is_refused() -> None:
+    assert problem(usage={"path": ["a"]}) == "usage.path: expected a string, got ['a']"
+
+
+def test_changing_usage_path_needs_a_restart() -> None:
+    assert restart_required(parse(usage={"path": "a.db"}), parse(usage={"path": "b.db"})) == ["usage.path"]
+
+
+def test_a_relative_usage_path_is_relative_to_the_config_file(tmp_path: Path, write: Callable[..., Path]) -> None:
+    path = write(BASE_YAML + "usage: {path: usage.db}\n", "conf/gateway.yaml")
+    assert load_config(path, env={"JWT_SECRET": SECRET}).usage.path == str(tmp_path / "conf" / "usage.db")
+
+
+def test_an_absolute_usage_path_is_kept(write: Callable[..., Path]) -> None:
+    path = write(BASE_YAML + "usage: {path: /var/lib/wsgw/usage.db}\n")
+    assert load_config(path, env={"JWT_SECRET": SECRET}).usage.path == "/var/lib/wsgw/usage.db"

@@ -9,6 +9,8 @@ One interface, two implementations; `open_store(config)` picks one from the conf
 * `redis_store` — `RedisStore`: state every replica shares through Redis, its key
   families and Lua scripts, and how it rides out an outage (probe, backoff, recovery,
   writing the usage counted meanwhile).
+* `sqlite` — `SqliteStore`: `MemoryStore` with usage also written to the SQLite file
+  ``usage.path`` names, so the report works without Redis.
 """
 
 from __future__ import annotations
@@ -18,21 +20,25 @@ from typing import TYPE_CHECKING, Any
 from .base import DayUsage, Store, StoreUnavailable, utc_day
 from .memory import MemoryStore
 from .redis_store import RedisStore
+from .sqlite import SqliteStore
 
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["DayUsage", "MemoryStore", "RedisStore", "Store", "StoreUnavailable", "open_store", "utc_day"]
+__all__ = ["DayUsage", "MemoryStore", "RedisStore", "SqliteStore", "Store", "StoreUnavailable", "open_store", "utc_day"]
 
 
 def open_store(config: Config, **kwargs: Any) -> Store:
-    """`RedisStore` when the config has a ``redis:`` section, else `MemoryStore`.
+    """`RedisStore` when the config has a ``redis:`` section, else `SqliteStore` when it has
+    ``usage.path``, else `MemoryStore`.
 
     Keyword arguments go to the RedisStore (on_error, on_availability, session_ttl, wall,
-    clock, ...); a MemoryStore takes only ``wall`` of them. Call ``await store.start()`` once
+    clock, ...); the others take only ``wall`` of them. Call ``await store.start()`` once
     the event loop runs and ``await store.close()`` at shutdown.
     """
     if config.redis is None:
         memory_kwargs = {"wall": kwargs["wall"]} if "wall" in kwargs else {}
+        if config.usage.path is not None:
+            return SqliteStore(config.usage.path, retention_days=config.usage.retention_days, **memory_kwargs)
         return MemoryStore(retention_days=config.usage.retention_days, **memory_kwargs)
     return RedisStore.from_config(config, **kwargs)

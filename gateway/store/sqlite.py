@@ -1,0 +1,178 @@
+"""`SqliteStore`: the in-process store, with migration usage kept in a SQLite file.
+
+Without Redis, usage counted in memory dies with the process and `ws-gateway report` has
+nothing to read. With ``usage.path`` the counts also go to a file: sessions are counted in
+memory as before (nothing on the hot path touches the disk) and written every
+`FLUSH_SECONDS`, in one transaction, off the event loop (`asyncio.to_thread`), and once
+more at shutdown. A write that fails keeps the counts in memory (the `MemoryStore` bound
+applies) and is retried at the next flush; the failure and the recovery are each logged
+once.
+
+Several processes may share one file (the workers of ``serve --workers N`` on one host):
+sessions are added up and users are merged per day with upserts, so the distinct-user
+counts are exact across them. User ids are stored as BLAKE2b digests, never in clear.
+Days older than ``usage.retention_days`` are deleted as new ones are written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from datetime import date, timedelta
+from pathlib import Path
+
+from .base import USER_SETS, DayUsage, StoreUnavailable, day_list, utc_day
+from .memory import DayCounts, MemoryStore
+
+log = logging.getLogger("gateway.store")
+FLUSH_SECONDS = 5.0
+BUSY_TIMEOUT_SECONDS = 5.0  # another process holding the write lock (a worker mid-flush)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage_sessions (
+    day TEXT NOT NULL, route TEXT NOT NULL, sessions INTEGER NOT NULL, PRIMARY KEY (day, route)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage_users (
+    day TEXT NOT NULL, user_hash BLOB NOT NULL, sets INTEGER NOT NULL, PRIMARY KEY (day, user_hash)
+) WITHOUT ROWID;
+"""
+# `sets` holds one bit per USER_SETS entry (legacy, message, old, new), as in memory.
+_STYLE_BITS = (1 << USER_SETS.index("legacy")) | (1 << USER_SETS.index("message"))
+_COUNT_SETS = ", ".join(f"coalesce(sum(sets & {1 << index} != 0), 0)" for index in range(len(USER_SETS)))
+
+
+def user_hash(user_id: str) -> bytes:
+    return hashlib.blake2b(user_id.encode("utf-8"), digest_size=16).digest()
+
+
+def write_days(db: sqlite3.Connection, days: dict[str, DayCounts], cutoff: str) -> None:
+    """Add `days` to the file in one transaction and delete days before `cutoff`."""
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        for day, counts in days.items():
+            db.executemany(
+                "INSERT INTO usage_sessions VALUES (?, ?, ?)"
+                " ON CONFLICT (day, route) DO UPDATE SET sessions = sessions + excluded.sessions",
+                [(day, route, n) for route, n in counts.sessions.items()],
+            )
+            db.executemany(
+                "INSERT INTO usage_users VALUES (?, ?, ?)"
+                " ON CONFLICT (day, user_hash) DO UPDATE SET sets = sets | excluded.sets",
+                [(day, user_hash(user), bits) for user, bits in counts.users.items()],
+            )
+        db.execute("DELETE FROM usage_sessions WHERE day < ?", (cutoff,))
+        db.execute("DELETE FROM usage_users WHERE day < ?", (cutoff,))
+
+
+def read_days(path: str, days: list[str]) -> list[DayUsage]:
+    """`days` from the file at `path`, opened read-only (the report never creates a file)."""
+    try:
+        db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_SECONDS)
+    except sqlite3.Error:
+        raise StoreUnavailable(f"cannot read usage from {path}: no such file (has a gateway with usage.path run yet?)") from None
+    try:
+        result = []
+        for day in days:
+            sessions = dict(db.execute("SELECT route, sessions FROM usage_sessions WHERE day = ?", (day,)).fetchall())
+            row = db.execute(
+                f"SELECT {_COUNT_SETS}, coalesce(sum(sets & {_STYLE_BITS} != 0), 0) FROM usage_users WHERE day = ?", (day,)
+            ).fetchone()
+            sizes = dict(zip(USER_SETS, row[: len(USER_SETS)]))
+            result.append(DayUsage.from_counts(day, sessions, sizes, row[-1]))
+        return result
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"cannot read usage from {path}: {exc}") from None
+    finally:
+        db.close()
+
+
+def _open(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")  # the report reads while gateways write
+        db.executescript(SCHEMA)
+    except sqlite3.Error:
+        db.close()
+        raise
+    return db
+
+
+class SqliteStore(MemoryStore):
+    """`MemoryStore`, plus usage written to the SQLite file at `path` (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        flush_seconds: float = FLUSH_SECONDS,
+        wall: Callable[[], float] = time.time,
+        **kwargs: int,
+    ) -> None:
+        super().__init__(wall=wall, **kwargs)
+        self.path = path
+        self.flush_seconds = flush_seconds
+        self._db: sqlite3.Connection | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # one flush at a time: the connection is not shared across threads at once
+        self._failing = False
+
+    async def start(self) -> None:
+        """Open (or create) the file; `StoreUnavailable` names it when that is impossible."""
+        if self._db is not None:
+            return
+        try:
+            self._db = await asyncio.to_thread(_open, self.path)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"usage.path {self.path}: cannot open it as a SQLite file: {exc}") from None
+        self._flusher = asyncio.create_task(self._flush_every())
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        if self._db is None:
+            return
+        await self.flush()
+        if self.held_usage_days():
+            log.error("usage could not be written at shutdown and is lost", extra={"days": self.held_usage_days()})
+        db, self._db = self._db, None
+        await asyncio.to_thread(db.close)
+
+    async def flush(self) -> None:
+        """Write the usage counted since the last flush; on failure keep it for the next one."""
+        async with self._lock:
+            db = self._db
+            if db is None or not self.held_usage_days():
+                return
+            days = {day: self.take_usage_day(day) for day in self.held_usage_days()}
+            newest = max(days)
+            cutoff = (date.fromisoformat(max(newest, utc_day(self.wall()))) - timedelta(days=self.retention_days)).isoformat()
+            try:
+                await asyncio.to_thread(write_days, db, days, cutoff)
+            except sqlite3.Error as exc:
+                for day, counts in days.items():
+                    self.put_back_usage_day(day, counts)
+                if not self._failing:
+                    self._failing = True
+                    log.error(
+                        "usage file cannot be written; counts are kept in memory until it can",
+                        extra={"path": self.path, "error": str(exc)},
+                    )
+                return
+        if self._failing:
+            self._failing = False
+            log.warning("usage file is written again", extra={"path": self.path})
+
+    async def _flush_every(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_seconds)
+            await self.flush()
+
+    async def usage_days(self, days: int, today: date | str | None = None) -> list[DayUsage]:
+        """The report's rows, read from the file after writing what is still in memory."""
+        await self.flush()
+        return await asyncio.to_thread(read_days, self.path, day_list(days, today))
