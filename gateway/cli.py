@@ -17,15 +17,17 @@ import secrets
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 
 from .admin import create_admin_app
 from .auth import mint_token
-from .config import Config, ConfigError, load_config, parse_config
-from .drill import DEFAULT, SHORT, Plan, run_drill
+from .config import AuthConfig, Config, ConfigError, load_config, parse_config
+from .drill import Plan, parse_steps, run_drill
 from .logs import setup_logging
-from .probe import run_probe
+from .probe import Options as ProbeOptions
+from .probe import forged_token, run_probe
 from .reload import fingerprint
 from .report import collect_report, format_report, report_json
 from .store import RedisStore, SqliteStore, Store, StoreUnavailable
@@ -33,11 +35,12 @@ from .routing import choose_backend
 from .runtime import Gateway
 from .listener import Listener, listen
 from .server import Signals, run, serve, start_site
-from .stub_backend import create_stub_app
+from .stub_backend import FAULT_RANGES, Faults, create_stub_app
 from .workers import run_worker, supervise
 
 log = logging.getLogger("gateway")
 DEFAULT_CONFIG = "config/gateway.yaml"
+PROBE_TOKEN_TTL = 300  # seconds: long enough for any probe, short if one leaks
 
 
 def _config_path(given: str | None) -> str:
@@ -66,6 +69,22 @@ _days = _bounded(int, 1, 3650, "a whole number of days")
 _workers = _bounded(int, 1, 256, "a whole number of workers")
 _fd = _bounded(int, 0, 2**31 - 1, "a file descriptor")
 _timeout = _bounded(float, 0.1, 600, "a number of seconds")
+_hold = _bounded(float, 0, 600, "a number of seconds")
+_duration = _bounded(float, 6, 3600, "a number of seconds")
+
+
+def _steps(text: str) -> tuple[float, ...]:
+    try:
+        return parse_steps(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _fault(key: str) -> Callable[[str], Any]:
+    """An argparse type for the stub fault `key`, in the range POST /stub/faults accepts."""
+    bounds = FAULT_RANGES[key]
+    assert bounds is not None
+    return _bounded(float, bounds[0], bounds[1], "a number")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,23 +124,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=_days, default=14, help="days to show, newest last (default 14; 7 or more for a verdict)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("probe", help="check a running gateway as both app versions on both backends (QA on staging)")
+    p = sub.add_parser("probe", help="smoke-test a running gateway in both auth styles, over WebSocket only (QA)")
     p.add_argument("url", help="the gateway's public URL, e.g. wss://chat.staging.example.com/ws/chat")
-    p.add_argument("--config", help=config_help + "; its auth.secret mints the tokens, its rollout picks the users")
-    p.add_argument("--user-old", help="the user to probe the old backend with (default: the first of rollout.force_old, else one the bucket sends there)")
-    p.add_argument("--user-new", help="the same for the new backend (default: the first of rollout.force_new, ...)")
-    p.add_argument("--timeout", type=_timeout, default=10.0, help="seconds to wait for each answer (default 10)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--token", help="probe with this token; else one is minted per --user")
+    source.add_argument("--config", help=config_help + "; its auth section mints the tokens")
+    source.add_argument("--secret", help="mint HS256 tokens (claim user_id) with this secret instead of a config's")
+    p.add_argument(
+        "--user", action="append", default=[], metavar="ID",
+        help="a user to mint a token for; repeat it (e.g. a QA user pinned old and one pinned new)",
+    )
+    p.add_argument("--hold", type=_hold, default=2.0, help="seconds a legacy-style socket must stay open (default 2)")
+    p.add_argument("--send", metavar="TEXT", help="also send TEXT in every session and expect a reply")
+    p.add_argument("--reply-timeout", type=_timeout, default=5.0, help="seconds to wait for that reply (default 5)")
+    p.add_argument("--timeout", type=_timeout, default=10.0, help="seconds to wait for the upgrade, connected, or a refusal (default 10)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("drill", help="break a stub new backend on purpose, on loopback, and check the gateway copes")
-    p.add_argument("--short", action="store_true", help="the quick version CI runs (fewer sessions, shorter guard timings)")
-    p.add_argument("--hold", action="store_true", help="after the checks, keep the gateway and its status page up until Ctrl-C")
+    p = sub.add_parser(
+        "drill", help="rehearse the migration on loopback: simulated apps, new_percent ramped, the new backend broken and healed"
+    )
+    p.add_argument("--duration", type=_duration, default=Plan.duration, help="seconds, split evenly between the steps (default 90)")
+    p.add_argument(
+        "--steps", type=_steps, default=Plan.steps, metavar="P,P,...",
+        help="the new_percent values to ramp through (default 0,1,5,25,50,100)",
+    )
+    p.add_argument(
+        "--legacy-share", type=_percent, default=Plan.legacy_share, metavar="PERCENT",
+        help="share of the apps that put the token in the URL (default 30)",
+    )
+    p.add_argument(
+        "--fail-percent", type=_percent, default=Plan.fail_percent, metavar="PERCENT",
+        help="share of the new backend's handshakes that fail during the middle step (default 30)",
+    )
 
     p = sub.add_parser("stub-backend", help="run a reference backend for one auth style")
     p.add_argument("--style", choices=("old", "new"), required=True)
     p.add_argument("--port", type=_port, required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--config", help=config_help + "; its auth section verifies tokens")
+    # The faults at start; POST /stub/faults on the stub's port changes them while it runs.
+    p.add_argument(
+        "--fail-handshake", type=_fault("fail_handshake"), default=0.0, metavar="PERCENT",
+        help="fail this share of handshakes, spread evenly: old refuses the upgrade (503), new never answers connected",
+    )
+    p.add_argument("--reply-delay", type=_fault("reply_delay"), default=0.0, metavar="SECONDS", help="wait this long before every reply")
+    p.add_argument(
+        "--drop-after", type=_fault("drop_after"), metavar="SECONDS",
+        help="vanish without a close frame this long after each upgrade",
+    )
     return parser
 
 
@@ -170,23 +220,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "stub-backend":
             config = load_config(_config_path(args.config))
             setup_logging(config.log_level, config.auth.query_param)
-            return run(lambda: serve_stub(args.style, config, args.host, args.port))
+            faults = Faults(fail_handshake=args.fail_handshake, reply_delay=args.reply_delay, drop_after=args.drop_after)
+            return run(lambda: serve_stub(args.style, config, args.host, args.port, faults))
         if args.command == "demo":
             setup_logging("INFO")
             return run(lambda: demo(args.port, args.new_percent))
         if args.command == "probe":
-            config = load_config(_config_path(args.config))
-            if not re.fullmatch(r"wss?://[^/?#\s]+(/[^#\s]*)?", args.url):
-                print(f"error: {args.url!r} is not a ws:// or wss:// URL", file=sys.stderr)
-                return 2
-            if config.auth.secret is None:
-                print("error: the probe mints tokens with auth.secret; this config verifies with public keys", file=sys.stderr)
-                return 2
-            users = {"old": args.user_old, "new": args.user_new}
-            return run(lambda: print_probe(config, args.url, users, args.timeout, args.json))
+            return probe(args)
         if args.command == "drill":
             setup_logging("CRITICAL")  # hundreds of expected failures; the drill narrates what matters
-            return run(lambda: drill(SHORT if args.short else DEFAULT, args.hold))
+            plan = Plan(args.duration, args.steps, args.legacy_share, args.fail_percent)
+            return run(lambda: drill(plan))
     except ConfigError as exc:
         # One self-contained line per problem, so a single problem is a single line and
         # each line survives grep and log shippers: "error: FILE: key.path: what is wrong".
@@ -224,17 +268,45 @@ async def print_report(config: Config, days: int, as_json: bool) -> int:
     return 0
 
 
-async def print_probe(config: Config, url: str, users: dict[str, str | None], timeout: float, as_json: bool) -> int:
-    report = await run_probe(config, url, users=users, timeout=timeout)
+def probe(args: argparse.Namespace) -> int:
+    """The probe's tokens from --token, or minted per --user from --secret or the config; 2 on a usage error."""
+    if not re.fullmatch(r"wss?://[^/?#\s]+(/[^#\s]*)?", args.url):
+        return _usage(f"{args.url!r} is not a ws:// or wss:// URL")
+    if args.token is not None:
+        if args.user:
+            return _usage("--user mints a token; --token brings its own: give one or the other")
+        auth, tokens = AuthConfig(), {"given token": args.token}
+    else:
+        if not args.user:
+            return _usage("give --token, or --user (once per user) with --config or --secret to mint tokens")
+        auth = AuthConfig(secret=args.secret) if args.secret is not None else load_config(_config_path(args.config)).auth
+        if auth.secret is None:
+            return _usage("the probe mints tokens with auth.secret; this config verifies with public keys: use --token")
+        tokens = {user: mint_token(auth, user, PROBE_TOKEN_TTL) for user in args.user}
+    options = ProbeOptions(
+        hold=args.hold, send=args.send, timeout=args.timeout, reply_timeout=args.reply_timeout, query_param=auth.query_param
+    )
+    return run(lambda: print_probe(args.url, tokens, forged_token(auth), options, args.json))
+
+
+def _usage(problem: str) -> int:
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
+
+
+async def print_probe(url: str, tokens: dict[str, str], bad_token: str, options: ProbeOptions, as_json: bool) -> int:
+    report = await run_probe(url, tokens, bad_token, options)
     print(json.dumps(report.as_dict(), indent=2) if as_json else report.text(), end="\n" if as_json else "")
     return 0 if report.passed else 1
 
 
-async def serve_stub(style: str, config: Config, host: str, port: int) -> int:
-    app = create_stub_app(style, config.auth, path=config.path, max_message_bytes=config.limits.max_message_bytes)
+async def serve_stub(style: str, config: Config, host: str, port: int, faults: Faults) -> int:
+    app = create_stub_app(style, config.auth, path=config.path, max_message_bytes=config.limits.max_message_bytes, faults=faults)
     with Signals() as signals:
         runner, bound = await start_site(app, host, port)
-        log.info("stub backend listening", extra={"style": style, "host": host, "port": bound, "path": config.path})
+        log.info(
+            "stub backend listening", extra={"style": style, "host": host, "port": bound, "path": config.path, **asdict(faults)}
+        )
         try:
             await signals.stop.wait()
         finally:
@@ -242,12 +314,12 @@ async def serve_stub(style: str, config: Config, host: str, port: int) -> int:
     return 0
 
 
-async def drill(plan: Plan, hold: bool) -> int:
+async def drill(plan: Plan) -> int:
     with Signals() as signals:
-        results = await run_drill(plan, lambda line: print(line, flush=True), stop=signals.stop, hold=hold)
-    if results is None:
+        passed = await run_drill(plan, lambda line: print(line, flush=True), stop=signals.stop)
+    if passed is None:
         return 130
-    return 0 if all(result.passed for result in results) else 1
+    return 0 if passed else 1
 
 
 def demo_config(secret: str, old_port: int, new_port: int, port: int, new_percent: float, usage_path: str | None = None) -> Config:

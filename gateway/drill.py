@@ -1,25 +1,25 @@
-"""``ws-gateway drill``: break the new backend on purpose and check the gateway copes.
+"""``ws-gateway drill``: the migration rehearsal, on loopback, bounded in time.
 
-The rollout's safety nets (fallback to the old backend, the rollback guard, the close
-codes clients rely on) only matter on a bad day, which is the wrong day to find out they
-do not work. The drill starts a gateway, both stub backends and the admin app with the
-status page on loopback, then walks through the failures the new backend can have, each
-one switched on the new stub with ``POST /stub/faults`` exactly as QA would, and checks
-what clients and metrics show:
+The runbook raises ``rollout.new_percent`` step by step and trusts fallback and the
+rollback guard to hide a bad new backend from the apps. The drill rehearses exactly that
+against a crowd of simulated apps, so the promise, "no app notices", is checked before a
+bad day tests it. It starts:
 
-1. healthy: every session is served by the backend its user is routed to;
-2. slow replies: sessions still work, the new backend's replies take longer;
-3. tokens rejected: clients on the new backend get 1008, nobody falls back, the guard
-   does not count it;
-4. down (upgrades refused with 503): clients do not notice (they fall back to the old
-   backend) and the guard trips;
-5. still down while the guard is open: nobody is even tried on the new backend;
-6. healed: the guard recovers step by step and users return to the new backend;
-7. sessions dropped mid-chat: those clients get 1014, never 1006, and old-backend
-   sessions are untouched.
+* both stub backends;
+* a gateway with fallback to old and the guard on, whose config is a real file in a
+  temporary directory: each step edits it on disk and the gateway's hot reload picks the
+  edit up, as it would an operator's;
+* `Plan.apps` simulated apps, ``--legacy-share`` percent of them legacy (token in the URL)
+  and the rest message clients, each connecting, asking the stub who serves it, chatting
+  at a modest rate, closing, and reconnecting.
 
-Each wave of sessions is bounded (`Plan.users` sessions, `Plan.concurrency` at once, every
-wait bounded by `Plan.timeout`), and so is the whole run. `SHORT` runs in CI.
+It ramps ``new_percent`` through ``--steps``, ``--duration`` split evenly between them;
+during the middle step the new backend fails ``--fail-percent`` of its handshakes
+(``POST /stub/faults``, as QA would), and it is healed at the next. Then a table per step
+and a verdict: zero app-visible failures, the guard tripped and recovered, and the
+gateway's own usage counts show the legacy share given.
+
+`Plan`, `StepStats`, `table` and `verdict` are pure; `Drill` does the I/O.
 """
 
 from __future__ import annotations
@@ -27,102 +27,145 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import random
 import secrets
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import yaml
 from aiohttp import WSMsgType, web
 
 from .admin import create_admin_app
 from .auth import mint_token
-from .config import Config, parse_config
+from .config import AuthConfig, Config, load_config
 from .listener import Listener, listen
-from .routing import choose_backend
+from .reload import Reloader, fingerprint
 from .runtime import Gateway
 from .server import start_site
-from .stub_backend import create_stub_app
+from .store import DayUsage, utc_day
+from .stub_backend import create_stub_app, picked
+
+APP_TIMEOUT = 5.0  # an app's bound on any one wait: the upgrade, connected, a reply
+SESSION_SECONDS = (2.0, 5.0)  # how long an app keeps a session open
+CHAT_EVERY = (0.5, 1.5)  # seconds between an app's messages
+PAUSE = (0.1, 0.5)  # seconds between an app's sessions
+RELOAD_WITHIN = 5.0  # the gateway checks its file every second
+SAMPLE_SECONDS = 0.25  # how often the guard is looked at (it moves on the gateway's clock: no event to await)
+MAX_FAILURE_RATIO = 0.1  # the drill's guard trips over 10 % failed new-backend handshakes
+NEW_HANDSHAKE_SECONDS = 1.0  # the new backend's handshake timeout: how long a failing handshake holds an app up
+FAILURES_SHOWN = 5
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The size and timing of one run."""
+    """One run: what the command line chose."""
 
-    users: int  # sessions per wave: half routed new, half old; half legacy apps, half current
-    concurrency: int  # sessions open at once
-    reply_delay_seconds: float  # the slow new backend's delay per reply
-    drop_after_seconds: float  # how long a session on the dropping new backend lives
-    guard: Mapping[str, Any]  # rollout.guard, short enough for a drill
-    timeout: float = 10.0  # the bound on any one wait
+    duration: float = 90.0
+    steps: tuple[float, ...] = (0, 1, 5, 25, 50, 100)
+    legacy_share: float = 30.0  # percent of the apps that put the token in the URL
+    fail_percent: float = 30.0  # percent of the new backend's handshakes failing during the fault
+    apps: int = 100
 
-    def recovery_seconds(self) -> float:
-        return float(self.guard["cooldown_seconds"]) + len(self.guard["recovery_steps"]) * float(self.guard["step_seconds"])
+    def __post_init__(self) -> None:
+        if not 3 <= len(self.steps) <= 20:
+            raise ValueError(
+                f"--steps needs 3 to 20 percentages (a step before, during and after the fault), got {len(self.steps)}"
+            )
+        if self.step_seconds < 2:
+            raise ValueError(
+                f"--duration {self.duration:g} leaves {self.step_seconds:.1f} s per step; "
+                f"give each of the {len(self.steps)} steps at least 2 s"
+            )
+
+    @property
+    def step_seconds(self) -> float:
+        return self.duration / len(self.steps)
+
+    @property
+    def fault_step(self) -> int:
+        """The middle step (0-based): the new backend fails during it and is healed at the next."""
+        return len(self.steps) // 2
+
+    def guard(self) -> dict[str, Any]:
+        """``rollout.guard`` sized to the step: a trip during the fault is over, recovery steps
+        and all, within half of the next step."""
+        step = self.step_seconds
+        return {
+            "enabled": True,
+            "window_seconds": step,
+            "max_failure_ratio": MAX_FAILURE_RATIO,
+            "min_samples": 10,
+            "cooldown_seconds": round(step / 5, 2),
+            "step_seconds": round(step / 10, 2),
+            "recovery_steps": [25, 50, 100],
+        }
+
+    def expects_trip(self) -> bool:
+        """Whether the fault should trip the guard: over its threshold, with users on the new backend."""
+        return self.fail_percent > 100 * MAX_FAILURE_RATIO and self.steps[self.fault_step] > 0
+
+    def is_legacy(self, app: int) -> bool:
+        return picked(app, self.legacy_share)
 
 
-_GUARD = {"enabled": True, "window_seconds": 60, "max_failure_ratio": 0.2}
-DEFAULT = Plan(
-    users=60, concurrency=20, reply_delay_seconds=0.25, drop_after_seconds=0.5,
-    guard={**_GUARD, "min_samples": 10, "cooldown_seconds": 8, "step_seconds": 2, "recovery_steps": [25, 50, 100]},
-)
-SHORT = Plan(
-    users=24, concurrency=12, reply_delay_seconds=0.2, drop_after_seconds=0.5,
-    guard={**_GUARD, "min_samples": 6, "cooldown_seconds": 6, "step_seconds": 1, "recovery_steps": [50, 100]},
-)
-NEW_PERCENT = 50.0
-
-
-# -- what one session and one wave saw (pure) ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One client session of a wave."""
-
-    user: str
-    style: str  # legacy or message
-    routed: str  # the backend the config routes the user to: old or new
-    served_by: str | None = None  # the backend that answered stub.info, if one did
-    close_code: int | None = None  # the close the gateway sent, if it closed the session
-    reply_seconds: float | None = None  # stub.info sent -> its answer
-    problem: str | None = None  # what went wrong on the client's side (HTTP error, timeout)
-
-
-@dataclass(frozen=True)
-class Check:
-    text: str
-    passed: bool
+def parse_steps(text: str) -> tuple[float, ...]:
+    """``--steps``: comma-separated percentages, e.g. ``0,1,5,25,50,100``."""
+    steps = []
+    for piece in text.split(","):
+        try:
+            value = float(piece)
+        except ValueError:
+            raise ValueError(f"{piece.strip()!r} is not a percentage") from None
+        if not 0 <= value <= 100:
+            raise ValueError(f"{piece.strip()} is out of range [0, 100]")
+        steps.append(value)
+    return tuple(steps)
 
 
 @dataclass
-class StepResult:
-    title: str
-    injected: str
-    summary: str = ""
-    checks: list[Check] = field(default_factory=list)
+class StepStats:
+    """One step of the ramp, as the apps and the gateway saw it."""
 
-    @property
-    def passed(self) -> bool:
-        return all(check.passed for check in self.checks)
+    percent: float
+    fault: float  # percent of the new backend's handshakes failing in this step
+    attempted: int = 0  # sessions the apps started in this step
+    succeeded: int = 0  # of those, the ones that went as an app expects
+    failed: int = 0  # the others: no connected, a close, or a wait past APP_TIMEOUT
+    fallbacks: int = 0
+    trips: int = 0
+    guard: str = "closed"  # at the end of the step
+    effective: tuple[float, float] | None = None  # the lowest and highest effective percentage seen
+    replies: dict[str, list[float]] = field(default_factory=lambda: {"old": [], "new": []})  # seconds, by backend
 
-    def check(self, text: str, passed: bool) -> None:
-        self.checks.append(Check(text, passed))
+    def saw_effective(self, percent: float) -> None:
+        low, high = self.effective or (percent, percent)
+        self.effective = (min(low, percent), max(high, percent))
 
 
-def pick_users(config: Config, count: int) -> list[tuple[str, str]]:
-    """`count` (user, backend) pairs, half of them routed to each backend by the config."""
-    wanted = {"new": count // 2, "old": count - count // 2}
-    picked: list[tuple[str, str]] = []
-    for n in range(1, 100 * count + 1):
-        user = f"drill-{n}"
-        backend = choose_backend(user, config.rollout).backend
-        if wanted[backend]:
-            wanted[backend] -= 1
-            picked.append((user, backend))
-        if len(picked) == count:
-            return picked
-    raise ValueError(f"could not find {count} users split between the backends at {config.rollout.new_percent}%")
+@dataclass(frozen=True)
+class Usage:
+    """The gateway's usage counts for the run."""
+
+    users_legacy: int
+    users: int
+    sessions_legacy: int
+    sessions: int
+
+    @classmethod
+    def of(cls, days: Iterable[DayUsage]) -> Usage:
+        """Added up over the UTC days of the run (one, unless it crossed midnight)."""
+        days = list(days)
+        return cls(
+            sum(d.users_legacy for d in days),
+            sum(d.users for d in days),
+            sum(d.sessions_legacy for d in days),
+            sum(d.sessions for d in days),
+        )
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -133,343 +176,403 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def describe(outcomes: list[Outcome]) -> str:
-    """One line: how a wave went."""
-    served = [o for o in outcomes if o.served_by is not None]
-    by_backend = {b: sum(1 for o in served if o.served_by == b) for b in ("old", "new")}
-    closes: dict[int, int] = {}
-    for o in outcomes:
-        if o.close_code is not None:
-            closes[o.close_code] = closes.get(o.close_code, 0) + 1
-    parts = [f"{len(outcomes)} sessions: {len(served)} served (old {by_backend['old']}, new {by_backend['new']})"]
-    if closes:
-        parts.append("closed by the gateway: " + ", ".join(f"{n}\u00d7{code}" for code, n in sorted(closes.items())))
-    problems = [o.problem for o in outcomes if o.problem]
-    if problems:
-        parts.append(f"{len(problems)} client problems (first: {problems[0]})")
-    for backend in ("old", "new"):
-        p95 = percentile([o.reply_seconds for o in served if o.served_by == backend and o.reply_seconds is not None], 0.95)
-        if p95 is not None:
-            parts.append(f"reply p95 {backend} {p95 * 1000:.0f} ms")
-    return "; ".join(parts)
+def _share(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
-# -- one client session --------------------------------------------------------------------------
+def _latency(values: list[float]) -> str:
+    p50, p95 = percentile(values, 0.5), percentile(values, 0.95)
+    return "-" if p50 is None or p95 is None else f"{p50 * 1000:.1f}/{p95 * 1000:.1f}"
 
 
-async def run_session(
-    http: aiohttp.ClientSession, url: str, token: str, user: str, style: str, routed: str, *, hold: float, timeout: float
-) -> Outcome:
-    """Connect in `style`, ask the backend who it is (stub.info), stay `hold` seconds (the
-    gateway may close meanwhile), then close with 1000."""
-    outcome = Outcome(user, style, routed)
-    try:
-        async with asyncio.timeout(timeout + hold):
-            target = f"{url}?token={token}" if style == "legacy" else url
-            async with http.ws_connect(target, autoclose=False, autoping=True) as ws:
-                if style == "message":
-                    await ws.send_str(json.dumps({"type": "authenticate", "token": token}))
-                    first = await ws.receive()
-                    if first.type is not WSMsgType.TEXT:
-                        return replace(outcome, close_code=_close_code(ws, first))
-                    if json.loads(first.data).get("type") != "connected":
-                        return replace(outcome, problem="first frame was not connected")
-                sent = time.monotonic()
-                await ws.send_str(json.dumps({"type": "stub.info"}))
-                answer = await ws.receive()
-                if answer.type is not WSMsgType.TEXT:
-                    return replace(outcome, close_code=_close_code(ws, answer))
-                info = json.loads(answer.data)
-                if info.get("type") == "connected" or info.get("user_id") != user:
-                    return replace(outcome, problem=f"unexpected answer {answer.data[:60]!r}")
-                outcome = replace(outcome, served_by=info["style"], reply_seconds=time.monotonic() - sent)
-                try:
-                    closing = await ws.receive(timeout=hold) if hold else None
-                except asyncio.TimeoutError:
-                    closing = None
-                if closing is not None:
-                    return replace(outcome, close_code=_close_code(ws, closing))
-                await ws.close(code=1000, message=b"drill done")
-                return outcome
-    except aiohttp.WSServerHandshakeError as exc:
-        return replace(outcome, problem=f"upgrade answered {exc.status}")
-    except (aiohttp.ClientError, OSError) as exc:
-        return replace(outcome, problem=type(exc).__name__)
-    except TimeoutError:
-        return replace(outcome, problem="timed out")
+TABLE_HEADER = (
+    "step", "new %", "new backend", "attempted", "succeeded", "failed", "fallbacks", "trips", "guard", "effective %",
+    "old p50/p95 ms", "new p50/p95 ms",
+)
 
 
-def _close_code(ws: aiohttp.ClientWebSocketResponse, msg: aiohttp.WSMessage) -> int:
-    if msg.type is WSMsgType.CLOSE:
-        return int(msg.data)
-    return ws.close_code or 1006  # CLOSED / ERROR without a close frame: what a client would call 1006
+def table(stats: list[StepStats]) -> list[str]:
+    """The per-step table, columns aligned (text left, numbers right)."""
+    rows = [TABLE_HEADER]
+    for number, s in enumerate(stats, 1):
+        low, high = s.effective or (s.percent, s.percent)
+        rows.append((
+            str(number), f"{s.percent:g}", f"{s.fault:g}% fail" if s.fault else "healthy",
+            str(s.attempted), str(s.succeeded), str(s.failed), str(s.fallbacks), str(s.trips), s.guard,
+            f"{low:g}" if low == high else f"{low:g}-{high:g}", _latency(s.replies["old"]), _latency(s.replies["new"]),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_HEADER))]
+    left = {2, 8}  # new backend, guard
+    return [
+        "  ".join(cell.ljust(widths[i]) if i in left else cell.rjust(widths[i]) for i, cell in enumerate(row)).rstrip()
+        for row in rows
+    ]
 
 
-# -- the drill -------------------------------------------------------------------------------------
+def verdict(plan: Plan, stats: list[StepStats], guard_at_end: str, usage: Usage, problems: list[str]) -> tuple[bool, str]:
+    """The run's one-line verdict; `problems`: what else went wrong (an edit the gateway did not apply)."""
+    failed = sum(s.failed for s in stats)
+    sessions = sum(s.attempted for s in stats)
+    parts = [(failed == 0, f"{failed} app-visible failures in {sessions} sessions")]
+    trips = sum(s.trips for s in stats)
+    threshold = f"{100 * MAX_FAILURE_RATIO:g}%"
+    if not plan.expects_trip():
+        expected = f"expected none (no fault over its {threshold} threshold reached the new backend)"
+        parts.append((trips == 0, f"the guard tripped {trips} times; {expected}"))
+    elif trips == 0:
+        parts.append((False, f"the guard never tripped, though {plan.fail_percent:g}% of handshakes failed (threshold {threshold})"))
+    elif guard_at_end != "closed":
+        parts.append((False, f"the guard tripped {trips} times but had not recovered by the end ({guard_at_end})"))
+    else:
+        parts.append((True, f"the guard tripped {trips} times and recovered"))
+    given, share = plan.legacy_share, 100 * usage.users_legacy / usage.users if usage.users else None
+    tolerance = 100 / plan.apps  # the share moves in steps of one app
+    parts.append((
+        share is not None and abs(share - given) <= tolerance,
+        f"usage shows {_share(usage.users_legacy, usage.users)} legacy users (--legacy-share {given:g}%)",
+    ))
+    parts += [(False, problem) for problem in problems]
+    passed = all(ok for ok, _ in parts)
+    return passed, f"verdict: {'PASS' if passed else 'FAIL'}: " + "; ".join(text for _, text in parts)
+
+
+# -- the I/O -------------------------------------------------------------------------------------
+
+
+def raw_config(secret: str, plan: Plan, old_port: int, new_port: int) -> dict[str, Any]:
+    """The drill gateway's config file: fallback on, a guard sized to the plan, a new backend
+    whose failing handshake holds an app up for NEW_HANDSHAKE_SECONDS before the fallback."""
+    return {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "auth": {"algorithms": ["HS256"], "secret": secret},
+        "backends": {
+            "old": {"url": f"ws://127.0.0.1:{old_port}/ws/chat", "auth": "query"},
+            "new": {
+                "url": f"ws://127.0.0.1:{new_port}/ws/chat", "auth": "message",
+                "connect_timeout_seconds": 2, "handshake_timeout_seconds": NEW_HANDSHAKE_SECONDS,
+            },
+        },
+        "rollout": {"new_percent": plan.steps[0], "salt": "drill", "fallback_to_old": True, "guard": plan.guard()},
+        "limits": {"ping_interval_seconds": 0},
+    }
 
 
 class Drill:
-    """A gateway, both stubs and an admin app on loopback, and the waves of sessions against them."""
+    """Both stubs, a gateway hot-reloading a config file, its admin app, and the apps."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, report: Callable[[str], None], stop: asyncio.Event, scratch: str) -> None:
         self.plan = plan
+        self.report = report
+        self.stop = stop  # Ctrl-C
+        self.apps_done = asyncio.Event()
+        self.config_path = os.path.join(scratch, "gateway.yaml")
         self.secret = secrets.token_urlsafe(32)
+        self.raw: dict[str, Any] = {}  # the config file's content, once the stubs have ports
         self.runners: list[web.AppRunner] = []
         self.public: Listener | None = None
-        self.gateway: Gateway | None = None
+        self._gateway: Gateway | None = None
+        self.reloader: Reloader | None = None
+        self.applied = asyncio.Event()  # set whenever the gateway applies a reloaded file
+        self.stats = [StepStats(p, plan.fail_percent if i == plan.fault_step else 0.0) for i, p in enumerate(plan.steps)]
+        self.step = 0  # the index of the step in progress
+        self.failures: list[str] = []
+        self.problems: list[str] = []
+        self.started = 0.0
+        self.url = ""
         self.new_port = 0
         self.admin_port = 0
-        self.url = ""
-        self.users: list[tuple[str, str]] = []
 
-    def config(self, old_port: int, new_port: int) -> Config:
-        return parse_config(
-            {
-                "listen": {"host": "127.0.0.1", "port": 0},
-                "auth": {"algorithms": ["HS256"], "secret": self.secret},
-                "backends": {
-                    "old": {"url": f"ws://127.0.0.1:{old_port}/ws/chat", "auth": "query"},
-                    "new": {
-                        "url": f"ws://127.0.0.1:{new_port}/ws/chat", "auth": "message",
-                        "connect_timeout_seconds": 2, "handshake_timeout_seconds": 2,
-                    },
-                },
-                "rollout": {"new_percent": NEW_PERCENT, "salt": "drill", "fallback_to_old": True, "guard": dict(self.plan.guard)},
-                "limits": {"ping_interval_seconds": 0},
-            },
-            env={},
-        )
+    @property
+    def gateway(self) -> Gateway:
+        assert self._gateway is not None
+        return self._gateway
+
+    def write_config(self) -> None:
+        """Write-then-rename, as editors and ConfigMap updates do: the gateway never reads half a file."""
+        partial = self.config_path + ".partial"
+        with open(partial, "w", encoding="utf-8") as f:
+            yaml.safe_dump(self.raw, f)
+        os.replace(partial, self.config_path)
 
     async def start(self) -> None:
-        auth = self.config(1, 1).auth
+        auth = AuthConfig(algorithms=("HS256",), secret=self.secret)  # the config file's auth section
         old_runner, old_port = await start_site(create_stub_app("old", auth), "127.0.0.1", 0)
         self.runners.append(old_runner)
         new_runner, self.new_port = await start_site(create_stub_app("new", auth), "127.0.0.1", 0)
         self.runners.append(new_runner)
-        config = self.config(old_port, self.new_port)
-        self.gateway = Gateway(config)
-        self.public = await listen(self.gateway, "127.0.0.1", 0)
-        admin_runner, self.admin_port = await start_site(create_admin_app(self.gateway), "127.0.0.1", 0)
+        self.raw = raw_config(self.secret, self.plan, old_port, self.new_port)
+        self.write_config()
+        seen = fingerprint(self.config_path)
+        config = load_config(self.config_path)
+        self._gateway = gateway = Gateway(config, config_path=self.config_path)
+        self.public = await listen(gateway, "127.0.0.1", 0)
+        self.reloader = Reloader(self.config_path, self._apply, gateway.reload_failed, seen=seen)
+        self.reloader.start()
+        admin_runner, self.admin_port = await start_site(create_admin_app(gateway), "127.0.0.1", 0)
         self.runners.append(admin_runner)
         self.url = f"ws://127.0.0.1:{self.public.port}{config.path}"
-        self.users = pick_users(config, self.plan.users)
+
+    def _apply(self, config: Config) -> None:
+        self.gateway.reload(config)
+        self.applied.set()
 
     async def close(self) -> None:
+        if self.reloader is not None:
+            await self.reloader.stop()
         if self.public is not None:
             await self.public.close()
         for runner in reversed(self.runners):
             await runner.cleanup()
 
-    async def inject(self, faults: Mapping[str, Any]) -> None:
-        """Set the new stub's faults through its control endpoint, as QA would."""
-        async with aiohttp.ClientSession() as http:
-            async with http.post(f"http://127.0.0.1:{self.new_port}/stub/faults", json=dict(faults)) as response:
-                if response.status != 200:
-                    raise RuntimeError(f"the stub refused the faults: {await response.text()}")
+    # -- what the drill changes ----------------------------------------------------------------
 
-    async def wave(self, *, hold: float = 0.0) -> list[Outcome]:
-        """Every drill user opens one session (alternately legacy and current app)."""
-        gateway = self.gateway
-        assert gateway is not None
-        limit = asyncio.Semaphore(self.plan.concurrency)
-        auth = gateway.config.auth
+    async def set_percent(self, percent: float) -> float | None:
+        """Edit ``new_percent`` in the file; seconds until the gateway applied it (None: not within RELOAD_WITHIN)."""
+        if self.gateway.config.rollout.new_percent == percent:
+            return 0.0
+        started = time.monotonic()
+        self.applied.clear()
+        self.raw["rollout"]["new_percent"] = percent
+        self.write_config()
+        try:
+            async with asyncio.timeout(RELOAD_WITHIN):
+                while self.gateway.config.rollout.new_percent != percent:
+                    await self.applied.wait()
+                    self.applied.clear()
+        except TimeoutError:
+            return None
+        return time.monotonic() - started
 
-        async def one(index: int, user: str, routed: str) -> Outcome:
-            async with limit:
-                style = "legacy" if index % 2 else "message"
-                token = mint_token(auth, user, 600)
-                return await run_session(http, self.url, token, user, style, routed, hold=hold, timeout=self.plan.timeout)
+    async def set_faults(self, faults: dict[str, Any]) -> None:
+        """The new stub's faults, through its control endpoint, as QA would set them."""
+        url = f"http://127.0.0.1:{self.new_port}/stub/faults"
+        async with aiohttp.ClientSession() as http, http.post(url, json=faults) as response:
+            if response.status != 200:
+                raise RuntimeError(f"the stub refused the faults: {await response.text()}")
 
-        async with aiohttp.ClientSession() as http:
-            return list(await asyncio.gather(*(one(i, user, routed) for i, (user, routed) in enumerate(self.users))))
+    def counters(self) -> tuple[float, float]:
+        """Fallbacks and guard trips so far."""
+        registry = self.gateway.metrics.registry
+        fallbacks = registry.get_sample_value("ws_gateway_fallbacks_total") or 0.0
+        trips = registry.get_sample_value("ws_gateway_guard_trips_total") or 0.0
+        return fallbacks, trips
 
-    def counters(self) -> dict[str, float]:
-        """The metrics the checks compare before and after a step."""
-        gateway = self.gateway
-        assert gateway is not None
-        registry = gateway.metrics.registry
+    # -- the apps --------------------------------------------------------------------------------
 
-        def value(name: str, **labels: str) -> float:
-            return registry.get_sample_value(name, labels) or 0.0
+    async def app(self, http: aiohttp.ClientSession, index: int) -> None:
+        """One app: sessions one after another until the drill ends."""
+        user = f"drill-{index + 1}"
+        style = "legacy" if self.plan.is_legacy(index) else "message"
+        token = mint_token(self.gateway.config.auth, user, self.plan.duration + 600)
+        rng = random.Random(index)
+        while not self.apps_done.is_set():
+            stats, number = self.stats[self.step], self.step + 1
+            stats.attempted += 1
+            try:
+                problem = await self.session(http, user, style, token, rng)
+            except (aiohttp.ClientError, OSError) as exc:
+                problem = f"connection failed ({type(exc).__name__})"
+            if problem is None:
+                stats.succeeded += 1
+            else:
+                stats.failed += 1
+                self.failures.append(f"step {number}: {user} ({style} app): {problem}")
+            if await _waited_out(self.apps_done, rng.uniform(*PAUSE)):
+                return
 
-        counts = {
-            "fallbacks": value("ws_gateway_fallbacks_total"),
-            "trips": value("ws_gateway_guard_trips_total"),
-        }
-        for reason in ("connect", "handshake", "rejected", "dropped"):
-            counts[f"new_{reason}"] = value("ws_gateway_upstream_failures_total", backend="new", reason=reason)
-            counts[f"old_{reason}"] = value("ws_gateway_upstream_failures_total", backend="old", reason=reason)
-        return counts
+    async def session(self, http: aiohttp.ClientSession, user: str, style: str, token: str, rng: random.Random) -> str | None:
+        """Connect, authenticate, ask the stub who serves it, chat, close 1000: what went
+        wrong as the app saw it, or None."""
+        target = f"{self.url}?token={token}" if style == "legacy" else self.url
+        try:
+            async with asyncio.timeout(APP_TIMEOUT):
+                ws = await http.ws_connect(target, autoclose=False, autoping=True)
+        except aiohttp.WSServerHandshakeError as exc:
+            return f"upgrade answered HTTP {exc.status}"
+        except TimeoutError:
+            return f"no upgrade within {APP_TIMEOUT:g} s"
+        try:
+            if style == "message":
+                await ws.send_str(json.dumps({"type": "authenticate", "token": token}))
+                first, problem = await _receive(ws, "connected")
+                if first is None or _object(first).get("type") != "connected":
+                    return problem or "the first frame was not connected"
+            await ws.send_str('{"type":"stub.info"}')
+            answer, problem = await _receive(ws, "the stub's answer")
+            if answer is None:
+                return problem
+            info = _object(answer)
+            backend = info.get("style")
+            if info.get("type") != "stub.info" or info.get("user_id") != user or backend not in ("old", "new"):
+                return f"a {info.get('type')!r} frame instead of the stub's answer"
+            ends = time.monotonic() + rng.uniform(*SESSION_SECONDS)
+            for count in range(1, 100):
+                wait = rng.uniform(*CHAT_EVERY)
+                if time.monotonic() + wait > ends or await _waited_out(self.apps_done, wait):
+                    break
+                text, sent = f"chat {user} #{count}", time.monotonic()
+                await ws.send_str(text)
+                echo, problem = await _receive(ws, "a reply")
+                if echo != text:
+                    return problem or "the reply was not the message's echo"
+                self.stats[self.step].replies[backend].append(time.monotonic() - sent)
+            await ws.close(code=1000, message=b"bye")
+            return None
+        finally:
+            if not ws.closed:
+                await ws.close()
 
-    def guard_state(self) -> str:
-        assert self.gateway is not None
-        state: str = self.gateway.rollout_status()["guard"]["state"]
-        return state
+    # -- the run ---------------------------------------------------------------------------------
 
-    async def wait_for_guard(self, state: str, within: float) -> bool:
-        """Until the guard is in `state` (it moves on the gateway's clock; nothing to await)."""
-        deadline = time.monotonic() + within
-        while self.guard_state() != state:
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.1)
+    def elapsed(self) -> str:
+        return f"[{time.monotonic() - self.started:5.1f} s]"
+
+    async def ramp(self) -> bool:
+        """Every step in turn; False when stopped (Ctrl-C) before the end."""
+        plan = self.plan
+        last_guard = ""
+        for index, stats in enumerate(self.stats):
+            step_ends, at = time.monotonic() + plan.step_seconds, self.elapsed()
+            self.step, percent = index, stats.percent
+            before = self.counters()
+            events = []
+            if stats.fault:
+                await self.set_faults({"fail_handshake": stats.fault})
+                events.append(f"the new backend fails {stats.fault:g}% of handshakes")
+            elif index == plan.fault_step + 1 and plan.fail_percent:
+                await self.set_faults({})
+                events.append("the new backend is healed")
+            took = await self.set_percent(percent)
+            if took is None:
+                self.problems.append(f"the gateway did not apply new_percent {percent:g} within {RELOAD_WITHIN:g} s")
+            if index == 0:
+                applied = "in the file from the start"
+            else:
+                applied = "NOT APPLIED" if took is None else f"file edited, applied after {took:.1f} s"
+            self.report(f"{at} step {index + 1}: {'; '.join([*events, f'new_percent {percent:g} ({applied})'])}")
+            while True:
+                status = self.gateway.rollout_status()
+                guard, effective = status["guard"]["state"], status["effective_percent"]
+                stats.saw_effective(effective)
+                if guard != last_guard and last_guard:
+                    self.report(f"{self.elapsed()}   guard {guard}, effective {effective:g}%")
+                last_guard = guard
+                left = step_ends - time.monotonic()
+                if left <= 0:
+                    break
+                if await _waited_out(self.stop, min(SAMPLE_SECONDS, left)):
+                    return False
+            after = self.counters()
+            stats.fallbacks, stats.trips = int(after[0] - before[0]), int(after[1] - before[1])
+            stats.guard = last_guard
         return True
 
-    # -- the steps ---------------------------------------------------------------------------------
 
-    def steps(self) -> Iterator[tuple[str, str, Callable[[StepResult], Any]]]:
-        plan = self.plan
-        yield "healthy backends", "nothing", self.healthy
-        yield "slow replies", f"new backend waits {plan.reply_delay_seconds:g} s before each reply", self.slow
-        yield "tokens rejected", "new backend closes every session with 1008", self.rejecting
-        yield "new backend down", "new backend answers every upgrade with HTTP 503", self.down
-        yield "still down, guard open", "(unchanged)", self.still_down
-        yield "new backend healed", "nothing: faults cleared", self.healed
-        yield "sessions dropped", f"new backend vanishes {plan.drop_after_seconds:g} s into each session", self.dropping
-
-    def _served_as_routed(self, result: StepResult, outcomes: list[Outcome], backend: str | None = None) -> None:
-        wrong = [o for o in outcomes if o.served_by != (backend or o.routed)]
-        where = f"the {backend} backend" if backend else "the backend its user is routed to"
-        result.check(f"every session is served by {where}" + (f" ({len(wrong)} were not)" if wrong else ""), not wrong)
-
-    async def healthy(self, result: StepResult) -> None:
-        await self.inject({})
-        outcomes = await self.wave()
-        result.summary = describe(outcomes)
-        self._served_as_routed(result, outcomes)
-        result.check("the guard stays closed", self.guard_state() == "closed")
-
-    async def slow(self, result: StepResult) -> None:
-        delay = self.plan.reply_delay_seconds
-        await self.inject({"reply_delay_seconds": delay})
-        outcomes = await self.wave()
-        result.summary = describe(outcomes)
-        self._served_as_routed(result, outcomes)
-        new = percentile([o.reply_seconds for o in outcomes if o.served_by == "new" and o.reply_seconds is not None], 0.95)
-        result.check(f"the new backend's reply p95 shows the delay (at least {delay * 1000:.0f} ms)", new is not None and new >= delay)
-        result.check("slow is not failed: the guard stays closed", self.guard_state() == "closed")
-
-    async def rejecting(self, result: StepResult) -> None:
-        await self.inject({"reject_token": True})
-        before = self.counters()
-        outcomes = await self.wave()
-        after = self.counters()
-        result.summary = describe(outcomes)
-        on_new = [o for o in outcomes if o.routed == "new"]
-        result.check("clients routed new are closed with 1008", all(o.close_code == 1008 for o in on_new))
-        result.check("clients routed old are served by old", all(o.served_by == "old" for o in outcomes if o.routed == "old"))
-        result.check("nobody falls back (a rejected token is not an outage)", after["fallbacks"] == before["fallbacks"])
-        result.check(
-            f"ws_gateway_upstream_failures_total{{backend=\"new\",reason=\"rejected\"}} +{after['new_rejected'] - before['new_rejected']:g}",
-            after["new_rejected"] - before["new_rejected"] == len(on_new),
-        )
-        result.check("the guard stays closed", self.guard_state() == "closed")
-
-    async def down(self, result: StepResult) -> None:
-        await self.inject({"refuse_status": 503})
-        before = self.counters()
-        outcomes = await self.wave()
-        after = self.counters()
-        result.summary = describe(outcomes)
-        self._served_as_routed(result, outcomes, "old")
-        fallbacks = after["fallbacks"] - before["fallbacks"]
-        result.check(f"clients routed new fell back to old ({fallbacks:g} fallbacks)", fallbacks > 0)
-        result.check(f"the guard tripped once (trips +{after['trips'] - before['trips']:g})", after["trips"] - before["trips"] == 1)
-        assert self.gateway is not None
-        status = self.gateway.rollout_status()
-        result.check(
-            f"guard {status['guard']['state']}, effective percentage {status['effective_percent']:g}%",
-            status["guard"]["state"] == "open" and status["effective_percent"] == 0,
-        )
-
-    async def still_down(self, result: StepResult) -> None:
-        before = self.counters()
-        outcomes = await self.wave()
-        after = self.counters()
-        result.summary = describe(outcomes)
-        self._served_as_routed(result, outcomes, "old")
-        tried = after["new_connect"] - before["new_connect"]
-        result.check(f"nobody is tried on the new backend ({tried:g} attempts)", tried == 0 and after["fallbacks"] == before["fallbacks"])
-        result.check("the guard is still open", self.guard_state() == "open")
-
-    async def healed(self, result: StepResult) -> None:
-        await self.inject({})
-        within = self.plan.recovery_seconds() + self.plan.timeout
-        started = time.monotonic()
-        closed = await self.wait_for_guard("closed", within)
-        result.check(
-            f"the guard recovers step by step and closes ({time.monotonic() - started:.0f} s; "
-            f"cooldown {self.plan.guard['cooldown_seconds']} s, steps {self.plan.guard['recovery_steps']})",
-            closed,
-        )
-        outcomes = await self.wave()
-        result.summary = describe(outcomes)
-        self._served_as_routed(result, outcomes)
-
-    async def dropping(self, result: StepResult) -> None:
-        drop = self.plan.drop_after_seconds
-        await self.inject({"drop_after_seconds": drop})
-        before = self.counters()
-        outcomes = await self.wave(hold=3 * drop)
-        after = self.counters()
-        await self.inject({})
-        result.summary = describe(outcomes)
-        # Once enough sessions have dropped the guard may trip and send the rest to old:
-        # judge each session by the backend that served it.
-        on_new = [o for o in outcomes if o.served_by == "new"]
-        on_old = [o for o in outcomes if o.served_by == "old"]
-        result.check(
-            f"all {len(on_new)} sessions the new backend served were closed with 1014 (never 1006)",
-            bool(on_new) and all(o.close_code == 1014 for o in on_new),
-        )
-        result.check("sessions on the old backend are untouched", all(o.close_code is None for o in on_old))
-        result.check("every session was served", len(on_new) + len(on_old) == len(outcomes))
-        dropped = after["new_dropped"] - before["new_dropped"]
-        result.check(f"ws_gateway_upstream_failures_total{{backend=\"new\",reason=\"dropped\"}} +{dropped:g}", dropped == len(on_new))
-        result.summary += f"; guard now {self.guard_state()}"
-
-
-async def run_drill(
-    plan: Plan, report: Callable[[str], None], *, stop: asyncio.Event | None = None, hold: bool = False
-) -> list[StepResult] | None:
-    """Run the steps, reporting as it goes; None when `stop` was set before they were all run.
-
-    `stop` (Ctrl-C) is looked at between steps, each of which is bounded; with `hold` the
-    gateway and its status page stay up after the last step until `stop` is set.
-    """
-    stop = stop or asyncio.Event()
-    drill = Drill(plan)
-    results = []
+async def _waited_out(event: asyncio.Event, seconds: float) -> bool:
+    """Wait `seconds`, or less if `event` is set: True when it was set."""
     try:
-        await drill.start()
-        report(
-            f"ws-gateway drill: gateway {drill.url}, {plan.users} sessions per wave (half routed to the new "
-            f"backend at {NEW_PERCENT:g}%, half legacy apps), fallback on, guard trips over "
-            f"{plan.guard['max_failure_ratio']:.0%} failures"
-        )
-        report(f"status page: http://127.0.0.1:{drill.admin_port}/")
-        steps = list(drill.steps())
-        for number, (title, injected, step) in enumerate(steps, 1):
-            if stop.is_set():
-                report("stopped before the drill was over")
-                return None
-            result = StepResult(title, injected)
-            await step(result)
-            results.append(result)
-            report("")
-            report(f"[{number}/{len(steps)}] {title}: {'PASS' if result.passed else 'FAIL'}")
-            report(f"      injected: {injected}")
-            if result.summary:
-                report(f"      {result.summary}")
-            for check in result.checks:
-                report(f"  {'ok  ' if check.passed else 'FAIL'} {check.text}")
-        failed = [r.title for r in results if not r.passed]
-        report("")
-        report(f"drill {'FAILED: ' + ', '.join(failed) if failed else 'passed'}: {len(results)} steps, "
-               f"{sum(len(r.checks) for r in results)} checks")
-        if hold:
-            report(f"holding: the status page stays at http://127.0.0.1:{drill.admin_port}/ until Ctrl-C")
-            await stop.wait()
-    finally:
-        await drill.close()
-    return results
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _receive(ws: aiohttp.ClientWebSocketResponse, what: str) -> tuple[str | None, str]:
+    """The next text frame, or None and why there was none."""
+    try:
+        msg = await ws.receive(timeout=APP_TIMEOUT)
+    except TimeoutError:
+        return None, f"no {what} within {APP_TIMEOUT:g} s"
+    if msg.type is WSMsgType.TEXT:
+        return msg.data, ""
+    if msg.type is WSMsgType.CLOSE:
+        return None, f"closed {msg.data}" + (f" {msg.extra!r}" if msg.extra else "") + f" before {what}"
+    if msg.type is WSMsgType.BINARY:
+        return None, f"a binary frame instead of {what}"
+    return None, f"connection lost before {what}"
+
+
+def _object(text: str) -> dict[str, Any]:
+    """A frame's JSON object; empty when it is not one."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+async def run_drill(plan: Plan, report: Callable[[str], None], stop: asyncio.Event | None = None) -> bool | None:
+    """The drill, reported line by line: True when the verdict passed, None when `stop` (Ctrl-C) ended it early."""
+    stop = stop or asyncio.Event()
+    if stop.is_set():
+        report("stopped before the drill was over")
+        return None
+    with tempfile.TemporaryDirectory(prefix="ws-gateway-drill-") as scratch:
+        drill = Drill(plan, report, stop, scratch)
+        try:
+            await drill.start()
+            _report_start(drill, report)
+            drill.started = time.monotonic()
+            started_day = utc_day()
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+                apps = [asyncio.create_task(drill.app(http, index)) for index in range(plan.apps)]
+                finished = await drill.ramp()
+                drill.apps_done.set()
+                report(f"{drill.elapsed()} {'done' if finished else 'stopped'}: the apps close their sessions")
+                done, stuck = await asyncio.wait(apps, timeout=4 * APP_TIMEOUT)
+                for task in stuck:
+                    task.cancel()
+                await asyncio.gather(*stuck, return_exceptions=True)
+            crashed = [type(exc).__name__ for task in done if (exc := task.exception()) is not None]
+            if crashed:
+                drill.problems.append(f"{len(crashed)} apps crashed (first: {crashed[0]})")
+            if stuck:
+                drill.problems.append(f"{len(stuck)} apps were still in a session {4 * APP_TIMEOUT:g} s after the end")
+            guard_at_end = drill.gateway.rollout_status()["guard"]["state"]
+        finally:
+            await drill.close()
+        if not finished:
+            report("stopped before the drill was over")
+            return None
+        # After close: the gateway has finished writing its usage counts.
+        days = {started_day, utc_day()}
+        usage = Usage.of(day for day in await drill.gateway.store.usage_days(2) if day.day in days)
+    report("")
+    for line in table(drill.stats):
+        report(line)
+    report("")
+    report("attempted, succeeded, failed: sessions the apps started in the step, as the apps saw them (failed: no")
+    report(f"  connected, a close, or no answer within {APP_TIMEOUT:g} s). trips, guard: guard trips in the step, its state at")
+    report("  the end. effective %: the new backend's share after the guard, lowest-highest. p50/p95: a chat")
+    report("  message to its echo, by the backend that served the app.")
+    if drill.failures:
+        report(f"first app-visible failures ({len(drill.failures)} in all):")
+        for failure in drill.failures[:FAILURES_SHOWN]:
+            report(f"  {failure}")
+    report(
+        f"usage (the gateway's own counts): {usage.users_legacy} of {usage.users} users legacy "
+        f"({_share(usage.users_legacy, usage.users)}), {usage.sessions_legacy} of {usage.sessions} sessions "
+        f"({_share(usage.sessions_legacy, usage.sessions)}); --legacy-share {plan.legacy_share:g}%"
+    )
+    passed, line = verdict(plan, drill.stats, guard_at_end, usage, drill.problems)
+    report(line)
+    return passed
+
+
+def _report_start(drill: Drill, report: Callable[[str], None]) -> None:
+    plan, guard = drill.plan, drill.plan.guard()
+    steps = " -> ".join(f"{p:g}" for p in plan.steps)
+    legacy = sum(plan.is_legacy(i) for i in range(plan.apps))
+    report(f"ws-gateway drill: {plan.apps} apps ({legacy} legacy, URL token) for {plan.duration:g} s; "
+           f"new_percent {steps}, {plan.step_seconds:g} s per step")
+    report(f"  gateway:     {drill.url}, fallback to old on")
+    report(f"  guard:       trips over {100 * MAX_FAILURE_RATIO:g}% failures among at least {guard['min_samples']} "
+           f"new-backend sessions in {guard['window_seconds']:g} s; {guard['cooldown_seconds']:g} s cooldown, "
+           f"then {', '.join(f'{p}%' for p in guard['recovery_steps'])} every {guard['step_seconds']:g} s")
+    report(f"  config file: {drill.config_path} (edited live; the gateway's hot reload applies it)")
+    report(f"  status page: http://127.0.0.1:{drill.admin_port}/")
+    if plan.fail_percent:
+        report(f"  fault:       the new backend fails {plan.fail_percent:g}% of handshakes in step {plan.fault_step + 1} "
+               f"(new_percent {plan.steps[plan.fault_step]:g}), healed at step {plan.fault_step + 2}")
+    report("")

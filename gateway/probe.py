@@ -1,19 +1,21 @@
-"""``ws-gateway probe URL``: check a running gateway the way the two app versions use it.
+"""``ws-gateway probe URL``: a smoke test of a running gateway, from outside, as the apps use it.
 
-QA's question after every deploy to staging is "do the legacy and the current app both
-still work, on both backends?". The probe answers it from outside, like a client: for a
-user routed to each backend (the QA accounts in ``rollout.force_old`` / ``force_new``
-when there are any) it opens a session as the legacy app (token in the URL) and as the
-current app (``authenticate`` frame), sends one chat frame, waits for the backend's reply
-and closes; then it checks that a bad token is refused with 1008 in both styles. Tokens
-are minted with the config's HMAC secret and never printed.
+QA's question after every deploy is "can both app versions still connect?". The probe
+answers it with nothing but the WebSocket protocol (no admin port), so it works against
+any host: a gateway behind a load balancer, or the old backend directly. For each user
+(a ``--token``, or one token minted per ``--user``) it connects in both auth styles and
+checks what that style must see:
 
-The probe frame is ``{"type":"stub.info"}``: a stub backend answers it with its style and
-the user it saw, so against stubs the probe also proves which backend served the user; a
-real backend treats it as a chat message, and any data frame back counts as the reply.
+* message style (the current app): the first frame is ``{"type":"connected",…}`` within
+  ``--timeout``;
+* legacy style (token in the URL): no gateway-made frame (no ``connected``), and the
+  socket stays open for ``--hold`` seconds;
+* with ``--send TEXT``, in both styles: a reply within ``--reply-timeout``;
 
-`judge` (pure) turns what one session saw (`Transcript`) into a `Check`; `run_probe` does
-the I/O, every wait bounded by ``--timeout``.
+then that a token signed with a random secret is refused with 1008 in both styles. No
+token is ever printed.
+
+The judges (pure) turn what one wait saw (`Seen`) into a verdict; `run_probe` does the I/O.
 """
 
 from __future__ import annotations
@@ -25,17 +27,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 from aiohttp import WSMsgType
 
 from .auth import mint_token
-from .config import AuthConfig, Config
-from .routing import choose_backend
+from .config import AuthConfig
 
-PROBE_FRAME = json.dumps({"type": "stub.info"})
-APPS = {"legacy": "legacy app (token in URL)", "message": "current app (authenticate)"}
 CLOSE_MEANINGS = {
     1000: "normal",
     1001: "going away",
@@ -46,160 +45,141 @@ CLOSE_MEANINGS = {
     1013: "try again later",
     1014: "bad gateway: the backend is unreachable or failed its handshake",
 }
-CANDIDATES = 10_000  # synthetic user ids tried when no forced user routes to a backend
+BAD_TOKEN = "bad token"  # the `who` of the refusal checks
 
 
 @dataclass(frozen=True)
-class Transcript:
-    """What one client session saw, in order. Times in seconds."""
+class Options:
+    hold: float = 2.0  # seconds a legacy-style socket must stay open
+    send: str | None = None  # a frame each session sends once its check passed, expecting a reply
+    timeout: float = 10.0  # bound on the upgrade, on connected, and on a bad token's close
+    reply_timeout: float = 5.0
+    query_param: str = "token"  # the URL parameter legacy apps put the token in
 
-    upgrade_error: str | None = None  # why the HTTP upgrade failed, if it did
-    upgrade_seconds: float | None = None
-    frames: tuple[str | bytes, ...] = ()  # data frames received, in order
-    reply_seconds: float | None = None  # probe frame sent -> the next data frame
-    close_code: int | None = None  # the gateway's close frame (None: it never closed)
+
+@dataclass(frozen=True)
+class Seen:
+    """What the probe saw during one wait, in order. `seconds`: from the start of the wait to
+    its end (the awaited frame, a close, or the deadline when nothing came)."""
+
+    seconds: float
+    frames: tuple[str | bytes, ...] = ()
+    close_code: int | None = None  # the peer's close frame, if one came
     close_reason: str = ""
-    closed_first: bool = False  # the gateway closed before the probe said goodbye
-    timed_out: str | None = None  # the wait that ran out
+    lost: bool = False  # the connection ended without a close frame
+    upgrade_error: str | None = None  # why the HTTP upgrade failed, if it did
+
+    @property
+    def still_open(self) -> bool:
+        return self.close_code is None and not self.lost and self.upgrade_error is None
+
+
+Verdict = tuple[str, str]  # (PASS, FAIL or SKIP; what was seen)
 
 
 @dataclass(frozen=True)
 class Check:
-    name: str
-    result: str  # PASS, FAIL or SKIP
+    who: str  # the user the token names, "given token", or BAD_TOKEN
+    style: str  # legacy or message
+    what: str  # connected, held open, reply, refused
+    result: str
+    ms: float | None
     detail: str
-    app: str | None = None
-    backend: str | None = None
-    upgrade_ms: float | None = None
-    reply_ms: float | None = None
 
-
-@dataclass(frozen=True)
-class ProbeUser:
-    backend: str
-    user_id: str | None
-    why: str
+    @property
+    def name(self) -> str:
+        return f"{self.who}, {self.style} style: {self.what}"
 
 
 @dataclass
 class ProbeReport:
     url: str
-    users: list[ProbeUser]
     checks: list[Check] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         return all(check.result != "FAIL" for check in self.checks)
 
+    def counts(self) -> dict[str, int]:
+        return {result: sum(1 for c in self.checks if c.result == result) for result in ("PASS", "FAIL", "SKIP")}
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "url": self.url,
             "passed": self.passed,
-            "users": [asdict(user) for user in self.users],
-            "checks": [asdict(check) for check in self.checks],
+            "counts": self.counts(),
+            "checks": [{"name": check.name, **asdict(check)} for check in self.checks],
         }
 
     def text(self) -> str:
-        lines = [f"probe {self.url}"]
-        lines += [f"  {u.backend} backend: " + (f"user {u.user_id} ({u.why})" if u.user_id else u.why) for u in self.users]
-        lines.append("")
         width = max(len(check.name) for check in self.checks)
-        lines += [f"{check.result}  {check.name.ljust(width)}  {check.detail}" for check in self.checks]
-        counts = {result: sum(1 for c in self.checks if c.result == result) for result in ("PASS", "FAIL", "SKIP")}
+        lines = [f"probe {self.url}", ""]
+        for check in self.checks:
+            took = "" if check.ms is None else f"{check.ms:.0f} ms"
+            lines.append(f"{check.result}  {check.name.ljust(width)}  {took:>8}  {check.detail}")
+        counts = self.counts()
         lines += ["", f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped"]
         return "\n".join(lines) + "\n"
 
 
-def pick_user(config: Config, backend: str) -> ProbeUser:
-    """A user the config routes to `backend`: a forced one (the QA accounts) if any, else a
-    synthetic ``probe-N`` whose bucket lands there."""
-    rollout = config.rollout
-    forced = sorted(rollout.force_new if backend == "new" else rollout.force_old)
-    if forced:
-        return ProbeUser(backend, forced[0], choose_backend(forced[0], rollout).explain())
-    for n in range(1, CANDIDATES + 1):
-        route = choose_backend(f"probe-{n}", rollout)
-        if route.backend == backend:
-            return ProbeUser(backend, f"probe-{n}", route.explain())
-    return ProbeUser(backend, None, f"no user routes here (new_percent {rollout.new_percent:g}, no force_{backend})")
+# -- the judges (pure) -------------------------------------------------------------------------
 
 
-def _describe_close(code: int | None, reason: str) -> str:
-    meaning = CLOSE_MEANINGS.get(code or 0)
+def judge_connected(seen: Seen) -> Verdict:
+    """Message style: the first frame is ``{"type":"connected"}``."""
+    if seen.upgrade_error is not None:
+        return "FAIL", f"upgrade failed: {seen.upgrade_error}"
+    if not seen.frames:
+        return "FAIL", f"{_ending(seen)} before connected"
+    if _type_of(seen.frames[0]) == "connected":
+        return "PASS", 'first frame {"type":"connected"}'
+    return "FAIL", f"first frame is {_described(seen.frames[0])}, not connected"
+
+
+def judge_held(seen: Seen, hold: float) -> Verdict:
+    """Legacy style: no gateway-made frame, and still open after `hold` seconds."""
+    if seen.upgrade_error is not None:
+        return "FAIL", f"upgrade failed: {seen.upgrade_error}"
+    if any(_type_of(frame) == "connected" for frame in seen.frames):
+        return "FAIL", 'received {"type":"connected"}, which a legacy app never got before the migration'
+    if seen.close_code is not None or seen.lost:
+        return "FAIL", f"{_ending(seen)} after {seen.seconds:.1f} s, before {hold:g} s"
+    others = f"; {len(seen.frames)} frame(s) from the backend" if seen.frames else ""
+    return "PASS", f"open for {hold:g} s, no gateway-made frame{others}"
+
+
+def judge_reply(seen: Seen | None) -> Verdict:
+    """``--send``: a frame came back. None: the session was over before there was anything to send on."""
+    if seen is None:
+        return "SKIP", "no open session to send on"
+    if seen.frames:
+        return "PASS", f"{_described(seen.frames[0])} came back"
+    return "FAIL", f"{_ending(seen)} before a reply"
+
+
+def judge_refused(seen: Seen, token: str) -> Verdict:
+    """A token the gateway cannot verify: the socket is accepted, then closed with 1008, and
+    the reason never echoes the token."""
+    if seen.upgrade_error is not None:
+        return "FAIL", f"upgrade failed: {seen.upgrade_error} (expected the socket accepted, then closed with 1008)"
+    if seen.close_code != 1008 or seen.frames:
+        return "FAIL", f"expected a close with 1008 and no frame; got {len(seen.frames)} frame(s), then {_ending(seen)}"
+    if token in seen.close_reason:
+        return "FAIL", "the close reason contains the token"
+    return "PASS", _described_close(seen.close_code, seen.close_reason)
+
+
+def _ending(seen: Seen) -> str:
+    if seen.close_code is not None:
+        return _described_close(seen.close_code, seen.close_reason)
+    if seen.lost:
+        return "connection lost without a close frame"
+    return f"nothing within {seen.seconds:.1f} s"
+
+
+def _described_close(code: int, reason: str) -> str:
+    meaning = CLOSE_MEANINGS.get(code)
     return f"closed {code}" + (f" {reason!r}" if reason else "") + (f" ({meaning})" if meaning else "")
-
-
-def _ms(seconds: float | None) -> str:
-    return "?" if seconds is None else f"{seconds * 1000:.0f} ms"
-
-
-def judge(app: str, backend: str, user_id: str, t: Transcript, *, legacy_denied: bool = False) -> Check:
-    """Whether one session through the gateway behaved as its app needs (see the README's contract)."""
-    name = f"{APPS[app]} -> {backend}"
-
-    def outcome(result: str, detail: str) -> Check:
-        return Check(
-            name, result, detail, app, backend,
-            None if t.upgrade_seconds is None else round(t.upgrade_seconds * 1000, 1),
-            None if t.reply_seconds is None else round(t.reply_seconds * 1000, 1),
-        )
-
-    if t.upgrade_error is not None:
-        return outcome("FAIL", f"upgrade failed: {t.upgrade_error}")
-    if app == "legacy" and legacy_denied:
-        if t.close_code == 1008 and not t.frames:
-            return outcome("PASS", f"refused as configured (auth.legacy: deny): {_describe_close(t.close_code, t.close_reason)}")
-        return outcome("FAIL", "auth.legacy is deny, but the legacy app was not refused with 1008")
-    frames = list(t.frames)
-    if app == "message":
-        if not frames:
-            return outcome("FAIL", _no_frame(t, "the connected frame"))
-        if _type_of(frames[0]) != "connected":
-            return outcome("FAIL", f"first frame is not {{\"type\":\"connected\"}}: {_shown(frames[0])}")
-        frames = frames[1:]
-    elif frames and _type_of(frames[0]) == "connected":
-        return outcome("FAIL", "the legacy app received a connected frame, which it never had before the migration")
-    if not frames:
-        return outcome("FAIL", _no_frame(t, "a reply"))
-    detail = f"upgrade {_ms(t.upgrade_seconds)}, reply {_ms(t.reply_seconds)}"
-    info = _json_object(frames[0])
-    if info is not None and info.get("type") == "stub.info":
-        served = {"old": "old", "new": "new"}.get(str(info.get("style")))
-        if served != backend:
-            return outcome(
-                "FAIL",
-                f"served by the {served} backend, expected {backend}: the gateway fell back or the guard holds users back "
-                "(GET /rollout on the admin port)",
-            )
-        if info.get("user_id") != user_id:
-            return outcome("FAIL", f"the backend saw user {info.get('user_id')!r}, expected {user_id!r}")
-        detail += f", stub {backend} backend saw {user_id}"
-    else:
-        detail += " (not a stub: the backend is not identified)"
-    if t.closed_first or t.close_code != 1000:
-        return outcome("FAIL", detail + "; then " + (_describe_close(t.close_code, t.close_reason) if t.close_code else "no close answer"))
-    return outcome("PASS", detail + ", closed 1000")
-
-
-def judge_bad_token(app: str, token: str, t: Transcript) -> Check:
-    """A token the gateway cannot verify must be refused with 1008, and never echoed."""
-    name = f"bad token, {APPS[app]}"
-    if t.upgrade_error is not None:
-        return Check(name, "FAIL", f"upgrade failed: {t.upgrade_error} (expected an accepted socket closed with 1008)", app)
-    if t.close_code != 1008 or t.frames:
-        seen = _describe_close(t.close_code, t.close_reason) if t.close_code else _no_frame(t, "a close")
-        return Check(name, "FAIL", f"expected a close with 1008 and no frame; got {len(t.frames)} frame(s), {seen}", app)
-    if token in t.close_reason:
-        return Check(name, "FAIL", "the close reason contains the token", app)
-    return Check(name, "PASS", _describe_close(t.close_code, t.close_reason), app)
-
-
-def _no_frame(t: Transcript, wanted: str) -> str:
-    if t.close_code is not None:
-        return f"{_describe_close(t.close_code, t.close_reason)} before {wanted}"
-    if t.timed_out:
-        return f"no answer within the timeout ({t.timed_out})"
-    return f"the connection ended without a close frame before {wanted}"
 
 
 def _json_object(frame: str | bytes) -> dict[str, Any] | None:
@@ -217,101 +197,151 @@ def _type_of(frame: str | bytes) -> Any:
     return None if value is None else value.get("type")
 
 
-def _shown(frame: str | bytes) -> str:
-    return repr(frame[:80]) + ("…" if len(frame) > 80 else "")
+def _described(frame: str | bytes) -> str:
+    """A frame by its kind only: its text may hold a token (an echo server echoes authenticate)."""
+    kind = _type_of(frame)
+    if isinstance(kind, str):
+        return f"a {{\"type\":{json.dumps(kind[:40])}}} frame"
+    return f"a text frame of {len(frame)} characters" if isinstance(frame, str) else f"a binary frame of {len(frame)} bytes"
 
 
 # -- the I/O -------------------------------------------------------------------------------------
 
 
-def _with_token(url: str, param: str, token: str) -> str:
-    parts = urlsplit(url)
-    query = "&".join(filter(None, [parts.query, f"{param}={token}"]))
-    return urlunsplit(parts._replace(query=query))
-
-
-async def session(
-    http: aiohttp.ClientSession, url: str, app: str, token: str, query_param: str, *, expect_connected: bool, timeout: float
-) -> Transcript:
-    """One session as `app`: upgrade, authenticate (current app), probe frame, reply, close 1000."""
-    t = Transcript()
-    started = time.monotonic()
-    target = _with_token(url, query_param, token) if app == "legacy" else url
-    try:
-        async with asyncio.timeout(timeout):
-            ws = await http.ws_connect(target, autoclose=False, autoping=True)
-    except aiohttp.WSServerHandshakeError as exc:
-        return replace(t, upgrade_error=f"HTTP {exc.status}")
-    except (aiohttp.ClientError, OSError) as exc:
-        return replace(t, upgrade_error=type(exc).__name__)
-    except TimeoutError:
-        return replace(t, upgrade_error=f"no answer within {timeout:g} s")
-    t = replace(t, upgrade_seconds=time.monotonic() - started)
-    try:
-        if app == "message":
-            await ws.send_str(json.dumps({"type": "authenticate", "token": token}))
-            if expect_connected:
-                t, ended = await _receive(ws, t, timeout, "waiting for connected")
-                if ended:
-                    return t
-        sent = time.monotonic()
-        await ws.send_str(PROBE_FRAME)
-        t, ended = await _receive(ws, t, timeout, "waiting for a reply")
-        if ended:
-            return t
-        t = replace(t, reply_seconds=time.monotonic() - sent)
-        await ws.close(code=1000, message=b"probe done")
-        return replace(t, close_code=ws.close_code)
-    finally:
-        if not ws.closed:
-            await ws.close()
-
-
-async def _receive(ws: aiohttp.ClientWebSocketResponse, t: Transcript, timeout: float, waiting: str) -> tuple[Transcript, bool]:
-    """The next data frame into `t`; True when the session ended instead (closed or timed out)."""
-    try:
-        msg = await ws.receive(timeout=timeout)
-    except TimeoutError:
-        return replace(t, timed_out=waiting), True
-    if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-        return replace(t, frames=(*t.frames, msg.data)), False
-    if msg.type is WSMsgType.CLOSE:
-        return replace(t, close_code=int(msg.data), close_reason=msg.extra or "", closed_first=True), True
-    return replace(t, closed_first=True), True
-
-
-async def run_probe(
-    config: Config, url: str, *, users: Mapping[str, str | None] | None = None, timeout: float = 10.0
-) -> ProbeReport:
-    """Every check against the gateway at `url`; `users` overrides the user per backend."""
-    auth = config.auth
-    picked = []
-    for backend in ("old", "new"):
-        given = (users or {}).get(backend)
-        if given:
-            picked.append(ProbeUser(backend, given, "given on the command line; " + choose_backend(given, config.rollout).explain()))
-        else:
-            picked.append(pick_user(config, backend))
-    shown = urlunsplit(urlsplit(url)._replace(query=""))
-    report = ProbeReport(shown, picked)
+async def run_probe(url: str, tokens: Mapping[str, str], bad_token: str, options: Options) -> ProbeReport:
+    """Every check against `url`: each of `tokens` (by who it names) in both styles, then
+    `bad_token` in both styles; the sessions run at once, the checks are listed in order."""
+    report = ProbeReport(urlunsplit(urlsplit(url)._replace(query="")))
     async with aiohttp.ClientSession() as http:
-        for user in picked:
-            for app in APPS:
-                if user.user_id is None:
-                    report.checks.append(Check(f"{APPS[app]} -> {user.backend}", "SKIP", user.why, app, user.backend))
-                    continue
-                token = mint_token(auth, user.user_id, 300)
-                denied = app == "legacy" and auth.legacy == "deny"
-                t = await session(http, url, app, token, auth.query_param, expect_connected=not denied, timeout=timeout)
-                report.checks.append(judge(app, user.backend, user.user_id, t, legacy_denied=denied))
-        bad = _bad_token(auth)
-        for app in APPS:
-            t = await session(http, url, app, bad, auth.query_param, expect_connected=False, timeout=timeout)
-            report.checks.append(judge_bad_token(app, bad, t))
+        sessions = []
+        for who, token in tokens.items():
+            sessions += [_message_session(http, url, who, token, options), _legacy_session(http, url, who, token, options)]
+        sessions += [_refused(http, url, style, bad_token, options) for style in ("legacy", "message")]
+        for checks in await asyncio.gather(*sessions):
+            report.checks += checks
     return report
 
 
-def _bad_token(auth: AuthConfig) -> str:
-    """A well-formed token signed with a random secret: refused for its signature."""
-    forged = replace(auth, secret=secrets.token_urlsafe(32))
-    return mint_token(forged, "probe-bad-token", 300)
+async def _message_session(http: aiohttp.ClientSession, url: str, who: str, token: str, options: Options) -> list[Check]:
+    started = time.monotonic()
+    ws, error = await _connect(http, url, options.timeout)
+    if ws is None:
+        seen = Seen(time.monotonic() - started, upgrade_error=error)
+        return _checks(who, "message", ("connected", seen, judge_connected(seen)), options, None)
+    try:
+        if await _sent(ws, json.dumps({"type": "authenticate", "token": token})):
+            seen = await _wait(ws, started, options.timeout, until_frame=True)
+        else:
+            seen = Seen(time.monotonic() - started, lost=True)
+        reply = await _exchange(ws, options.send, options.reply_timeout) if options.send is not None and seen.still_open else None
+        return _checks(who, "message", ("connected", seen, judge_connected(seen)), options, reply)
+    finally:
+        await ws.close()
+
+
+async def _legacy_session(http: aiohttp.ClientSession, url: str, who: str, token: str, options: Options) -> list[Check]:
+    started = time.monotonic()
+    ws, error = await _connect(http, _with_token(url, options.query_param, token), options.timeout)
+    if ws is None:
+        seen = Seen(time.monotonic() - started, upgrade_error=error)
+        return _checks(who, "legacy", ("held open", seen, judge_held(seen, options.hold)), options, None)
+    try:
+        seen = await _wait(ws, time.monotonic(), options.hold, until_frame=False)
+        reply = await _exchange(ws, options.send, options.reply_timeout) if options.send is not None and seen.still_open else None
+        return _checks(who, "legacy", ("held open", seen, judge_held(seen, options.hold)), options, reply)
+    finally:
+        await ws.close()
+
+
+async def _refused(http: aiohttp.ClientSession, url: str, style: str, token: str, options: Options) -> list[Check]:
+    started = time.monotonic()
+    target = _with_token(url, options.query_param, token) if style == "legacy" else url
+    ws, error = await _connect(http, target, options.timeout)
+    if ws is None:
+        seen = Seen(time.monotonic() - started, upgrade_error=error)
+    else:
+        try:
+            if style == "legacy" or await _sent(ws, json.dumps({"type": "authenticate", "token": token})):
+                seen = await _wait(ws, started, options.timeout, until_frame=False)
+            else:
+                seen = Seen(time.monotonic() - started, lost=True)
+        finally:
+            await ws.close()
+    return [_check(BAD_TOKEN, style, "refused", seen, judge_refused(seen, token))]
+
+
+def _checks(who: str, style: str, first: tuple[str, Seen, Verdict], options: Options, reply: Seen | None) -> list[Check]:
+    what, seen, verdict = first
+    checks = [_check(who, style, what, seen, verdict)]
+    if options.send is not None:
+        checks.append(_check(who, style, "reply", reply, judge_reply(reply)))
+    return checks
+
+
+def _check(who: str, style: str, what: str, seen: Seen | None, verdict: Verdict) -> Check:
+    ms = None if seen is None else round(seen.seconds * 1000, 1)
+    return Check(who, style, what, verdict[0], ms, verdict[1])
+
+
+async def _connect(http: aiohttp.ClientSession, url: str, timeout: float) -> tuple[aiohttp.ClientWebSocketResponse | None, str]:
+    """The open socket, or None and why the upgrade failed (never the URL: it may hold the token)."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await http.ws_connect(url, autoclose=False, autoping=True), ""
+    except aiohttp.WSServerHandshakeError as exc:
+        return None, f"HTTP {exc.status}"
+    except (aiohttp.ClientError, OSError) as exc:
+        return None, type(exc).__name__
+    except TimeoutError:
+        return None, f"no answer within {timeout:g} s"
+
+
+async def _wait(ws: aiohttp.ClientWebSocketResponse, started: float, limit: float, *, until_frame: bool) -> Seen:
+    """Read until `limit` seconds after `started`, a close, or (`until_frame`) the first data frame."""
+    seen = Seen(0.0)
+    deadline = started + limit
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return replace(seen, seconds=time.monotonic() - started)
+        try:
+            msg = await ws.receive(timeout=remaining)
+        except TimeoutError:
+            return replace(seen, seconds=time.monotonic() - started)
+        if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            seen = replace(seen, frames=(*seen.frames, msg.data))
+            if until_frame:
+                return replace(seen, seconds=time.monotonic() - started)
+            continue
+        ended = time.monotonic() - started
+        if msg.type is WSMsgType.CLOSE:
+            return replace(seen, seconds=ended, close_code=int(msg.data), close_reason=msg.extra or "")
+        return replace(seen, seconds=ended, lost=True)
+
+
+async def _exchange(ws: aiohttp.ClientWebSocketResponse, text: str, timeout: float) -> Seen:
+    """Send ``--send``'s text and wait for the next data frame."""
+    started = time.monotonic()
+    if not await _sent(ws, text):
+        return Seen(time.monotonic() - started, lost=True)
+    return await _wait(ws, started, timeout, until_frame=True)
+
+
+async def _sent(ws: aiohttp.ClientWebSocketResponse, text: str) -> bool:
+    """False when the connection was already gone: a finding of the check, not a crash of the probe."""
+    try:
+        await ws.send_str(text)
+    except (aiohttp.ClientError, OSError):
+        return False
+    return True
+
+
+def _with_token(url: str, param: str, token: str) -> str:
+    parts = urlsplit(url)
+    query = "&".join(filter(None, [parts.query, f"{quote(param)}={quote(token)}"]))
+    return urlunsplit(parts._replace(query=query))
+
+
+def forged_token(auth: AuthConfig) -> str:
+    """A well-formed token with `auth`'s claims, signed with a random secret: refused for its signature."""
+    return mint_token(replace(auth, secret=secrets.token_urlsafe(32)), "probe-bad-token", 300)

@@ -12,10 +12,12 @@ as text, binary as binary). A few text commands let tests and QA drive the edges
 * ``{"type":"stub.close","code":CODE,"reason":R}`` closes with that code.
 * ``{"type":"stub.drop"}`` drops the TCP connection without a close frame.
 
-Faults for drills and QA are switched over HTTP on the stub's own port, so a test, the
-drill or a person with curl can make a healthy backend misbehave and heal it again:
-``POST /stub/faults`` with a JSON object (`Faults`; ``{}`` heals) applies to connections
-upgraded from then on; ``GET /stub/faults`` shows what is set.
+Faults for drills and QA (`Faults`) are set at start (``ws-gateway stub-backend
+--fail-handshake PERCENT --reply-delay SECONDS --drop-after SECONDS``) and switched while it
+runs over HTTP on the stub's own port, so a test, the drill or a person with curl can break
+a healthy backend midway and heal it again: ``POST /stub/faults`` with a JSON object (keys
+named like the flags; ``{}`` heals) applies to connections upgraded from then on;
+``GET /stub/faults`` shows what is set.
 """
 
 from __future__ import annotations
@@ -39,14 +41,14 @@ FORWARDED_HEADERS = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Request-ID", "Us
 
 @dataclass(frozen=True)
 class Faults:
-    """What the stub does wrong to the connections it picks; the defaults are a healthy backend."""
+    """What the stub does wrong; the defaults are a healthy backend. Times in seconds."""
 
-    ratio: float = 1.0  # share of connections picked, spread evenly (0.25: every fourth)
-    refuse_status: int | None = None  # answer the upgrade with this HTTP status instead
-    upgrade_delay_seconds: float = 0.0  # hold the upgrade answer this long
-    reject_token: bool = False  # close 1008 right after the upgrade, as if the token were bad
-    drop_after_seconds: float | None = None  # vanish without a close frame this long after the upgrade
-    reply_delay_seconds: float = 0.0  # wait this long before every reply
+    fail_handshake: float = 0.0  # percent of upgrades, spread evenly: old refuses them (503), new never answers connected
+    reply_delay: float = 0.0  # wait this long before every reply
+    drop_after: float | None = None  # vanish without a close frame this long after the upgrade
+    refuse_status: int | None = None  # answer every upgrade with this HTTP status instead
+    upgrade_delay: float = 0.0  # hold every upgrade answer this long
+    reject_token: bool = False  # close every session with 1008 right after the upgrade, as if the token were bad
 
 
 class FaultsError(ValueError):
@@ -58,13 +60,13 @@ class FaultsError(ValueError):
 
 
 # key -> (low, high) for numbers, None for the one boolean; `refuse_status` is an integer.
-_FAULT_RANGES: dict[str, tuple[float, float] | None] = {
-    "ratio": (0.0, 1.0),
+FAULT_RANGES: dict[str, tuple[float, float] | None] = {
+    "fail_handshake": (0.0, 100.0),
+    "reply_delay": (0.0, 300.0),
+    "drop_after": (0.0, 3600.0),
     "refuse_status": (400, 599),
-    "upgrade_delay_seconds": (0.0, 300.0),
+    "upgrade_delay": (0.0, 300.0),
     "reject_token": None,
-    "drop_after_seconds": (0.0, 3600.0),
-    "reply_delay_seconds": (0.0, 300.0),
 }
 
 
@@ -72,12 +74,12 @@ def parse_faults(raw: Any) -> Faults:
     """`Faults` from a decoded JSON body, or `FaultsError` naming every bad key and value."""
     if not isinstance(raw, dict):
         raise FaultsError([f"expected a JSON object, got {type(raw).__name__}"])
-    problems = [f"{key}: unknown key (allowed: {', '.join(_FAULT_RANGES)})" for key in raw if key not in _FAULT_RANGES]
+    problems = [f"{key}: unknown key (allowed: {', '.join(FAULT_RANGES)})" for key in raw if key not in FAULT_RANGES]
     values: dict[str, Any] = {}
     for f in fields(Faults):
         if raw.get(f.name) is None:
             continue
-        value, bounds = raw[f.name], _FAULT_RANGES[f.name]
+        value, bounds = raw[f.name], FAULT_RANGES[f.name]
         if bounds is None:
             if isinstance(value, bool):
                 values[f.name] = value
@@ -96,51 +98,65 @@ def parse_faults(raw: Any) -> Faults:
     return Faults(**values)
 
 
-class FaultSwitch:
-    """The faults in force, and which of the connections upgraded since they were set they hit."""
+def picked(n: int, percent: float) -> bool:
+    """Whether item `n` (0, 1, …) is among `percent` % of a sequence, spread evenly.
 
-    def __init__(self) -> None:
-        self.faults = Faults()
-        self.upgrades = 0  # connections seen since `faults` were set
+    Deterministic, so a drill knows what to expect: exactly ``floor(count * percent / 100)``
+    of the first `count` items are picked (30 %: the 4th, 7th and 10th of every ten).
+    """
+    return math.floor((n + 1) * percent / 100) > math.floor(n * percent / 100)
+
+
+class FaultSwitch:
+    """The faults in force, and whether the next connection's handshake is one that fails."""
+
+    def __init__(self, faults: Faults = Faults()) -> None:
+        self.set(faults)
 
     def set(self, faults: Faults) -> None:
         self.faults = faults
-        self.upgrades = 0
+        self.upgrades = 0  # connections seen since `faults` were set: the `fail_handshake` count starts again
 
-    def next(self) -> Faults | None:
-        """The faults for the next connection, or None when it is spared.
-
-        Deterministic, so a drill knows what to expect: connection n is picked when
-        ``floor((n + 1) * ratio)`` steps past ``floor(n * ratio)``.
-        """
+    def next(self) -> tuple[Faults, bool]:
+        """The faults for the next connection, and whether its handshake fails."""
         n, self.upgrades = self.upgrades, self.upgrades + 1
-        faults = self.faults
-        if faults == Faults() or math.floor((n + 1) * faults.ratio) == math.floor(n * faults.ratio):
-            return None
-        return faults
+        return self.faults, picked(n, self.faults.fail_handshake)
 
     def as_dict(self) -> dict[str, Any]:
         return {"faults": asdict(self.faults), "upgrades": self.upgrades}
 
 
 def create_stub_app(
-    style: str, auth: AuthConfig, *, path: str = "/ws/chat", greeting: str | None = None, max_message_bytes: int = 1024 * 1024
+    style: str,
+    auth: AuthConfig,
+    *,
+    path: str = "/ws/chat",
+    greeting: str | None = None,
+    max_message_bytes: int = 1024 * 1024,
+    faults: Faults = Faults(),
 ) -> web.Application:
+    """The backend for `style`, with `faults` in force until ``POST /stub/faults`` changes them."""
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}")
     verifier = Verifier(auth)
-    switch = FaultSwitch()
+    switch = FaultSwitch(faults)
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        faults = switch.next() or Faults()
-        if faults.upgrade_delay_seconds:
-            await asyncio.sleep(faults.upgrade_delay_seconds)
+        faults, fail_handshake = switch.next()
+        if faults.upgrade_delay:
+            await asyncio.sleep(faults.upgrade_delay)
         if faults.refuse_status is not None:
             return web.Response(status=faults.refuse_status, text="refused by a stub fault\n")
+        if fail_handshake and style == "old":
+            return web.Response(status=503, text="handshake failed (stub fault)\n")
         ws = web.WebSocketResponse(max_msg_size=max_message_bytes + 1, heartbeat=20)
         await ws.prepare(request)
         if faults.reject_token:
             await ws.close(code=1008, message=b"token rejected (stub fault)")
+            return ws
+        if fail_handshake:  # the new style's handshake is the connected frame: never send it
+            async for _ in ws:
+                pass
             return ws
         identity = await (_query_auth(ws, request, verifier, auth) if style == "old" else _message_auth(ws, verifier, greeting))
         if identity is None:
@@ -155,10 +171,10 @@ def create_stub_app(
             "headers": {h: request.headers[h] for h in FORWARDED_HEADERS if h in request.headers},
         }
         drop = None
-        if faults.drop_after_seconds is not None and request.transport is not None:
-            drop = asyncio.get_running_loop().call_later(faults.drop_after_seconds, request.transport.abort)
+        if faults.drop_after is not None and request.transport is not None:
+            drop = asyncio.get_running_loop().call_later(faults.drop_after, request.transport.abort)
         try:
-            await _echo(ws, request, info, faults.reply_delay_seconds)
+            await _echo(ws, request, info, faults.reply_delay)
         finally:
             if drop is not None:
                 drop.cancel()

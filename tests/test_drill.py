@@ -1,26 +1,81 @@
-"""`ws-gateway drill`: its pure helpers, and the short drill run as ops run it (it is also the
-CI check that fallback, the guard and the close codes hold up when the new backend breaks)."""
+"""`ws-gateway drill`: its plan, table and verdict (pure), and its short form run as ops run it —
+the CI check that a ramp with a failing new backend costs the apps nothing."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-from gateway.drill import SHORT, Outcome, describe, percentile, pick_users, run_drill
+import pytest
 
-from .helpers import make_config
+from gateway.drill import (
+    MAX_FAILURE_RATIO,
+    Plan,
+    StepStats,
+    Usage,
+    parse_steps,
+    percentile,
+    run_drill,
+    table,
+    verdict,
+)
+from gateway.store import DayUsage
 
-DRILL_SECONDS = 50.0  # the short drill takes about 12 s on a quiet machine; bounded well under pytest's 60
+SHORT = ("--duration", "21", "--steps", "0,50,100")  # 7 s per step; about 25 s in all
+DRILL_SECONDS = 55.0  # the bound on the short drill's process, under pytest's 60
 
 
-def test_pick_users_splits_them_between_the_backends() -> None:
-    config = make_config(rollout={"new_percent": 50})
-    users = pick_users(config, 7)
-    assert [backend for _, backend in users].count("new") == 3
-    assert [backend for _, backend in users].count("old") == 4
-    assert len({user for user, _ in users}) == 7
+# -- the plan -------------------------------------------------------------------------------------
+
+
+def test_steps_are_comma_separated_percentages() -> None:
+    assert parse_steps("0,1,5, 25,50,100") == (0, 1, 5, 25, 50, 100)
+
+
+@pytest.mark.parametrize(("text", "error"), [("0,x,100", "'x' is not a percentage"), ("0,150", "150 is out of range [0, 100]")])
+def test_a_bad_step_is_named(text: str, error: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(error)):
+        parse_steps(text)
+
+
+def test_a_plan_needs_a_step_before_during_and_after_the_fault() -> None:
+    with pytest.raises(ValueError, match="--steps needs 3 to 20 percentages"):
+        Plan(steps=(0, 100))
+
+
+def test_a_plan_gives_each_step_at_least_two_seconds() -> None:
+    with pytest.raises(ValueError, match="leaves 1.5 s per step"):
+        Plan(duration=9, steps=(0, 10, 20, 30, 40, 50))
+
+
+def test_the_fault_is_in_the_middle_step() -> None:
+    assert Plan().steps[Plan().fault_step] == 25
+    assert Plan(steps=(0, 50, 100)).fault_step == 1
+
+
+def test_the_guard_recovers_within_half_a_step_after_the_heal() -> None:
+    plan = Plan()
+    guard = plan.guard()
+    recovery = guard["cooldown_seconds"] + len(guard["recovery_steps"]) * guard["step_seconds"]
+    assert recovery <= plan.step_seconds / 2
+    assert guard["max_failure_ratio"] * 100 < plan.fail_percent
+
+
+def test_a_trip_is_expected_only_from_a_fault_over_the_threshold_that_reaches_users() -> None:
+    assert Plan().expects_trip()
+    assert not Plan(fail_percent=100 * MAX_FAILURE_RATIO).expects_trip()
+    assert not Plan(steps=(0, 0, 100)).expects_trip()
+
+
+def test_the_legacy_share_picks_that_many_apps() -> None:
+    plan = Plan(legacy_share=30, apps=100)
+    assert sum(plan.is_legacy(n) for n in range(plan.apps)) == 30
+
+
+# -- what a step saw ------------------------------------------------------------------------------
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -29,40 +84,129 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile([float(n) for n in range(1, 101)], 0.95) == 95.0
 
 
-def test_describe_counts_served_sessions_and_closes() -> None:
-    outcomes = [
-        Outcome("a", "legacy", "old", served_by="old", reply_seconds=0.01),
-        Outcome("b", "message", "new", close_code=1008),
-        Outcome("c", "message", "new", close_code=1008),
-        Outcome("d", "legacy", "new", problem="timed out"),
+def test_effective_percentage_keeps_the_lowest_and_highest_seen() -> None:
+    stats = StepStats(25, 30)
+    for seen in (25, 0, 6.25):
+        stats.saw_effective(seen)
+    assert stats.effective == (0, 25)
+
+
+def test_usage_adds_up_the_days_of_the_run() -> None:
+    days = [
+        DayUsage("2026-01-01", sessions_legacy=3, sessions_message=7, users_legacy=3, users_message=7, users=10),
+        DayUsage("2026-01-02", sessions_legacy=1, sessions_message=1, users_legacy=1, users_message=1, users=2),
     ]
-    assert describe(outcomes) == (
-        "4 sessions: 1 served (old 1, new 0); closed by the gateway: 2\u00d71008; "
-        "1 client problems (first: timed out); reply p95 old 10 ms"
+    assert Usage.of(days) == Usage(users_legacy=4, users=12, sessions_legacy=4, sessions=12)
+
+
+def test_table_has_a_row_per_step_with_every_column() -> None:
+    healthy = StepStats(0, 0, attempted=300, succeeded=300, effective=(0, 0))
+    healthy.replies["old"] += [0.001, 0.002]
+    faulty = StepStats(25, 30, attempted=290, succeeded=290, fallbacks=12, trips=2, guard="half_open", effective=(0, 25))
+    assert table([healthy, faulty]) == [
+        "step  new %  new backend  attempted  succeeded  failed  fallbacks  trips  guard      effective %  old p50/p95 ms  new p50/p95 ms",
+        "   1      0  healthy            300        300       0          0      0  closed               0         1.0/2.0               -",
+        "   2     25  30% fail           290        290       0         12      2  half_open         0-25               -               -",
+    ]
+
+
+# -- the verdict ----------------------------------------------------------------------------------
+
+GOOD_USAGE = Usage(users_legacy=30, users=100, sessions_legacy=300, sessions=1000)
+
+
+def good_steps() -> list[StepStats]:
+    return [
+        StepStats(0, 0, attempted=100, succeeded=100),
+        StepStats(25, 30, attempted=100, succeeded=100, trips=2, guard="half_open"),
+        StepStats(50, 0, attempted=100, succeeded=100),
+    ]
+
+
+def test_verdict_passes_with_no_failure_a_recovered_guard_and_the_share_given() -> None:
+    passed, line = verdict(Plan(), good_steps(), "closed", GOOD_USAGE, [])
+    assert passed
+    assert line == (
+        "verdict: PASS: 0 app-visible failures in 300 sessions; the guard tripped 2 times and recovered; "
+        "usage shows 30.0% legacy users (--legacy-share 30%)"
     )
+
+
+def test_one_app_visible_failure_fails_the_drill() -> None:
+    steps = good_steps()
+    steps[1].failed, steps[1].succeeded = 1, 99
+    passed, line = verdict(Plan(), steps, "closed", GOOD_USAGE, [])
+    assert not passed and "1 app-visible failures in 300 sessions" in line
+
+
+def test_a_guard_that_never_tripped_fails_the_drill() -> None:
+    steps = good_steps()
+    steps[1].trips = 0
+    passed, line = verdict(Plan(), steps, "closed", GOOD_USAGE, [])
+    assert not passed and "the guard never tripped, though 30% of handshakes failed" in line
+
+
+def test_a_guard_not_recovered_by_the_end_fails_the_drill() -> None:
+    passed, line = verdict(Plan(), good_steps(), "half_open", GOOD_USAGE, [])
+    assert not passed and "had not recovered by the end (half_open)" in line
+
+
+def test_a_trip_without_a_fault_that_should_cause_one_fails_the_drill() -> None:
+    passed, line = verdict(Plan(fail_percent=0), good_steps(), "closed", GOOD_USAGE, [])
+    assert not passed and "the guard tripped 2 times; expected none" in line
+
+
+def test_usage_off_the_given_legacy_share_fails_the_drill() -> None:
+    passed, line = verdict(Plan(), good_steps(), "closed", Usage(25, 100, 250, 1000), [])
+    assert not passed and "usage shows 25.0% legacy users (--legacy-share 30%)" in line
+
+
+def test_an_edit_the_gateway_did_not_apply_fails_the_drill() -> None:
+    passed, line = verdict(Plan(), good_steps(), "closed", GOOD_USAGE, ["the gateway did not apply new_percent 50 within 5 s"])
+    assert not passed and line.endswith("; the gateway did not apply new_percent 50 within 5 s")
+
+
+# -- the run --------------------------------------------------------------------------------------
 
 
 async def test_drill_stopped_before_it_starts_reports_so() -> None:
     stop = asyncio.Event()
     stop.set()
     lines: list[str] = []
-    assert await run_drill(SHORT, lines.append, stop=stop) is None
-    assert lines[-1] == "stopped before the drill was over"
+    assert await run_drill(Plan(), lines.append, stop) is None
+    assert lines == ["stopped before the drill was over"]
 
 
-def test_short_drill_passes_every_step(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "gateway", "drill", "--short"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=DRILL_SECONDS,
-    )
-    lines = result.stdout.splitlines()
+def run_cli(*args: str, cwd: Path, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_short_drill_has_no_app_visible_failure_and_the_guard_trips_and_recovers(tmp_path: Path) -> None:
+    result = run_cli("drill", *SHORT, cwd=tmp_path, timeout=DRILL_SECONDS)
     assert result.returncode == 0, result.stdout + result.stderr
-    steps = [line for line in lines if line.startswith("[")]
-    assert [line.split("] ", 1)[1] for line in steps] == [
-        "healthy backends: PASS", "slow replies: PASS", "tokens rejected: PASS", "new backend down: PASS",
-        "still down, guard open: PASS", "new backend healed: PASS", "sessions dropped: PASS",
-    ]
-    assert not [line for line in lines if line.startswith("  FAIL")]
-    assert lines[-1] == "drill passed: 7 steps, 23 checks"
-    assert lines[1].startswith("status page: http://127.0.0.1:")
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("step  new %"))
+    rows = [line.split() for line in lines[header + 1 : header + 4]]  # read from the right: "30% fail" is two words
+    assert [row[1] for row in rows] == ["0", "50", "100"]
+    assert [row[-7] for row in rows] == ["0", "0", "0"]  # failed, as the apps saw it
+    assert int(rows[1][-5]) >= 1  # trips during the fault
+    assert rows[2][-4] == "closed"  # recovered by the end
+    assert re.fullmatch(
+        r"verdict: PASS: 0 app-visible failures in \d+ sessions; the guard tripped \d+ times and recovered; "
+        r"usage shows 30\.0% legacy users \(--legacy-share 30%\)",
+        lines[-1],
+    ), lines[-1]
     assert "eyJ" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("--steps", "0,100"), "error: --steps needs 3 to 20 percentages (a step before, during and after the fault), got 2"),
+        (("--steps", "0,x"), "argument --steps: 'x' is not a percentage"),
+        (("--duration", "5"), "argument --duration: 5 is out of range [6, 3600]"),
+    ],
+)
+def test_drill_refuses_a_plan_it_cannot_run(tmp_path: Path, args: tuple[str, ...], error: str) -> None:
+    result = run_cli("drill", *args, cwd=tmp_path)
+    assert result.returncode == 2 and error in result.stderr, result.stderr

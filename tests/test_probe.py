@@ -1,260 +1,367 @@
-"""`ws-gateway probe`: how one session's transcript is judged (pure, one rule per test), and
-the probe against a real gateway with stub backends, healthy and broken."""
+"""`ws-gateway probe`: how each wait is judged (pure, one rule per test), then the probe against
+a gateway with stub backends on loopback — healthy, with a broken new backend, with a wrong
+secret — and the command as QA runs it."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
+import jwt
 import pytest
 import yaml
 
-from gateway.config import Config
-from gateway.probe import ProbeReport, Transcript, judge, judge_bad_token, pick_user, run_probe
+from gateway.config import AuthConfig
+from gateway.probe import (
+    Check,
+    Options,
+    ProbeReport,
+    Seen,
+    forged_token,
+    judge_connected,
+    judge_held,
+    judge_refused,
+    judge_reply,
+    run_probe,
+)
 
-from .helpers import SECRET, TIMEOUT, Servers, Stack, make_config, raw_config, refused_port
+from .helpers import (
+    SECRET,
+    TIMEOUT,
+    Servers,
+    Stack,
+    make_token,
+    raw_config,
+    refused_port,
+)
 
 CONNECTED = '{"type":"connected","message":"hi"}'
+TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJ1c2VyX2lkIjoicWEifQ.c2lnbmF0dXJl"
 
 
-def info(style: str = "new", user: str = "qa-new-1") -> str:
-    return json.dumps({"type": "stub.info", "style": style, "user_id": user})
+# -- message style: connected ------------------------------------------------------------------
 
 
-GOOD_CURRENT = Transcript(upgrade_seconds=0.01, frames=(CONNECTED, info()), reply_seconds=0.002, close_code=1000)
-GOOD_LEGACY = replace(GOOD_CURRENT, frames=(info(),))
+def test_connected_as_the_first_frame_passes() -> None:
+    assert judge_connected(Seen(0.012, frames=(CONNECTED,))) == ("PASS", 'first frame {"type":"connected"}')
 
 
-# -- judging one session ------------------------------------------------------------------------------
+def test_another_first_frame_fails_and_is_named_by_its_type_only() -> None:
+    echoed = json.dumps({"type": "authenticate", "token": TOKEN})  # what a plain echo server sends back
+    result, detail = judge_connected(Seen(0.01, frames=(echoed,)))
+    assert (result, detail) == ("FAIL", 'first frame is a {"type":"authenticate"} frame, not connected')
 
 
-def test_current_app_that_gets_connected_then_its_reply_passes() -> None:
-    check = judge("message", "new", "qa-new-1", GOOD_CURRENT)
-    assert (check.result, check.name) == ("PASS", "current app (authenticate) -> new")
-    assert check.detail == "upgrade 10 ms, reply 2 ms, stub new backend saw qa-new-1, closed 1000"
-    assert (check.upgrade_ms, check.reply_ms) == (10.0, 2.0)
+def test_a_first_frame_that_is_not_json_is_named_by_its_size() -> None:
+    assert judge_connected(Seen(0.01, frames=(b"\x00\x01",)))[1] == "first frame is a binary frame of 2 bytes, not connected"
 
 
-def test_legacy_app_that_gets_its_reply_passes() -> None:
-    assert judge("legacy", "new", "qa-new-1", GOOD_LEGACY).result == "PASS"
+def test_a_close_before_connected_fails_and_says_what_the_code_means() -> None:
+    seen = Seen(0.2, close_code=1014, close_reason="backend unavailable")
+    assert judge_connected(seen) == (
+        "FAIL", "closed 1014 'backend unavailable' (bad gateway: the backend is unreachable or failed its handshake) before connected"
+    )
 
 
-def test_failed_upgrade_fails() -> None:
-    check = judge("legacy", "old", "u", Transcript(upgrade_error="HTTP 503"))
-    assert (check.result, check.detail) == ("FAIL", "upgrade failed: HTTP 503")
+def test_nothing_before_the_timeout_fails() -> None:
+    assert judge_connected(Seen(10.0)) == ("FAIL", "nothing within 10.0 s before connected")
 
 
-def test_current_app_whose_first_frame_is_not_connected_fails() -> None:
-    check = judge("message", "new", "qa-new-1", replace(GOOD_CURRENT, frames=(info(),)))
-    assert check.result == "FAIL" and check.detail.startswith('first frame is not {"type":"connected"}')
+def test_a_failed_upgrade_fails() -> None:
+    assert judge_connected(Seen(0.01, upgrade_error="HTTP 503")) == ("FAIL", "upgrade failed: HTTP 503")
 
 
-def test_legacy_app_that_sees_a_connected_frame_fails() -> None:
-    check = judge("legacy", "new", "qa-new-1", replace(GOOD_LEGACY, frames=(CONNECTED, info())))
-    assert check.result == "FAIL" and "legacy app received a connected frame" in check.detail
+# -- legacy style: held open ------------------------------------------------------------------
 
 
-def test_close_instead_of_a_reply_fails_and_says_what_the_code_means() -> None:
-    closed = Transcript(upgrade_seconds=0.01, close_code=1014, close_reason="backend unavailable", closed_first=True)
-    check = judge("legacy", "new", "u", closed)
-    assert check.result == "FAIL"
-    assert check.detail == "closed 1014 'backend unavailable' (bad gateway: the backend is unreachable or failed its handshake) before a reply"
+def test_a_legacy_socket_open_and_silent_for_the_hold_passes() -> None:
+    assert judge_held(Seen(2.0), 2.0) == ("PASS", "open for 2 s, no gateway-made frame")
+
+
+def test_frames_from_the_backend_itself_are_allowed() -> None:
+    result, detail = judge_held(Seen(2.0, frames=('{"type":"welcome"}',)), 2.0)
+    assert result == "PASS" and detail.endswith("; 1 frame(s) from the backend")
+
+
+def test_a_connected_frame_on_the_legacy_style_fails() -> None:
+    result, detail = judge_held(Seen(2.0, frames=(CONNECTED,)), 2.0)
+    assert result == "FAIL" and detail.startswith('received {"type":"connected"}')
+
+
+def test_a_close_during_the_hold_fails() -> None:
+    seen = Seen(0.25, close_code=1008, close_reason="token-in-URL auth is no longer supported")
+    assert judge_held(seen, 2.0) == (
+        "FAIL", "closed 1008 'token-in-URL auth is no longer supported' (authentication refused) after 0.2 s, before 2 s"
+    )
+
+
+def test_a_connection_lost_during_the_hold_fails() -> None:
+    assert judge_held(Seen(1.0, lost=True), 2.0) == ("FAIL", "connection lost without a close frame after 1.0 s, before 2 s")
+
+
+# -- --send: a reply ---------------------------------------------------------------------------
+
+
+def test_any_frame_back_is_a_reply() -> None:
+    assert judge_reply(Seen(0.003, frames=("hello",))) == ("PASS", "a text frame of 5 characters came back")
 
 
 def test_no_reply_in_time_fails() -> None:
-    check = judge("message", "old", "u", Transcript(upgrade_seconds=0.01, frames=(CONNECTED,), timed_out="waiting for a reply"))
-    assert (check.result, check.detail) == ("FAIL", "no answer within the timeout (waiting for a reply)")
+    assert judge_reply(Seen(5.0)) == ("FAIL", "nothing within 5.0 s before a reply")
 
 
-def test_served_by_the_other_backend_fails_and_points_at_the_guard() -> None:
-    check = judge("message", "new", "qa-new-1", replace(GOOD_CURRENT, frames=(CONNECTED, info(style="old"))))
-    assert check.result == "FAIL" and check.detail.startswith("served by the old backend, expected new")
+def test_no_session_to_send_on_is_skipped() -> None:
+    assert judge_reply(None) == ("SKIP", "no open session to send on")
 
 
-def test_backend_seeing_another_user_fails() -> None:
-    check = judge("legacy", "new", "qa-new-1", replace(GOOD_LEGACY, frames=(info(user="someone"),)))
-    assert check.result == "FAIL" and "saw user 'someone'" in check.detail
+# -- a bad token: refused -----------------------------------------------------------------------
 
 
-def test_a_real_backends_reply_passes_without_identifying_it() -> None:
-    check = judge("legacy", "old", "u", replace(GOOD_LEGACY, frames=("hello from the chat",)))
-    assert check.result == "PASS" and "not a stub" in check.detail
+def test_a_bad_token_closed_with_1008_passes() -> None:
+    seen = Seen(0.004, close_code=1008, close_reason="invalid token signature")
+    assert judge_refused(seen, TOKEN) == ("PASS", "closed 1008 'invalid token signature' (authentication refused)")
 
 
-def test_close_answered_with_another_code_fails() -> None:
-    check = judge("legacy", "new", "qa-new-1", replace(GOOD_LEGACY, close_code=1011))
-    assert check.result == "FAIL" and check.detail.endswith("then closed 1011 (backend error)")
+def test_a_bad_token_that_gets_frames_or_another_code_fails() -> None:
+    assert judge_refused(Seen(0.01, frames=("x",), close_code=1008), TOKEN)[0] == "FAIL"
+    assert judge_refused(Seen(0.01, close_code=1014), TOKEN)[0] == "FAIL"
+    assert judge_refused(Seen(10.0), TOKEN)[1] == "expected a close with 1008 and no frame; got 0 frame(s), then nothing within 10.0 s"
 
 
-def test_gateway_closing_right_after_the_reply_fails() -> None:
-    check = judge("legacy", "new", "qa-new-1", replace(GOOD_LEGACY, close_code=1012, closed_first=True))
-    assert check.result == "FAIL"
+def test_a_bad_token_refused_at_the_upgrade_fails() -> None:
+    result, detail = judge_refused(Seen(0.01, upgrade_error="HTTP 401"), TOKEN)
+    assert result == "FAIL" and detail.endswith("(expected the socket accepted, then closed with 1008)")
 
 
-def test_legacy_app_refused_with_1008_passes_when_legacy_auth_is_denied() -> None:
-    refused = Transcript(upgrade_seconds=0.01, close_code=1008, close_reason="token-in-URL auth is no longer supported")
-    assert judge("legacy", "old", "u", refused, legacy_denied=True).result == "PASS"
-    assert judge("legacy", "old", "u", GOOD_LEGACY, legacy_denied=True).result == "FAIL"
+def test_a_bad_token_echoed_in_the_close_reason_fails() -> None:
+    assert judge_refused(Seen(0.01, close_code=1008, close_reason=f"bad {TOKEN}"), TOKEN) == (
+        "FAIL", "the close reason contains the token"
+    )
 
 
-def test_bad_token_closed_with_1008_passes() -> None:
-    check = judge_bad_token("message", "eyJ.bad.tok", Transcript(close_code=1008, close_reason="invalid token signature"))
-    assert (check.result, check.detail) == ("PASS", "closed 1008 'invalid token signature' (authentication refused)")
+def test_the_forged_token_has_the_configs_claims_and_another_signature() -> None:
+    forged = forged_token(AuthConfig(secret=SECRET, user_id_claim="sub"))
+    assert jwt.decode(forged, options={"verify_signature": False})["sub"] == "probe-bad-token"
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(forged, SECRET, algorithms=["HS256"])
 
 
-def test_bad_token_that_gets_frames_or_another_code_fails() -> None:
-    assert judge_bad_token("legacy", "eyJ.bad.tok", Transcript(frames=("x",), close_code=1008)).result == "FAIL"
-    assert judge_bad_token("legacy", "eyJ.bad.tok", Transcript(close_code=1014)).result == "FAIL"
-    assert judge_bad_token("legacy", "eyJ.bad.tok", Transcript(upgrade_error="HTTP 401")).result == "FAIL"
+# -- the report ----------------------------------------------------------------------------------
 
 
-def test_bad_token_echoed_in_the_close_reason_fails() -> None:
-    check = judge_bad_token("legacy", "eyJ.bad.tok", Transcript(close_code=1008, close_reason="bad eyJ.bad.tok"))
-    assert (check.result, check.detail) == ("FAIL", "the close reason contains the token")
-
-
-# -- which users ------------------------------------------------------------------------------------
-
-
-def test_forced_users_are_probed_first() -> None:
-    config = make_config(rollout={"new_percent": 10, "force_new": ["qa-new-2", "qa-new-1"], "force_old": ["qa-old-1"]})
-    assert pick_user(config, "new").user_id == "qa-new-1"
-    assert pick_user(config, "old").why == "forced by rollout.force_old"
-
-
-def test_without_forced_users_a_bucketed_user_is_found() -> None:
-    user = pick_user(make_config(rollout={"new_percent": 5}), "new")
-    assert user.user_id is not None and user.user_id.startswith("probe-") and user.why.startswith("bucket ")
-
-
-def test_nobody_routes_new_at_zero_percent() -> None:
-    user = pick_user(make_config(rollout={"new_percent": 0}), "new")
-    assert user.user_id is None and "no user routes here" in user.why
-
-
-# -- against a real gateway ----------------------------------------------------------------------------
-
-
-FORCED = {"force_new": ["qa-new-1"], "force_old": ["qa-old-1"], "fallback_to_old": False, "guard": {"enabled": False}}
-
-
-async def probed(stack: Stack, users: dict[str, str | None] | None = None) -> ProbeReport:
-    return await run_probe(stack.gateway.config, stack.url(), users=users, timeout=TIMEOUT)
-
-
-async def set_faults(port: int, faults: dict) -> None:
-    async with aiohttp.ClientSession() as http, http.post(f"http://127.0.0.1:{port}/stub/faults", json=faults) as r:
-        assert r.status == 200
-
-
-async def test_healthy_gateway_passes_every_check(servers: Servers) -> None:
-    stack = await servers.stack(rollout=FORCED)
-    report = await probed(stack)
-    assert [(c.name, c.result) for c in report.checks] == [
-        ("legacy app (token in URL) -> old", "PASS"),
-        ("current app (authenticate) -> old", "PASS"),
-        ("legacy app (token in URL) -> new", "PASS"),
-        ("current app (authenticate) -> new", "PASS"),
-        ("bad token, legacy app (token in URL)", "PASS"),
-        ("bad token, current app (authenticate)", "PASS"),
-    ], report.text()
-    assert report.passed
-    assert "stub new backend saw qa-new-1" in report.checks[3].detail
-
-
-async def test_broken_new_backend_fails_only_its_paths(servers: Servers) -> None:
-    new_port = await servers.stub("new")
-    stack = await servers.stack(new_port=new_port, rollout=FORCED)
-    await set_faults(new_port, {"refuse_status": 503})
-    report = await probed(stack)
-    results = {c.name: c for c in report.checks}
+def test_report_prints_one_line_per_check_with_its_time_and_ends_with_the_counts() -> None:
+    report = ProbeReport("ws://gw/ws/chat", [
+        Check("qa-1", "message", "connected", "PASS", 12.4, 'first frame {"type":"connected"}'),
+        Check("qa-1", "legacy", "held open", "FAIL", 250.0, "closed 1014 after 0.2 s, before 2 s"),
+        Check("qa-1", "legacy", "reply", "SKIP", None, "no open session to send on"),
+    ])
+    assert report.text().splitlines() == [
+        "probe ws://gw/ws/chat",
+        "",
+        'PASS  qa-1, message style: connected     12 ms  first frame {"type":"connected"}',
+        "FAIL  qa-1, legacy style: held open     250 ms  closed 1014 after 0.2 s, before 2 s",
+        "SKIP  qa-1, legacy style: reply                 no open session to send on",
+        "",
+        "1 passed, 1 failed, 1 skipped",
+    ]
     assert not report.passed
-    for app in ("legacy app (token in URL)", "current app (authenticate)"):
-        assert results[f"{app} -> old"].result == "PASS"
-        assert results[f"{app} -> new"].result == "FAIL"
-        assert "closed 1014" in results[f"{app} -> new"].detail
+    assert report.as_dict()["checks"][1] == {
+        "name": "qa-1, legacy style: held open", "who": "qa-1", "style": "legacy", "what": "held open",
+        "result": "FAIL", "ms": 250.0, "detail": "closed 1014 after 0.2 s, before 2 s",
+    }
 
 
-async def test_fallback_to_old_is_caught_with_stub_backends(servers: Servers) -> None:
+# -- against a gateway with stub backends ------------------------------------------------------------
+
+# The demo's stack with a QA user pinned to each backend. Fallback off: with it on, a broken new
+# backend is hidden from the apps (and so from the probe), which is its job.
+FORCED = {"force_new": ["qa-new-1"], "force_old": ["qa-old-1"], "fallback_to_old": False, "guard": {"enabled": False}}
+QUICK = Options(hold=0.2, timeout=TIMEOUT, reply_timeout=TIMEOUT)
+
+
+async def demo_stack(servers: Servers) -> tuple[Stack, int]:
+    """A gateway and both stubs; the new stub's port, to break it. A missing connected fails fast."""
     new_port = await servers.stub("new")
-    stack = await servers.stack(new_port=new_port, rollout={**FORCED, "fallback_to_old": True})
-    await set_faults(new_port, {"refuse_status": 503})
-    report = await probed(stack)
-    new_checks = [c for c in report.checks if c.backend == "new"]
-    assert all(c.result == "FAIL" and c.detail.startswith("served by the old backend") for c in new_checks)
+    new = {"url": f"ws://127.0.0.1:{new_port}/ws/chat", "auth": "message", "handshake_timeout_seconds": 0.2}
+    return await servers.stack(new_port=new_port, rollout=FORCED, backends={"new": new}), new_port
 
 
-async def test_users_given_on_the_command_line_are_used(servers: Servers) -> None:
-    stack = await servers.stack(rollout=FORCED)
-    report = await probed(stack, users={"old": "someone-else", "new": None})
-    assert report.users[0].user_id == "someone-else" and report.users[1].user_id == "qa-new-1"
-    assert report.passed
+def qa_tokens(secret: str = SECRET) -> dict[str, str]:
+    return {user: make_token(user, secret=secret) for user in ("qa-old-1", "qa-new-1")}
 
 
-async def test_denied_legacy_auth_is_expected(servers: Servers) -> None:
-    stack = await servers.stack(rollout=FORCED, auth={"legacy": "deny"})
-    report = await probed(stack)
-    assert report.passed, report.text()
-    assert "refused as configured" in report.checks[0].detail
+async def break_backend(port: int) -> None:
+    url = f"http://127.0.0.1:{port}/stub/faults"
+    async with aiohttp.ClientSession() as http, http.post(url, json={"fail_handshake": 100}) as response:
+        assert response.status == 200
 
 
-async def test_backend_nobody_routes_to_is_skipped(servers: Servers) -> None:
-    stack = await servers.stack(rollout={"new_percent": 0})
-    report = await probed(stack)
-    assert [c.result for c in report.checks if c.backend == "new"] == ["SKIP", "SKIP"]
-    assert report.passed
-    assert report.text().endswith("4 passed, 0 failed, 2 skipped\n")
+def results(report: ProbeReport) -> list[tuple[str, str]]:
+    return [(check.name, check.result) for check in report.checks]
 
 
-async def test_unreachable_gateway_fails_every_check() -> None:
+async def test_healthy_gateway_passes_every_check_in_both_styles(servers: Servers) -> None:
+    stack, _ = await demo_stack(servers)
+    report = await run_probe(stack.url(), qa_tokens(), forged_token(AuthConfig(secret=SECRET)), QUICK)
+    assert results(report) == [
+        ("qa-old-1, message style: connected", "PASS"),
+        ("qa-old-1, legacy style: held open", "PASS"),
+        ("qa-new-1, message style: connected", "PASS"),
+        ("qa-new-1, legacy style: held open", "PASS"),
+        ("bad token, legacy style: refused", "PASS"),
+        ("bad token, message style: refused", "PASS"),
+    ], report.text()
+
+
+async def test_send_expects_a_reply_in_every_session(servers: Servers) -> None:
+    stack, _ = await demo_stack(servers)
+    options = Options(hold=0.2, send="ping from QA", timeout=TIMEOUT, reply_timeout=TIMEOUT)
+    report = await run_probe(stack.url(), qa_tokens(), forged_token(AuthConfig(secret=SECRET)), options)
+    replies = [check for check in report.checks if check.what == "reply"]
+    assert [(c.who, c.style, c.result) for c in replies] == [
+        ("qa-old-1", "message", "PASS"), ("qa-old-1", "legacy", "PASS"), ("qa-new-1", "message", "PASS"), ("qa-new-1", "legacy", "PASS"),
+    ], report.text()
+
+
+async def test_broken_new_backend_fails_the_checks_of_the_user_pinned_there(servers: Servers) -> None:
+    stack, new_port = await demo_stack(servers)
+    await break_backend(new_port)
+    options = Options(send="hi", timeout=TIMEOUT, reply_timeout=TIMEOUT)
+    report = await run_probe(stack.url(), qa_tokens(), forged_token(AuthConfig(secret=SECRET)), options)
+    failed = {check.name: check.detail for check in report.checks if check.result == "FAIL"}
+    assert list(failed) == ["qa-new-1, message style: connected", "qa-new-1, legacy style: held open"], report.text()
+    assert all(detail.startswith("closed 1014") for detail in failed.values())
+    skipped = [check.name for check in report.checks if check.result == "SKIP"]
+    assert skipped == ["qa-new-1, message style: reply", "qa-new-1, legacy style: reply"]
+
+
+async def test_wrong_secret_fails_every_session_with_the_1008_seen(servers: Servers) -> None:
+    stack, _ = await demo_stack(servers)
+    wrong = "not-the-gateways-secret-0123456789abcdef"
+    report = await run_probe(stack.url(), qa_tokens(wrong), forged_token(AuthConfig(secret=wrong)), QUICK)
+    failed = [check for check in report.checks if check.result == "FAIL"]
+    assert [check.who for check in failed] == ["qa-old-1", "qa-old-1", "qa-new-1", "qa-new-1"], report.text()
+    assert all("closed 1008 'invalid token signature'" in check.detail for check in failed)
+
+
+async def test_against_the_old_backend_directly_only_the_message_style_fails(servers: Servers) -> None:
+    old_port = await servers.stub("old")
+    url = f"ws://127.0.0.1:{old_port}/ws/chat"
+    report = await run_probe(url, qa_tokens(), forged_token(AuthConfig(secret=SECRET)), QUICK)
+    assert [c.name for c in report.checks if c.result == "FAIL"] == [
+        "qa-old-1, message style: connected", "qa-new-1, message style: connected"
+    ], report.text()
+
+
+async def test_unreachable_gateway_fails_every_check_at_the_upgrade() -> None:
     async with refused_port() as port:
-        config: Config = make_config(rollout=FORCED)
-        report = await run_probe(config, f"ws://127.0.0.1:{port}/ws/chat", timeout=TIMEOUT)
+        report = await run_probe(f"ws://127.0.0.1:{port}/ws/chat", qa_tokens(), forged_token(AuthConfig(secret=SECRET)), QUICK)
     assert [c.result for c in report.checks] == ["FAIL"] * 6
-    assert report.checks[0].detail.startswith("upgrade failed: ")
+    assert all(c.detail.startswith("upgrade failed: ") for c in report.checks)
 
 
 # -- the command --------------------------------------------------------------------------------------
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=cwd, capture_output=True, text=True, timeout=3 * TIMEOUT)
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=3 * TIMEOUT
+    )
 
 
-async def test_command_prints_the_checks_and_never_a_token(servers: Servers, tmp_path: Path) -> None:
-    stack = await servers.stack(rollout=FORCED)
-    config_file = tmp_path / "staging.yaml"
-    config_file.write_text(yaml.safe_dump(raw_config(rollout=FORCED)))
-    text = await asyncio.to_thread(run_cli, "probe", stack.url(), "--config", str(config_file), cwd=tmp_path)
-    assert text.returncode == 0, text.stdout + text.stderr
-    lines = text.stdout.splitlines()
+async def probe_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The command in a process, while this test's event loop keeps serving the gateway."""
+    return await asyncio.to_thread(run_cli, "probe", *args, cwd=cwd, env=env)
+
+
+QA_USERS = ("--user", "qa-old-1", "--user", "qa-new-1")
+
+
+async def test_command_all_green_prints_each_check_and_never_a_token_or_the_secret(servers: Servers, tmp_path: Path) -> None:
+    stack, _ = await demo_stack(servers)
+    result = await probe_cli(stack.url(), "--secret", SECRET, *QA_USERS, "--hold", "0.2", "--send", "hi", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
     assert lines[0] == f"probe {stack.url()}"
-    assert lines[1] == "  old backend: user qa-old-1 (forced by rollout.force_old)"
-    assert lines[-1] == "6 passed, 0 failed, 0 skipped"
-    assert "eyJ" not in text.stdout + text.stderr and SECRET not in text.stdout + text.stderr
-    as_json = await asyncio.to_thread(run_cli, "probe", stack.url(), "--config", str(config_file), "--json", cwd=tmp_path)
-    data = json.loads(as_json.stdout)
-    assert data["passed"] is True and len(data["checks"]) == 6 and "eyJ" not in as_json.stdout
+    assert [line.split()[0] for line in lines[2:-2]] == ["PASS"] * 10
+    assert lines[-1] == "10 passed, 0 failed, 0 skipped"
+    assert "eyJ" not in result.stdout + result.stderr and SECRET not in result.stdout + result.stderr
 
 
-async def test_command_exits_1_when_a_check_fails(tmp_path: Path) -> None:
-    config_file = tmp_path / "staging.yaml"
-    config_file.write_text(yaml.safe_dump(raw_config(rollout=FORCED)))
-    async with refused_port() as port:
-        url = f"ws://127.0.0.1:{port}/ws/chat"
-        result = await asyncio.to_thread(run_cli, "probe", url, "--config", str(config_file), "--timeout", "2", cwd=tmp_path)
-    assert result.returncode == 1 and result.stdout.splitlines()[-1] == "0 passed, 6 failed, 0 skipped"
+async def test_command_json_is_one_document_for_ci(servers: Servers, tmp_path: Path) -> None:
+    stack, _ = await demo_stack(servers)
+    result = await probe_cli(stack.url(), "--secret", SECRET, *QA_USERS, "--hold", "0.2", "--json", cwd=tmp_path)
+    data = json.loads(result.stdout)
+    assert (result.returncode, data["passed"], data["counts"]) == (0, True, {"PASS": 6, "FAIL": 0, "SKIP": 0})
+    assert {check["what"] for check in data["checks"]} == {"connected", "held open", "refused"}
+    assert "eyJ" not in result.stdout
+
+
+async def test_command_exits_1_naming_the_checks_a_broken_new_backend_fails(servers: Servers, tmp_path: Path) -> None:
+    stack, new_port = await demo_stack(servers)
+    await break_backend(new_port)
+    result = await probe_cli(stack.url(), "--secret", SECRET, *QA_USERS, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(failed) == 2
+    assert "qa-new-1, message style: connected" in failed[0] and "closed 1014" in failed[0]
+    assert "qa-new-1, legacy style: held open" in failed[1] and "closed 1014" in failed[1]
+
+
+async def test_command_with_a_wrong_secret_exits_1_with_the_1008_seen(servers: Servers, tmp_path: Path) -> None:
+    stack, _ = await demo_stack(servers)
+    wrong = "not-the-gateways-secret-0123456789abcdef"
+    result = await probe_cli(stack.url(), "--secret", wrong, *QA_USERS, "--hold", "0.2", cwd=tmp_path)
+    assert result.returncode == 1
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(failed) == 4 and all("closed 1008 'invalid token signature' (authentication refused)" in line for line in failed)
+    assert result.stdout.splitlines()[-1] == "2 passed, 4 failed, 0 skipped"
+    assert wrong not in result.stdout + result.stderr
+
+
+async def test_command_mints_with_the_configs_auth_section(servers: Servers, tmp_path: Path) -> None:
+    stack, _ = await demo_stack(servers)
+    config = tmp_path / "staging.yaml"
+    config.write_text(yaml.safe_dump(raw_config(auth={"secret": "${JWT_SECRET}"})))
+    env = {**os.environ, "JWT_SECRET": SECRET}
+    result = await probe_cli(stack.url(), "--config", str(config), "--user", "qa-new-1", "--hold", "0.2", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_command_probes_with_a_given_token(servers: Servers, tmp_path: Path) -> None:
+    stack, _ = await demo_stack(servers)
+    token = make_token("qa-old-1")
+    result = await probe_cli(stack.url(), "--token", token, "--hold", "0.2", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "given token, message style: connected" in result.stdout
+    assert token not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("--token", "t", "--user", "qa"), "error: --user mints a token; --token brings its own: give one or the other\n"),
+        (("--secret", "s"), "error: give --token, or --user (once per user) with --config or --secret to mint tokens\n"),
+    ],
+    ids=["token-and-user", "no-user"],
+)
+def test_command_refuses_token_sources_that_do_not_fit_together(tmp_path: Path, args: tuple[str, ...], error: str) -> None:
+    result = run_cli("probe", "ws://127.0.0.1:1/ws/chat", *args, cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", error)
+
+
+def test_command_takes_one_token_source_only(tmp_path: Path) -> None:
+    result = run_cli("probe", "ws://127.0.0.1:1/ws/chat", "--token", "t", "--secret", "s", cwd=tmp_path)
+    assert result.returncode == 2 and "argument --secret: not allowed with argument --token" in result.stderr
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:1/ws/chat", "127.0.0.1:1", "ws:///ws/chat"])
 def test_command_refuses_a_url_that_is_not_websocket(tmp_path: Path, url: str) -> None:
-    config_file = tmp_path / "staging.yaml"
-    config_file.write_text(yaml.safe_dump(raw_config()))
-    result = run_cli("probe", url, "--config", str(config_file), cwd=tmp_path)
+    result = run_cli("probe", url, "--secret", SECRET, "--user", "qa", cwd=tmp_path)
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == f"error: {url!r} is not a ws:// or wss:// URL\n"

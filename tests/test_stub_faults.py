@@ -1,18 +1,23 @@
-"""Stub backend faults: what `POST /stub/faults` accepts, which connections it hits, and
-what a client of the gateway sees for each fault (real gateway, real stubs, loopback)."""
+"""Stub backend faults: what `POST /stub/faults` and the `stub-backend` flags accept, which
+handshakes fail, and what a client of the gateway sees for each fault (real gateway, real
+stubs, loopback)."""
 
 from __future__ import annotations
 
 import json
 import time
+import urllib.request
+from pathlib import Path
 
 import aiohttp
 import pytest
 import websockets
+import yaml
 
-from gateway.stub_backend import Faults, FaultsError, FaultSwitch, parse_faults
+from gateway.stub_backend import Faults, FaultsError, FaultSwitch, parse_faults, picked
 
 from .helpers import Servers, Stack, closed, make_token, open_client
+from .test_cli import SECRET, TIMEOUT, Proc, base_config, cli_env, run_cli
 
 NO_FALLBACK = {"new_percent": 100, "fallback_to_old": False, "guard": {"enabled": False}}
 
@@ -27,27 +32,27 @@ def test_empty_object_is_a_healthy_backend():
 def test_every_fault_is_read_with_its_type():
     faults = parse_faults(
         {
-            "ratio": 0.5, "refuse_status": 503, "upgrade_delay_seconds": 1, "reject_token": True,
-            "drop_after_seconds": 2, "reply_delay_seconds": 0.25,
+            "fail_handshake": 30, "reply_delay": 0.25, "drop_after": 2, "refuse_status": 503, "upgrade_delay": 1,
+            "reject_token": True,
         }
     )
-    assert faults == Faults(0.5, 503, 1.0, True, 2.0, 0.25)
+    assert faults == Faults(30.0, 0.25, 2.0, 503, 1.0, True)
 
 
 def test_null_means_the_default():
-    assert parse_faults({"refuse_status": None, "ratio": None}) == Faults()
+    assert parse_faults({"refuse_status": None, "fail_handshake": None}) == Faults()
 
 
 def test_unknown_key_is_named():
     with pytest.raises(FaultsError) as error:
-        parse_faults({"refuse": 503})
-    assert error.value.problems[0].startswith("refuse: unknown key (allowed: ratio, refuse_status")
+        parse_faults({"ratio": 0.5})
+    assert error.value.problems[0].startswith("ratio: unknown key (allowed: fail_handshake, reply_delay, drop_after")
 
 
 def test_wrong_type_names_key_and_value():
     with pytest.raises(FaultsError) as error:
-        parse_faults({"reply_delay_seconds": "slow"})
-    assert error.value.problems == ["reply_delay_seconds: expected a number, got 'slow'"]
+        parse_faults({"reply_delay": "slow"})
+    assert error.value.problems == ["reply_delay: expected a number, got 'slow'"]
 
 
 def test_status_must_be_an_integer():
@@ -58,17 +63,17 @@ def test_status_must_be_an_integer():
 
 def test_boolean_is_not_a_number_and_a_number_is_not_a_boolean():
     with pytest.raises(FaultsError) as error:
-        parse_faults({"ratio": True, "reject_token": 1})
-    assert error.value.problems == ["ratio: expected a number, got True", "reject_token: expected true or false, got 1"]
+        parse_faults({"fail_handshake": True, "reject_token": 1})
+    assert error.value.problems == ["fail_handshake: expected a number, got True", "reject_token: expected true or false, got 1"]
 
 
 def test_out_of_range_values_are_refused():
     with pytest.raises(FaultsError) as error:
-        parse_faults({"ratio": 1.5, "refuse_status": 200, "drop_after_seconds": -1})
+        parse_faults({"fail_handshake": 101, "refuse_status": 200, "drop_after": -1})
     assert error.value.problems == [
-        "ratio: 1.5 is out of range [0, 1]",
+        "fail_handshake: 101 is out of range [0, 100]",
+        "drop_after: -1 is out of range [0, 3600]",
         "refuse_status: 200 is out of range [400, 599]",
-        "drop_after_seconds: -1 is out of range [0, 3600]",
     ]
 
 
@@ -77,39 +82,36 @@ def test_body_must_be_an_object():
         parse_faults([])
 
 
-# -- which connections a fault hits ---------------------------------------------------------------
+# -- which handshakes fail ------------------------------------------------------------------------
 
 
-def test_healthy_switch_spares_every_connection():
+def test_a_percentage_picks_exactly_that_share_spread_evenly():
+    assert [n for n in range(10) if picked(n, 30)] == [3, 6, 9]
+    assert sum(picked(n, 30) for n in range(1000)) == 300
+
+
+def test_zero_and_a_hundred_percent_pick_none_and_all():
+    assert not any(picked(n, 0) for n in range(100))
+    assert all(picked(n, 100) for n in range(100))
+
+
+def test_healthy_switch_fails_no_handshake():
     switch = FaultSwitch()
-    assert [switch.next() for _ in range(3)] == [None, None, None]
+    assert [switch.next() for _ in range(3)] == [(Faults(), False)] * 3
 
 
-def test_ratio_one_hits_every_connection():
-    switch = FaultSwitch()
-    switch.set(Faults(refuse_status=503))
-    assert all(switch.next() is not None for _ in range(5))
-
-
-def test_ratio_spreads_hits_evenly_and_deterministically():
-    switch = FaultSwitch()
-    switch.set(Faults(ratio=0.25, refuse_status=503))
-    assert [switch.next() is not None for _ in range(8)] == [False, False, False, True] * 2
-
-
-def test_ratio_zero_spares_every_connection():
-    switch = FaultSwitch()
-    switch.set(Faults(ratio=0.0, refuse_status=503))
-    assert not any(switch.next() for _ in range(5))
+def test_switch_fails_the_picked_handshakes_and_keeps_the_other_faults_for_all():
+    faults = Faults(fail_handshake=50, reply_delay=0.5)
+    switch = FaultSwitch(faults)
+    assert [switch.next() for _ in range(4)] == [(faults, False), (faults, True), (faults, False), (faults, True)]
 
 
 def test_setting_faults_restarts_the_count():
-    switch = FaultSwitch()
-    switch.set(Faults(ratio=0.5, refuse_status=503))
+    switch = FaultSwitch(Faults(fail_handshake=50))
     switch.next()
-    switch.set(Faults(ratio=0.5, refuse_status=500))
+    switch.set(Faults(fail_handshake=50))
     assert switch.as_dict()["upgrades"] == 0
-    assert [switch.next() is not None for _ in range(2)] == [False, True]
+    assert [failed for _, failed in (switch.next(), switch.next())] == [False, True]
 
 
 # -- the control endpoint --------------------------------------------------------------------------
@@ -123,22 +125,23 @@ async def post_faults(port: int, body: object) -> tuple[int, dict]:
 
 async def test_control_endpoint_sets_and_shows_faults(servers: Servers) -> None:
     port = await servers.stub("new")
-    status, body = await post_faults(port, {"refuse_status": 503, "ratio": 0.5})
+    status, body = await post_faults(port, {"fail_handshake": 30, "reply_delay": 0.5, "drop_after": 60})
     assert status == 200
-    assert body["faults"]["refuse_status"] == 503 and body["upgrades"] == 0
+    assert (body["faults"]["fail_handshake"], body["faults"]["reply_delay"], body["faults"]["drop_after"]) == (30, 0.5, 60)
+    assert body["upgrades"] == 0
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/stub/faults") as response:
         assert (await response.json())["faults"] == body["faults"]
 
 
 async def test_control_endpoint_refuses_bad_faults_and_keeps_the_old_ones(servers: Servers) -> None:
     port = await servers.stub("old")
-    await post_faults(port, {"reply_delay_seconds": 0.5})
-    status, body = await post_faults(port, {"ratio": 2, "nope": 1})
+    await post_faults(port, {"reply_delay": 0.5})
+    status, body = await post_faults(port, {"fail_handshake": 200, "nope": 1})
     assert status == 400
-    assert body["errors"] == ["nope: unknown key (allowed: ratio, refuse_status, upgrade_delay_seconds, reject_token, "
-                              "drop_after_seconds, reply_delay_seconds)", "ratio: 2 is out of range [0, 1]"]
+    assert body["errors"] == ["nope: unknown key (allowed: fail_handshake, reply_delay, drop_after, refuse_status, "
+                              "upgrade_delay, reject_token)", "fail_handshake: 200 is out of range [0, 100]"]
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/stub/faults") as response:
-        assert (await response.json())["faults"]["reply_delay_seconds"] == 0.5
+        assert (await response.json())["faults"]["reply_delay"] == 0.5
 
 
 async def test_control_endpoint_refuses_a_body_that_is_not_json(servers: Servers) -> None:
@@ -152,15 +155,51 @@ async def test_control_endpoint_refuses_a_body_that_is_not_json(servers: Servers
 # -- what a gateway client sees --------------------------------------------------------------------
 
 
-async def new_stack(servers: Servers, **rollout: object) -> tuple[Stack, int]:
+async def new_stack(servers: Servers) -> tuple[Stack, int]:
+    """Every user on a new stub, no fallback, no guard; a missing connected fails fast."""
     new_port = await servers.stub("new")
-    stack = await servers.stack(new_port=new_port, rollout={**NO_FALLBACK, **rollout})
+    stack = await servers.stack(
+        new_port=new_port, rollout=NO_FALLBACK,
+        backends={"new": {"url": f"ws://127.0.0.1:{new_port}/ws/chat", "auth": "message", "handshake_timeout_seconds": 0.2}},
+    )
     return stack, new_port
 
 
-def failures(stack: Stack, reason: str) -> float | None:
-    labels = {"backend": "new", "reason": reason}
+def failures(stack: Stack, backend: str, reason: str) -> float | None:
+    labels = {"backend": backend, "reason": reason}
     return stack.gateway.metrics.registry.get_sample_value("ws_gateway_upstream_failures_total", labels)
+
+
+@pytest.mark.parametrize("style", ["legacy", "message"])
+async def test_failed_handshake_on_the_new_style_is_a_connected_that_never_comes(servers: Servers, style: str) -> None:
+    stack, port = await new_stack(servers)
+    await post_faults(port, {"fail_handshake": 100})
+    ws = await open_client(stack, style, make_token())
+    assert (await closed(ws))[0] == 1014
+    assert failures(stack, "new", "handshake") == 1
+
+
+async def test_failed_handshake_on_the_old_style_is_a_refused_upgrade(servers: Servers) -> None:
+    old_port = await servers.stub("old")
+    stack = await servers.stack(old_port=old_port)
+    await post_faults(old_port, {"fail_handshake": 100})
+    ws = await open_client(stack, "legacy", make_token())
+    assert (await closed(ws))[0] == 1014
+    assert failures(stack, "old", "connect") == 1
+
+
+async def test_fail_handshake_fails_only_that_share(servers: Servers) -> None:
+    stack, port = await new_stack(servers)
+    await post_faults(port, {"fail_handshake": 50})
+    served = []
+    for _ in range(4):
+        ws = await open_client(stack, "message", make_token())
+        try:
+            served.append(json.loads(await ws.recv())["type"] == "connected")
+            await ws.close()
+        except websockets.ConnectionClosed:
+            served.append(False)
+    assert served == [True, False, True, False]
 
 
 @pytest.mark.parametrize("style", ["legacy", "message"])
@@ -169,7 +208,7 @@ async def test_refused_upgrade_gives_the_client_1014(servers: Servers, style: st
     await post_faults(port, {"refuse_status": 503})
     ws = await open_client(stack, style, make_token())
     assert (await closed(ws))[0] == 1014
-    assert failures(stack, "connect") == 1
+    assert failures(stack, "new", "connect") == 1
 
 
 @pytest.mark.parametrize("style", ["legacy", "message"])
@@ -186,23 +225,23 @@ async def test_slow_upgrade_past_the_connect_timeout_gives_1014(servers: Servers
         new_port=new_port, rollout=NO_FALLBACK,
         backends={"new": {"url": f"ws://127.0.0.1:{new_port}/ws/chat", "auth": "message", "connect_timeout_seconds": 0.1}},
     )
-    await post_faults(new_port, {"upgrade_delay_seconds": 1})
+    await post_faults(new_port, {"upgrade_delay": 1})
     ws = await open_client(stack, "message", make_token())
     assert (await closed(ws))[0] == 1014
 
 
 async def test_dropped_session_gives_the_client_1014_after_it_relayed(servers: Servers) -> None:
     stack, port = await new_stack(servers)
-    await post_faults(port, {"drop_after_seconds": 0.05})
+    await post_faults(port, {"drop_after": 0.05})
     ws = await open_client(stack, "message", make_token())
     assert json.loads(await ws.recv())["type"] == "connected"
     assert (await closed(ws))[0] == 1014
-    assert failures(stack, "dropped") == 1
+    assert failures(stack, "new", "dropped") == 1
 
 
 async def test_slow_replies_still_arrive_in_order(servers: Servers) -> None:
     stack, port = await new_stack(servers)
-    await post_faults(port, {"reply_delay_seconds": 0.1})
+    await post_faults(port, {"reply_delay": 0.1})
     ws = await open_client(stack, "message", make_token())
     await ws.recv()  # connected: sent at authentication, not a reply
     started = time.monotonic()
@@ -214,26 +253,33 @@ async def test_slow_replies_still_arrive_in_order(servers: Servers) -> None:
     await ws.close()
 
 
-async def test_ratio_hits_only_the_picked_connections(servers: Servers) -> None:
-    stack, port = await new_stack(servers)
-    await post_faults(port, {"refuse_status": 503, "ratio": 0.5})
-    served = []
-    for _ in range(4):
-        ws = await open_client(stack, "message", make_token())
-        try:
-            served.append(json.loads(await ws.recv())["type"] == "connected")
-            await ws.close()
-        except websockets.ConnectionClosed:
-            served.append(False)
-    assert served == [True, False, True, False]
-
-
 async def test_healing_restores_the_backend(servers: Servers) -> None:
     stack, port = await new_stack(servers)
-    await post_faults(port, {"refuse_status": 503})
+    await post_faults(port, {"fail_handshake": 100})
     assert (await closed(await open_client(stack, "legacy", make_token())))[0] == 1014
     await post_faults(port, {})
     ws = await open_client(stack, "legacy", make_token())
     await ws.send("back")
     assert await ws.recv() == "back"
     await ws.close()
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def test_stub_backend_starts_with_the_faults_its_flags_give(tmp_path: Path) -> None:
+    config = tmp_path / "stub.yaml"
+    config.write_text(yaml.safe_dump(base_config()))
+    flags = ("--fail-handshake", "30", "--reply-delay", "0.5", "--drop-after", "60")
+    with Proc("stub-backend", "--style", "new", "--port", "0", "--config", str(config), *flags, cwd=tmp_path,
+              env=cli_env(JWT_SECRET=SECRET)) as stub:
+        port = stub.wait_for_log("stub backend listening")["port"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/stub/faults", timeout=TIMEOUT) as response:
+            shown = json.load(response)["faults"]
+    assert (shown["fail_handshake"], shown["reply_delay"], shown["drop_after"]) == (30, 0.5, 60)
+
+
+def test_stub_backend_refuses_a_fault_flag_out_of_range(tmp_path: Path) -> None:
+    result = run_cli("stub-backend", "--style", "old", "--port", "0", "--fail-handshake", "150", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "argument --fail-handshake: 150 is out of range [0, 100]" in result.stderr
