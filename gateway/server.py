@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -19,10 +19,21 @@ from .logs import AccessLogger, install_redaction
 from .reload import Fingerprint, Reloader
 from .runtime import Gateway
 
-if TYPE_CHECKING:
-    from .workers import WorkerChannel
-
 log = logging.getLogger("gateway")
+
+
+class WorkerChannel(Protocol):
+    """What a worker of ``serve --workers N`` gets from its supervisor (`workers.WorkerChannel`):
+    named here so the import arrow runs one way, from the supervisor to the server."""
+
+    port: int
+    admin_path: str
+
+    async def follow(self, signals: Signals, reload: Callable[[], object] | None) -> None: ...
+
+    def ready(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 def runner_for(app: web.Application) -> web.AppRunner:
