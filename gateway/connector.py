@@ -91,6 +91,12 @@ class HeadReader(asyncio.Protocol):
         if not self.head.done():
             self.head.set_exception(ConnectionResetError("the backend closed the connection during the upgrade"))
 
+    def forget(self) -> None:
+        """The attempt was given up: nobody will await `head`, so asyncio must not report it."""
+        if not self.head.done():
+            self.head.cancel()
+        elif not self.head.cancelled():
+            self.head.exception()
 
 class Connector:
     def __init__(self, *, resolve_every: float = 30.0) -> None:
@@ -118,6 +124,7 @@ class Connector:
             response = handshake.check_response(head, key)
         except BaseException:
             transport.abort()
+            reader.forget()
             raise
         return transport, reader, response
 
