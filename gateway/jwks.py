@@ -99,7 +99,6 @@ class KeySet:
         self._on_result = on_result
         self._clock = clock
         self.keys: dict[str, Any] = {}
-        self.fetched_at: float | None = None
         self._last_on_demand = -ON_DEMAND_SECONDS
         self._inflight: asyncio.Task[bool] | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -136,7 +135,6 @@ class KeySet:
             return False
         changed = keys.keys() != self.keys.keys()
         self.keys = keys
-        self.fetched_at = self._clock()
         if changed:
             log.info("JWKS loaded", extra={"jwks_url": self.url, "kids": sorted(keys)})
         self._report("success")

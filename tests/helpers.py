@@ -128,6 +128,12 @@ def with_query(*pieces: str) -> str:
     return "&".join(piece for piece in pieces if piece)
 
 
+def metric(stack: Stack, name: str, **labels: str) -> float:
+    """One sample of the stack's gateway metrics (0 when the series does not exist yet)."""
+    value = stack.gateway.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
 async def open_client(
     stack: Stack,
     style: str,

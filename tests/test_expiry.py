@@ -9,7 +9,7 @@ import time
 import jwt
 import pytest
 
-from .helpers import SECRET, Servers, closed, make_token, open_client
+from .helpers import SECRET, Servers, closed, make_token, metric, open_client
 
 EXPIRY = {"session_expiry": "close"}
 
@@ -49,7 +49,7 @@ async def test_the_session_closes_at_exp_on_both_legs(servers: Servers, style, b
     code, reason = await closed(ws)  # nothing sent: the deadline alone closes it
     assert (code, reason) == (1008, "token expired")
     assert (await sock.wait_closed())[0] == 1008
-    assert stack.gateway.metrics.session_expiries._value.get() == 1
+    assert metric(stack, "ws_gateway_session_expiries_total") == 1
 
 
 @pytest.mark.parametrize("backend_style", ["query", "message"])

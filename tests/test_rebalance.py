@@ -9,7 +9,7 @@ from dataclasses import replace
 from gateway.config import RebalanceConfig
 from gateway.rebalance import Move, due, plan
 
-from .helpers import TIMEOUT, Servers, closed, eventually, make_token, open_client
+from .helpers import TIMEOUT, Servers, closed, eventually, make_token, metric, open_client
 
 CONFIG = RebalanceConfig(enabled=True, window_seconds=10, idle_seconds=2)
 
@@ -94,9 +94,7 @@ async def test_lowering_the_percentage_moves_exactly_the_affected_sessions(serve
     assert info["style"] == "old"  # the reconnect lands on the old backend
     status = stack.gateway.rollout_status()["rebalance"]
     assert status["closed"] == 4 and status["scheduled"] == 0
-    samples = {tuple(s.labels.values()): s.value for m in stack.gateway.metrics.rebalance_closes.collect()
-               for s in m.samples if s.name.endswith("_total")}
-    assert samples[("new", "old")] == 4
+    assert metric(stack, "ws_gateway_rebalance_closes_total", **{"from": "new", "to": "old"}) == 4
     await kept.close()
     await again.close()
 

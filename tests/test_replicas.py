@@ -36,7 +36,7 @@ from gateway.report import collect_report
 from gateway.runtime import GUARD_SYNC_SECONDS
 from gateway.store import RedisStore, Store, utc_day
 
-from .helpers import TIMEOUT, Clock, Servers, Stack, closed, eventually, make_token, open_client, raw_config
+from .helpers import TIMEOUT, Clock, Servers, Stack, closed, eventually, make_token, metric, open_client, raw_config
 from .redis_server import RedisServer, redis_server  # noqa: F401 - fixture
 
 RATE_LIMITED = REASONS["rate_limited"]
@@ -47,11 +47,6 @@ LOOPBACK = "127.0.0.1"
 TTL = 1.5  # session ttl where a test needs a crashed replica's slots to free themselves
 
 
-
-
-def metric(stack: Stack, name: str, **labels: str) -> float:
-    value = stack.gateway.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
 
 
 def total(stack: Stack, name: str) -> float:

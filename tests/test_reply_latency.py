@@ -10,7 +10,7 @@ from aiohttp import WSMsgType, web
 
 from gateway.server import start_site
 
-from .helpers import Servers, make_token, open_client
+from .helpers import Servers, make_token, metric, open_client
 
 pytestmark = pytest.mark.relays("byte", "frame")
 DELAY = 0.3
@@ -38,16 +38,10 @@ async def slow_backend(servers: Servers) -> int:
 
 def observed(stack, backend: str) -> tuple[float, float]:
     """(count, sum) of the reply histogram for `backend`."""
-    count = total = 0.0
-    for metric in stack.gateway.metrics.reply_seconds.collect():
-        for sample in metric.samples:
-            if sample.labels.get("backend") != backend:
-                continue
-            if sample.name.endswith("_count"):
-                count = sample.value
-            elif sample.name.endswith("_sum"):
-                total = sample.value
-    return count, total
+    return (
+        metric(stack, "ws_gateway_reply_seconds_count", backend=backend),
+        metric(stack, "ws_gateway_reply_seconds_sum", backend=backend),
+    )
 
 
 async def test_each_reply_is_timed_from_the_question_to_the_first_frame_back(servers: Servers, caplog):
