@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
+import signal
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -126,6 +129,28 @@ def authenticate_frame(token: str) -> str:
 
 def with_query(*pieces: str) -> str:
     return "&".join(piece for piece in pieces if piece)
+
+
+@asynccontextmanager
+async def headless_chromium(
+    binary: str, url: str, *flags: str, stdout: int = asyncio.subprocess.DEVNULL
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Headless Chromium on a throwaway profile. At exit its whole process group is killed
+    before the profile is removed: a renderer outliving the main process kept writing into
+    it and made the removal fail."""
+    with tempfile.TemporaryDirectory() as profile:
+        browser = await asyncio.create_subprocess_exec(
+            binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={profile}", *flags, url,
+            stdout=stdout, stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+        )
+        try:
+            yield browser
+        finally:
+            with suppress(ProcessLookupError):
+                os.killpg(browser.pid, signal.SIGKILL)
+            await browser.wait()
 
 
 def metric(stack: Stack, name: str, **labels: str) -> float:

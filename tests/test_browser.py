@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import tempfile
 from dataclasses import replace
 
 import pytest
@@ -18,7 +17,7 @@ from aiohttp import web
 
 from gateway.server import start_site
 
-from .helpers import TIMEOUT, Stack, make_token
+from .helpers import TIMEOUT, Stack, headless_chromium, make_token
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed"), pytest.mark.relays("byte", "frame")]
@@ -59,22 +58,12 @@ async def run_page(runs: list[dict]) -> list[dict]:
     app.router.add_get("/", page)
     app.router.add_post("/result", result)
     runner, port = await start_site(app, "127.0.0.1", 0)
-    profile = tempfile.TemporaryDirectory()
     assert CHROMIUM is not None
-    browser = await asyncio.create_subprocess_exec(
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile.name}", f"http://127.0.0.1:{port}/",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )
     try:
-        async with asyncio.timeout(3 * TIMEOUT):
+        async with headless_chromium(CHROMIUM, f"http://127.0.0.1:{port}/"), asyncio.timeout(3 * TIMEOUT):
             return await done
     finally:
-        browser.kill()
-        await browser.wait()
         await runner.cleanup()
-        profile.cleanup()
 
 
 async def test_browser_client_chats_through_every_path_and_sees_close_codes(stack: Stack) -> None:

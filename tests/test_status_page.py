@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,7 +21,7 @@ from gateway.runtime import Gateway
 from gateway.server import start_site
 from gateway.status_page import History, Sample, interval, quantile, sample_of, status_json
 
-from .helpers import SECRET, TIMEOUT, Servers, make_token, open_client
+from .helpers import SECRET, TIMEOUT, Servers, headless_chromium, make_token, open_client
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 INF = float("inf")
@@ -254,20 +253,10 @@ async def test_supervisor_serves_the_page_over_every_workers_metrics() -> None:
 async def dump_dom(url: str) -> str:
     """The page's DOM after its script ran, from headless Chromium."""
     assert CHROMIUM is not None
-    with tempfile.TemporaryDirectory() as profile:
-        browser = await asyncio.create_subprocess_exec(
-            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=3000",
-            "--dump-dom", url,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        )
-        try:
-            async with asyncio.timeout(3 * TIMEOUT):
-                out, _ = await browser.communicate()
-        finally:
-            if browser.returncode is None:
-                browser.kill()
-                await browser.wait()
+    async with headless_chromium(
+        CHROMIUM, url, "--virtual-time-budget=3000", "--dump-dom", stdout=asyncio.subprocess.PIPE
+    ) as browser, asyncio.timeout(3 * TIMEOUT):
+        out, _ = await browser.communicate()
     return out.decode()
 
 
