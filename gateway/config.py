@@ -125,6 +125,7 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class LimitsConfig:
     max_message_bytes: int = 1024 * 1024
+    store_and_forward_bytes: int = 64 * 1024
     hold_buffer_bytes: int = 4 * 1024 * 1024
     hold_buffer_frames: int = 1000
     ping_interval_seconds: float = 20.0
@@ -734,7 +735,7 @@ def _parse_limits(r: _Reader, raw: Any) -> LimitsConfig:
         raw,
         p,
         {
-            "max_message_bytes", "hold_buffer_bytes", "hold_buffer_frames", "ping_interval_seconds",
+            "max_message_bytes", "store_and_forward_bytes", "hold_buffer_bytes", "hold_buffer_frames", "ping_interval_seconds",
             "max_upstream_connections", "auth_failures_per_ip_per_minute", "max_sessions_per_user",
             "handshake_timeout_seconds", "max_request_header_bytes", "max_pending_handshakes",
         },
@@ -749,6 +750,10 @@ def _parse_limits(r: _Reader, raw: Any) -> LimitsConfig:
         r.error(f"{p}.hold_buffer_bytes", f"{hold_bytes} is smaller than limits.max_message_bytes ({max_message})")
     return LimitsConfig(
         max_message_bytes=max_message,
+        store_and_forward_bytes=r.number(
+            s, p, "store_and_forward_bytes", _default(LimitsConfig, "store_and_forward_bytes"),
+            low=0, high=2**31, integer=True,
+        ),
         hold_buffer_bytes=hold_bytes,
         hold_buffer_frames=r.number(
             s, p, "hold_buffer_frames", _default(LimitsConfig, "hold_buffer_frames"), low=1, high=10**6, integer=True

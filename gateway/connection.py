@@ -30,11 +30,11 @@ from .frames import (
     PONG,
     Close,
     Event,
+    Forwarder,
     Message,
     MessageReader,
     Ping,
     ProtocolError,
-    Scanner,
     encode,
     parse_close,
 )
@@ -480,21 +480,25 @@ class Connection:
         reply = self.reply = Reply(self.services.reply_observer(session.backend))
         reply.asked_at = self._asked_at
         limit = session.config.limits.max_message_bytes
+        store = session.config.limits.store_and_forward_bytes
         client_reader, upstream_reader = self._client_reader, self._upstream_reader
         assert upstream_reader is not None
         carry: list[tuple[Leg, bytes]] = []
         # With session_expiry: close the client's frames are parsed, to see in-band refreshes.
         refreshes = session.config.auth.session_expiry == "close"
         if self.byte_relay and client_reader.inflater is None and not client_reader.in_message and not refreshes:
-            scanner = Scanner(self.to_upstream, masked=True, max_message=limit, rsv1_allowed=False)
-            client.receive = BytePump(client, upstream, scanner, reply).data_received
+            forwarder = Forwarder(self.to_upstream, masked=True, max_message=limit, rsv1_allowed=False, store_bound=store)
+            client.receive = BytePump(client, upstream, forwarder, reply).data_received
             carry.append((client, client_reader.take_buffer()))
         else:
             client.receive = FramePump(client, upstream, client_reader).data_received
         passes = deflate.passes_through(self.upstream_deflate, self._client_deflate)
         if self.byte_relay and passes and not upstream_reader.in_message:
-            scanner = Scanner(self.to_client, masked=False, max_message=limit, rsv1_allowed=self.upstream_deflate is not None)
-            upstream.receive = BytePump(upstream, client, scanner, reply).data_received
+            forwarder = Forwarder(
+                self.to_client, masked=False, max_message=limit, rsv1_allowed=self.upstream_deflate is not None,
+                store_bound=store,
+            )
+            upstream.receive = BytePump(upstream, client, forwarder, reply).data_received
             carry.append((upstream, upstream_reader.take_buffer()))
         else:
             upstream.receive = FramePump(upstream, client, upstream_reader).data_received
@@ -549,6 +553,7 @@ class Connection:
         flow.lost = True
         flow.close_code = error.code
         self.close_leg(leg, error.code, error.reason)
+        leg.fail()
         to = Side.UPSTREAM if leg.is_client else Side.CLIENT
         if error.code == closecodes.MESSAGE_TOO_BIG:
             passed_on = closecodes.oversize(to)
@@ -558,6 +563,8 @@ class Connection:
             other = self.upstream if leg.is_client else self.client
             if other is not None:
                 self.close_leg(other, *passed_on)
+                if other.deferred and other.feeder is not None and other.feeder.src is leg:
+                    other.abort()  # the half-relayed frame from `leg` will never end: no close can follow it
         elif leg.is_client:
             self.perform(self.session.client_closed(*passed_on))
         else:

@@ -5,11 +5,12 @@ coroutine, only two small objects and the transports. Until the session machine 
 `StartRelay`, a leg hands what it reads to its connection (`connection.Connection`). Then
 each direction gets a pump:
 
-* `BytePump` (the default): frames pass through as they arrived, masks and all; a
-  `frames.Scanner` walks their headers to count them, enforce the size limit and the
-  masking rule, and take out the control frames the gateway answers itself (ping, pong)
-  or maps (close). A write that fills the destination's buffer pauses reading from the
-  source until it drains, so a slow reader holds back its sender and nothing piles up.
+* `BytePump` (the default): frames are not reassembled into messages; a
+  `frames.Forwarder` checks each one (size, masking, fragments, UTF-8), re-masks what goes
+  to a backend, stores small frames until whole, and takes out the control frames the
+  gateway answers itself (ping, pong) or maps (close). A write that fills the destination's
+  buffer pauses reading from the source until it drains, so a slow reader holds back its
+  sender and nothing piles up.
 * `FramePump`: frames are parsed and re-encoded. Used for a direction the byte relay
   cannot carry unchanged: a client's permessage-deflate messages (the gateway inflates
   them, so a backend need not speak deflate), a backend whose compression the client
@@ -34,13 +35,13 @@ from .frames import (
     Close,
     Counts,
     Event,
+    Forwarder,
     Message,
     MessageReader,
+    Piece,
     Ping,
     Pong,
     ProtocolError,
-    Scanner,
-    control_payload,
     encode,
     encode_close,
 )
@@ -182,6 +183,14 @@ class Leg(asyncio.Protocol):
         if self.transport is not None and not self.deferred:
             self.transport.close()
 
+    def fail(self) -> None:
+        """The peer broke the protocol: the close frame just sent is the last thing it gets, and
+        the socket goes as soon as that is written, without waiting for an echo (RFC 6455 §7.1.7)."""
+        if self.deferred:
+            self.abort()  # the close waits behind a half-written frame: it cannot be sent
+        else:
+            self.finish()
+
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
@@ -232,14 +241,14 @@ class Reply:
 
 
 class BytePump:
-    """One direction of the byte relay: `src`'s frames go to `dst` as they arrived."""
+    """One direction of the byte relay: `src`'s frames go to `dst` through a `Forwarder`."""
 
-    __slots__ = ("src", "dst", "scanner", "reply", "_write", "_closing")
+    __slots__ = ("src", "dst", "forwarder", "reply", "_write", "_closing")
 
-    def __init__(self, src: Leg, dst: Leg, scanner: Scanner, reply: Reply) -> None:
+    def __init__(self, src: Leg, dst: Leg, forwarder: Forwarder, reply: Reply) -> None:
         self.src = src
         self.dst = dst
-        self.scanner = scanner
+        self.forwarder = forwarder
         self.reply = reply
         assert dst.transport is not None
         self._write = dst.transport.write
@@ -250,41 +259,53 @@ class BytePump:
 
     @property
     def mid_frame(self) -> bool:
-        return self.scanner.mid_frame
+        return self.forwarder.mid_frame
 
     def data_received(self, data: bytes) -> None:
         dst = self.dst
+        forwarder = self.forwarder
         # Nothing goes to a socket that is gone, nor, once the gateway has closed `dst`, anything
         # but the end of a frame it was half-way through: its close waits behind that (`Leg.send_own`).
-        closing = self._closing()
-        owed = self.scanner.owed if dst.close_sent and dst.deferred and not closing else 0
-        counts = self.scanner.counts
-        frames = counts.frames
-        data, pieces = self.scanner.scan(data)
-        if counts.frames != frames:
+        finishing = dst.close_sent and dst.deferred and forwarder.mid_frame and not self._closing()
+        frames = forwarder.counts.frames
+        pieces = forwarder.feed(data)
+        if forwarder.counts.frames != frames:
             self.reply.seen(self.src)
-        if owed:
-            self._write(data[:owed])
-        if pieces is None:
-            if not dst.close_sent and not closing:
-                self._write(data)
-        else:
-            src = self.src
-            for piece in pieces:
+        if finishing and pieces and type(pieces[0]) is not tuple:
+            self._write(pieces[0])  # type: ignore[arg-type]
+            pieces = pieces[1:]
+        if len(pieces) == 1 and type(pieces[0]) is not tuple:
+            if not dst.close_sent and not self._closing():
+                self._write(pieces[0])  # type: ignore[arg-type]
+        elif pieces:
+            self._deliver(pieces)
+        if forwarder.error is not None and not self.src.close_received:
+            self.src.owner.protocol_error(self.src, forwarder.error)
+            return
+        if dst.deferred and not forwarder.mid_frame:
+            dst.flush_deferred()
+
+    def _deliver(self, pieces: list[Piece]) -> None:
+        """Write the data in one go between control frames, and hand each control frame over in order."""
+        src = self.src
+        data: list[Piece] = []
+        for piece in pieces:
+            if type(piece) is tuple:
+                if data:
+                    self._send(data)
+                    data = []
                 if src.close_received:
                     return  # nothing counts after the peer's close frame
-                if type(piece) is tuple:
-                    if not dst.close_sent and not self._closing():
-                        start, end = piece
-                        self._write(data[start:end])
-                else:
-                    opcode, payload = control_payload(piece, masked=src.is_client)  # type: ignore[arg-type]
-                    src.owner.control(src, opcode, payload)
-            if self.scanner.error is not None and not src.close_received:
-                src.owner.protocol_error(src, self.scanner.error)
-                return
-        if dst.deferred and not self.scanner.mid_frame:
-            dst.flush_deferred()
+                opcode, payload = piece
+                src.owner.control(src, opcode, payload)
+            else:
+                data.append(piece)
+        if data and not src.close_received:
+            self._send(data)
+
+    def _send(self, data: list[Piece]) -> None:
+        if not self.dst.close_sent and not self._closing():
+            self._write(data[0] if len(data) == 1 else b"".join(data))  # type: ignore[arg-type]
 
 
 class FramePump:

@@ -1,5 +1,5 @@
 """RFC 6455 framing without sockets: headers, the masking rule, reassembly, close payloads, and
-the byte relay's header scanner fed the same streams cut at every possible place.
+the byte relay's forwarder fed the same streams cut at every possible place.
 
 Frames are built here byte by byte (`wire_frame`), not with the module's own encoder, so a
 mistake in one is not hidden by the same mistake in the other.
@@ -23,14 +23,13 @@ from gateway.frames import (
     TEXT,
     Close,
     Counts,
+    Forwarder,
     Message,
     MessageReader,
     Ping,
     Pong,
     ProtocolError,
-    Scanner,
     apply_mask,
-    control_payload,
     encode,
     encode_close,
     parse_close,
@@ -386,111 +385,169 @@ def test_data_that_is_not_deflate_is_invalid_payload() -> None:
     assert error_of(reader(inflater=Inflater()), client_frame(BINARY, b"\xff\xff\xff\xff", rsv=0b100)).code == 1007
 
 
-# -- Scanner --------------------------------------------------------------------------------------------
+# -- Forwarder ------------------------------------------------------------------------------------------
 
 
-def scanner(*, masked: bool = True, max_message: int = 100_000, rsv1_allowed: bool = False, in_message: bool = False) -> Scanner:
-    return Scanner(Counts(), masked=masked, max_message=max_message, rsv1_allowed=rsv1_allowed, in_message=in_message)
+def forwarder(*, masked: bool = True, max_message: int = 100_000, rsv1_allowed: bool = False, store_bound: int = 65536) -> Forwarder:
+    return Forwarder(Counts(), masked=masked, max_message=max_message, rsv1_allowed=rsv1_allowed, store_bound=store_bound)
 
 
-def run(s: Scanner, chunks: list[bytes]) -> tuple[bytes, list[bytes], list[int]]:
-    """Feed `chunks`; returns (the bytes forwarded, the control frames taken out, forwarded length after each chunk)."""
-    forwarded = bytearray()
-    controls: list[bytes] = []
+def run(f: Forwarder, chunks: list[bytes]) -> tuple[bytes, list[tuple[int, bytes]], list[int]]:
+    """Feed `chunks`; returns (the bytes written on, the control frames taken out, written length after each chunk)."""
+    written = bytearray()
+    controls: list[tuple[int, bytes]] = []
     marks: list[int] = []
     for chunk in chunks:
-        data, pieces = s.scan(chunk)
-        if pieces is None:
-            forwarded += data
-        else:
-            for piece in pieces:
-                if isinstance(piece, tuple):
-                    forwarded += data[piece[0] : piece[1]]
-                else:
-                    controls.append(piece)
-        marks.append(len(forwarded))
-    return bytes(forwarded), controls, marks
+        for piece in f.feed(chunk):
+            if isinstance(piece, tuple):
+                controls.append(piece)
+            else:
+                written += piece
+        marks.append(len(written))
+    return bytes(written), controls, marks
 
 
-DATA_FRAMES = [
-    client_frame(TEXT, b"hello"),
-    client_frame(BINARY, b"\x00" * 200, fin=False),
-    client_frame(CONTINUATION, b"\x01" * 70000),
-    client_frame(BINARY, b""),
-    client_frame(TEXT, "\u00e9".encode() * 40),
+def messages(stream: bytes, *, masked: bool) -> list[Message]:
+    reader = MessageReader(masked=masked, max_message=1 << 30)
+    events = reader.feed(stream)
+    assert reader.error is None
+    return [event for event in events if isinstance(event, Message)]
+
+
+DATA = [
+    (TEXT, b"hello", True),
+    (BINARY, b"\x00" * 200, False),
+    (CONTINUATION, b"\x01" * 70000, True),
+    (BINARY, b"", True),
+    (TEXT, "\u00e9".encode() * 40, True),
 ]
-CONTROL_FRAMES = [client_frame(PING, b"p1"), client_frame(PONG, b""), client_frame(PING, b"x" * 125)]
-# Controls go after the 1st, 2nd (between fragments) and 4th data frames.
-STREAM = (
-    DATA_FRAMES[0] + CONTROL_FRAMES[0] + DATA_FRAMES[1] + CONTROL_FRAMES[1] + DATA_FRAMES[2] + DATA_FRAMES[3]
-    + CONTROL_FRAMES[2] + DATA_FRAMES[4]
-)
+CONTROLS = [(PING, b"p1"), (PONG, b""), (PING, b"x" * 125)]
 
 
-def header_cuts() -> tuple[set[int], set[int]]:
-    """In the forwarded stream (data frames only): positions inside a header, and inside a payload."""
-    in_header, in_payload = set(), set()
-    offset = 0
-    for frame in DATA_FRAMES:
-        header = parse_header(frame, 0, masked=True)
-        assert header is not None
-        in_header |= set(range(offset + 1, offset + header.size))
-        in_payload |= set(range(offset + header.size + 1, offset + len(frame)))
-        offset += len(frame)
-    return in_header, in_payload
+def stream_of(*, masked: bool) -> bytes:
+    """The data frames with controls after the 1st, 2nd (between fragments) and 4th."""
+    frame = client_frame if masked else wire_frame
+    data = [frame(opcode, payload, fin=fin) for opcode, payload, fin in DATA]
+    controls = [frame(opcode, payload) for opcode, payload in CONTROLS]
+    return data[0] + controls[0] + data[1] + controls[1] + data[2] + data[3] + controls[2] + data[4]
 
 
-def check_scan(chunks: list[bytes]) -> None:
-    s = scanner()
-    forwarded, controls, marks = run(s, chunks)
-    assert s.error is None
-    assert forwarded == b"".join(DATA_FRAMES)  # data frames unchanged, masks and all
-    assert controls == CONTROL_FRAMES  # whole, in order
-    assert (s.counts.frames, s.counts.bytes) == (4, 5 + 200 + 70000 + 0 + 80)  # messages, payload bytes
-    in_header, in_payload = header_cuts()
-    for mark in marks:
-        assert mark not in in_header  # a header is never written in part
+def check_forward(chunks: list[bytes], *, masked: bool, store_bound: int = 65536) -> Forwarder:
+    f = forwarder(masked=masked, store_bound=store_bound)
+    written, controls, marks = run(f, chunks)
+    assert f.error is None
+    assert controls == CONTROLS  # whole, unmasked, in order
+    assert [m.data for m in messages(written, masked=masked)] == [
+        "hello", b"\x00" * 200 + b"\x01" * 70000, b"", "\u00e9" * 40
+    ]
+    assert (f.counts.frames, f.counts.bytes) == (4, 5 + 200 + 70000 + 0 + 80)  # messages, payload bytes
+    if not masked:
+        assert written == b"".join(wire_frame(o, p, fin=fin) for o, p, fin in DATA)  # a backend's frames as they came
+    return f
 
 
-def test_scanner_passes_data_frames_and_takes_out_control_frames_in_one_read() -> None:
-    check_scan([STREAM])
+@pytest.mark.parametrize("masked", [True, False])
+def test_forwarder_passes_data_frames_and_takes_out_control_frames_in_one_read(masked: bool) -> None:
+    check_forward([stream_of(masked=masked)], masked=masked)
 
 
-def test_scanner_gives_the_same_result_for_a_stream_cut_at_every_byte() -> None:
-    check_scan([STREAM[i : i + 1] for i in range(len(STREAM))])
+@pytest.mark.parametrize("masked", [True, False])
+def test_forwarder_gives_the_same_result_for_a_stream_cut_at_every_byte(masked: bool) -> None:
+    stream = stream_of(masked=masked)
+    check_forward([stream[i : i + 1] for i in range(len(stream))], masked=masked)
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_scanner_gives_the_same_result_for_a_stream_cut_anywhere(seed: int) -> None:
+@pytest.mark.parametrize("store_bound", [0, 100, 65536])
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("seed", range(8))
+def test_forwarder_gives_the_same_result_for_a_stream_cut_anywhere(seed: int, masked: bool, store_bound: int) -> None:
+    stream = stream_of(masked=masked)
     rng = random.Random(seed)
-    cuts = sorted(rng.sample(range(1, len(STREAM)), rng.randint(1, 40)))
-    check_scan([STREAM[a:b] for a, b in zip([0, *cuts], [*cuts, len(STREAM)])])
+    cuts = sorted(rng.sample(range(1, len(stream)), rng.randint(1, 40)))
+    check_forward([stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])], masked=masked, store_bound=store_bound)
 
 
-def test_scanner_is_mid_frame_exactly_while_a_payload_is_part_forwarded() -> None:
-    s = scanner()
-    big = client_frame(BINARY, b"z" * 1000)
-    header = parse_header(big, 0, masked=True)
+def test_forwarder_remasks_every_client_frame_with_a_fresh_key() -> None:
+    zero = b"\x00\x00\x00\x00"
+    f = forwarder()
+    written, _, _ = run(f, [b"".join(wire_frame(TEXT, b"m%d" % n, key=zero) for n in range(50))])
+    keys = []
+    position = 0
+    while position < len(written):
+        header = parse_header(written, position, masked=True)
+        assert header is not None
+        keys.append(header.key)
+        position += header.size + header.length
+    assert len(keys) == 50 and zero not in keys and len(set(keys)) == 50
+    assert [m.data for m in messages(written, masked=True)] == [f"m{n}" for n in range(50)]
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize(("size", "length_field"), [(13, 126), (13, 127), (300, 127), (125, 126)])
+def test_forwarder_writes_non_minimal_lengths_in_minimal_form(masked: bool, size: int, length_field: int) -> None:
+    payload = bytes(range(256)) * 2
+    key = KEY if masked else None
+    first = bytes([0x82, (0x80 if masked else 0) | length_field])
+    length = struct.pack("!H", size) if length_field == 126 else struct.pack("!Q", size)
+    frame = first + length + wire_frame(BINARY, payload[:size], key=key)[-size - (4 if masked else 0) :]
+    written, _, _ = run(forwarder(masked=masked), [frame])
+    header = parse_header(written, 0, masked=masked)
+    assert header is not None and header.size == (2 if size < 126 else 4) + (4 if masked else 0)
+    assert [m.data for m in messages(written, masked=masked)] == [payload[:size]]
+
+
+def test_forwarder_stores_small_frames_until_whole_and_cuts_larger_ones_through() -> None:
+    f = forwarder(masked=False, store_bound=1000)
+    small = wire_frame(BINARY, b"s" * 1000)
+    for end in range(1, len(small)):
+        assert f.feed(small[end - 1 : end]) == []  # nothing written until the frame is whole
+        assert not f.mid_frame
+    assert f.feed(small[-1:]) == [small]
+    big = wire_frame(BINARY, b"z" * 1001)
+    header = parse_header(big, 0, masked=False)
     assert header is not None
+    written = b""
     for end in range(1, len(big) + 1):
-        s.scan(big[end - 1 : end])
+        written += b"".join(bytes(p) for p in f.feed(big[end - 1 : end]))  # type: ignore[arg-type]
         inside = header.size <= end < len(big)  # from the moment its header went out
-        assert s.mid_frame is inside, end
-        assert s.owed == (len(big) - end if inside else 0)
+        assert f.mid_frame is inside, end
+        assert f.owed == (len(big) - end if inside else 0)
+    assert written == big
 
 
-def test_scanner_whole_read_of_data_frames_is_forwarded_as_it_is() -> None:
-    s = scanner()
-    data = client_frame(TEXT, b"a") + client_frame(BINARY, b"b")
-    assert s.scan(data) == (data, None)
-    big = client_frame(BINARY, b"c" * 5000)
-    assert s.scan(big[:100]) == (big[:100], None)  # inside one payload: no parsing at all
-    assert s.scan(big[100:]) == (big[100:], None)
+def test_forwarder_passes_a_read_of_whole_backend_frames_as_it_is() -> None:
+    f = forwarder(masked=False)
+    data = wire_frame(TEXT, b"a") + wire_frame(BINARY, b"b")
+    assert f.feed(data) == [data]
 
 
-def test_control_frame_payload_is_unmasked_for_the_relay() -> None:
-    assert control_payload(client_frame(PING, b"hello"), masked=True) == (PING, b"hello")
-    assert control_payload(wire_frame(CLOSE, close_payload(1000)), masked=False) == (CLOSE, close_payload(1000))
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("store_bound", [0, 65536])
+def test_forwarder_validates_text_across_fragments_and_reads(masked: bool, store_bound: int) -> None:
+    key = KEY if masked else None
+    euro = "\u20ac".encode()
+    good = wire_frame(TEXT, b"a" + euro[:1], fin=False, key=key) + wire_frame(CONTINUATION, euro[1:], key=key)
+    f = forwarder(masked=masked, store_bound=store_bound)
+    written, _, _ = run(f, [good[i : i + 1] for i in range(len(good))])
+    assert f.error is None and [m.data for m in messages(written, masked=masked)] == ["a\u20ac"]
+    cut = wire_frame(TEXT, b"b", fin=False, key=key) + wire_frame(CONTINUATION, euro[:2], key=key)
+    run(f, [cut])
+    assert f.error is not None and f.error.code == 1007
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_forwarder_never_writes_a_stored_text_frame_that_is_not_utf8(masked: bool) -> None:
+    key = KEY if masked else None
+    f = forwarder(masked=masked)
+    written, _, _ = run(f, [wire_frame(TEXT, b"fine", key=key) + wire_frame(TEXT, b"ok \xc3\x28 bad", key=key)])
+    assert f.error is not None and f.error.code == 1007
+    assert [m.data for m in messages(written, masked=masked)] == ["fine"]
+
+
+def test_forwarder_passes_compressed_text_unvalidated() -> None:
+    f = forwarder(masked=False, rsv1_allowed=True)
+    frame = wire_frame(TEXT, b"\xff\xfe not deflate nor utf-8", rsv=0b100)
+    assert f.feed(frame) == [frame] and f.error is None
 
 
 @pytest.mark.parametrize(
@@ -504,41 +561,33 @@ def test_control_frame_payload_is_unmasked_for_the_relay() -> None:
         (wire_frame(TEXT, b"unmasked"), 1002),
         (client_frame(PING, b"x" * 126), 1002),
         (client_frame(0x3, b""), 1002),
+        (client_frame(TEXT, b"\xc3\x28"), 1007),
     ],
-    ids=["too-big", "fragments-too-big", "lone-continuation", "interleaved-messages", "rsv1", "unmasked", "long-ping", "opcode-3"],
+    ids=["too-big", "fragments-too-big", "lone-continuation", "interleaved-messages", "rsv1", "unmasked", "long-ping", "opcode-3", "utf8"],
 )
-def test_scanner_stops_at_the_offending_frame_and_returns_what_came_before(stream: bytes, code: int) -> None:
-    s = scanner(max_message=1000)
+def test_forwarder_stops_at_the_offending_frame_and_returns_what_came_before(stream: bytes, code: int) -> None:
+    f = forwarder(max_message=1000)
     before = client_frame(TEXT, b"fine") + client_frame(PING, b"p")
-    data, pieces = s.scan(before + stream + client_frame(TEXT, b"never"))
-    assert s.error is not None and s.error.code == code
-    assert pieces is not None
-    forwarded = b"".join(data[p[0] : p[1]] for p in pieces if isinstance(p, tuple))
-    assert forwarded.startswith(client_frame(TEXT, b"fine"))
-    assert b"never" not in apply_mask(forwarded, KEY)
-    assert client_frame(PING, b"p") in [p for p in pieces if isinstance(p, bytes)]
+    written, controls, _ = run(f, [before + stream + client_frame(TEXT, b"never")])
+    assert f.error is not None and f.error.code == code
+    assert [m.data for m in messages(written, masked=True)] == ["fine"]
+    assert controls == [(PING, b"p")]
 
 
-def test_scanner_refuses_an_oversized_frame_from_its_header_alone() -> None:
-    s = scanner(max_message=1000)
-    s.scan(client_frame(BINARY, b"x" * 5000)[:8])
-    assert s.error is not None and s.error.code == 1009
+def test_forwarder_refuses_an_oversized_frame_from_its_header_alone() -> None:
+    for bound in (0, 65536):
+        f = forwarder(max_message=1000, store_bound=bound)
+        f.feed(client_frame(BINARY, b"x" * 5000)[:8])
+        assert f.error is not None and f.error.code == 1009
 
 
-def test_scanner_allows_rsv1_when_the_leg_negotiated_deflate() -> None:
-    s = scanner(masked=False, rsv1_allowed=True)
+def test_forwarder_allows_rsv1_when_the_leg_negotiated_deflate() -> None:
+    f = forwarder(masked=False, rsv1_allowed=True)
     frame = wire_frame(TEXT, deflated(b"abc"), rsv=0b100)
-    assert s.scan(frame) == (frame, None) and s.error is None
+    assert f.feed(frame) == [frame] and f.error is None
 
 
-def test_scanner_started_inside_a_message_takes_its_continuation() -> None:
-    s = scanner(in_message=True)
-    frame = client_frame(CONTINUATION, b"rest")
-    assert s.scan(frame) == (frame, None) and s.error is None
-    assert (s.counts.frames, s.counts.bytes) == (0, 4)  # the message was counted when it began
-
-
-def test_scanner_refuses_rsv1_on_a_continuation_frame_even_with_deflate() -> None:
-    s = scanner(masked=False, rsv1_allowed=True)
-    s.scan(wire_frame(TEXT, b"ab", rsv=0b100, fin=False) + wire_frame(CONTINUATION, b"cd", rsv=0b100))
-    assert s.error is not None and s.error.code == 1002
+def test_forwarder_refuses_rsv1_on_a_continuation_frame_even_with_deflate() -> None:
+    f = forwarder(masked=False, rsv1_allowed=True)
+    f.feed(wire_frame(TEXT, b"ab", rsv=0b100, fin=False) + wire_frame(CONTINUATION, b"cd", rsv=0b100))
+    assert f.error is not None and f.error.code == 1002

@@ -50,6 +50,7 @@ class _Peer:
     def __init__(self, protocol: Protocol) -> None:
         self.protocol = protocol
         self.log: list[Entry] = []
+        self.raw = bytearray()  # every byte received, the HTTP head included, for checks of the wire form
         self.received_bytes = 0
         self.eof = False  # the other side closed the TCP connection (or it broke)
         self._changed = asyncio.Event()
@@ -171,6 +172,7 @@ class BackendWire(asyncio.Protocol, _Peer):
 
     def data_received(self, data: bytes) -> None:
         self.received_bytes += len(data)
+        self.raw += data
         protocol = self.protocol
         protocol.receive_data(data)
         for event in protocol.events_received():
@@ -325,6 +327,7 @@ class WireClient(_Peer):
         try:
             while data := await self.reader.read(65536):
                 self.received_bytes += len(data)
+                self.raw += data
                 protocol.receive_data(data)
                 for event in protocol.events_received():
                     if isinstance(event, Response):
