@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import websockets
 
+from gateway.listener import PendingShares
+
 from .helpers import TIMEOUT, Servers, Stack, eventually, make_token, open_client
 from .wire import frame_bytes
 
@@ -94,6 +96,17 @@ async def test_a_head_with_bare_lf_line_ends_is_answered_at_once(connect: Connec
 
 
 # -- pending handshakes: a flood from a few addresses leaves room for everyone else -----------------
+
+
+def test_an_address_takes_up_to_its_share_and_gets_each_one_given_back() -> None:
+    shares = PendingShares()
+    assert [shares.take("a", 2) for _ in range(3)] == [True, True, False]
+    assert shares.take("b", 2)
+    shares.give("a")
+    assert shares.take("a", 2) and not shares.take("a", 2)
+    for key in ("a", "a", "b"):
+        shares.give(key)
+    assert shares.held == {}  # an address with nothing pending is forgotten
 
 
 async def test_a_real_client_upgrades_and_authenticates_while_a_few_addresses_hold_1000_idle_sockets(servers: Servers) -> None:
