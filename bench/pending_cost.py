@@ -8,7 +8,9 @@ A gateway process (`ws-gateway serve`) on 127.0.0.1; for each row, N loopback so
 opened against it and held until its `ws_gateway_pending_handshakes` gauge shows them all,
 then its VmRSS and the kernel's TCP buffer pages (/proc/net/sockstat, both ends of every
 loopback socket, so an upper bound) are read again. Rows: sockets that send nothing, and
-sockets that sent half a request head (the parser and the head buffer allocated). The
+sockets that sent half a request head (the parser and the head buffer allocated), and
+sockets upgraded that never authenticate (a message-style session waiting for its token,
+still counted as pending). The
 gateway is a fresh process for every measurement (memory freed by earlier sockets would be
 reused and hide the cost). Prints the median per socket of each row.
 """
@@ -31,6 +33,7 @@ PARTIAL_HEAD = (
     b"GET /ws/chat?room=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"User-Agent: Mozilla/5.0 (Linux; Android 14) AppleWebKit/537.36 Chrome/131.0 Mobile Safari/537.36\r\n"
 )
+WHOLE_HEAD = PARTIAL_HEAD + b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
 
 
 def free_port() -> int:
@@ -44,7 +47,7 @@ def config_text(port: int, admin: int) -> str:
 listen: {{host: 127.0.0.1, port: {port}}}
 admin: {{host: 127.0.0.1, port: {admin}}}
 path: /ws/chat
-auth: {{algorithms: [HS256], secret: "pending-cost-secret-0123456789abcdefgh"}}
+auth: {{algorithms: [HS256], secret: "pending-cost-secret-0123456789abcdefgh", timeout_seconds: 600}}
 backends:
   old: {{url: "ws://127.0.0.1:9/ws/chat", auth: query}}
   new: {{url: "ws://127.0.0.1:9/ws/chat", auth: message}}
@@ -126,7 +129,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per row; the median is printed")
     parser.add_argument("--python", default=sys.executable, help="the interpreter that runs the gateway")
     args = parser.parse_args()
-    rows = {"idle (nothing sent)": b"", "half a request head sent": PARTIAL_HEAD}
+    rows = {
+        "idle (nothing sent)": b"",
+        "half a request head sent": PARTIAL_HEAD,
+        "upgraded, not authenticated": WHOLE_HEAD,
+    }
     with tempfile.TemporaryDirectory(prefix="pending-cost-") as tmp:
         print(f"{'row':<28} {'RSS KiB/socket':>15} {'kernel TCP KiB/socket':>22}")
         for name, send in rows.items():

@@ -95,6 +95,12 @@ async def test_a_head_with_bare_lf_line_ends_is_answered_at_once(connect: Connec
     assert (await answer_head(reader)).startswith(b"HTTP/1.1 400 ")
 
 
+async def test_a_path_other_than_the_configured_one_is_404(connect: Connect) -> None:
+    reader, writer = await connect()
+    writer.write(upgrade(f"/ws/other?token={make_token('alice')}"))
+    assert (await answer_head(reader)).startswith(b"HTTP/1.1 404 ")
+
+
 # -- pending handshakes: a flood from a few addresses leaves room for everyone else -----------------
 
 
