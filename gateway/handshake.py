@@ -40,12 +40,12 @@ _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
 _LATER_VERSION = re.compile(rb" HTTP/[2-9]")
 _ABSOLUTE_SCHEMES = frozenset({"http", "https", "ws", "wss"})
-# Most specific first: LineTooLong, InvalidHeader, BadStatusLine and InvalidURLError are BadHttpMessages.
+# The parser's errors by class, each with the fixed text answered for it; any other is
+# "malformed request head". (LineTooLong is the head's bound: 414 or 431.)
 _PARSER_ERRORS: tuple[tuple[type[Exception], str], ...] = (
     (http_exceptions.InvalidURLError, "invalid request target"),
     (http_exceptions.BadStatusLine, "malformed request line"),
     (http_exceptions.InvalidHeader, "malformed header field"),
-    (http_exceptions.HttpProcessingError, "malformed request head"),
 )
 
 REASONS = {
@@ -122,6 +122,9 @@ class _NoFlow:
     def resume_reading(self, *args: object, **kwargs: object) -> None: ...
 
 
+_NO_FLOW = cast(BaseProtocol, _NoFlow())
+
+
 def _too_large(head: bytes | bytearray, limit: int) -> HttpError:
     if b"\r\n" not in head[:limit]:
         return HttpError(414, "request line too long")
@@ -143,7 +146,7 @@ class RequestReader:
         # and count limits are set so that ours is always reached first. No loop: it serves a
         # body's reader, and the parser is never fed past the head.
         self._parser = HttpRequestParser(
-            cast(BaseProtocol, _NoFlow()), None, limit, max_line_size=limit + 4, max_field_size=limit + 4, max_headers=limit
+            _NO_FLOW, None, limit, max_line_size=limit + 4, max_field_size=limit + 4, max_headers=limit
         )
 
     def feed(self, data: bytes) -> tuple[Request, bytes] | None:
@@ -169,7 +172,7 @@ class RequestReader:
         return request, bytes(head[stop:])
 
 
-def _parser_error(exc: Exception, head: bytes | bytearray) -> HttpError:
+def _parser_error(exc: http_exceptions.HttpProcessingError, head: bytes | bytearray) -> HttpError:
     if isinstance(exc, http_exceptions.BadStatusLine) and not isinstance(exc, http_exceptions.BadHttpMethod):
         if _LATER_VERSION.search(head.partition(b"\r\n")[0]):
             return HttpError(505, "HTTP version not supported")

@@ -156,7 +156,8 @@ class Request(asyncio.Protocol):
         key = share_key(_peer(self.transport), config.trusted_proxies)
         if key is not None:
             if not self.shares.take(key, limits.max_pending_handshakes_per_ip):
-                self.refuse(HttpError(503, "too many connections in their handshake from your address, retry shortly", [("Retry-After", "1")]), None)
+                message = "too many connections in their handshake from your address, retry shortly"
+                self.refuse(HttpError(503, message, [("Retry-After", "1")]), None)
                 return
             self.share = key
         gateway.pending += 1
