@@ -14,6 +14,10 @@ compared and returned as IPv4.
 
 Several X-Forwarded-For header lines are one list: join them with ``,`` in order before
 calling (``", ".join(request.headers.getall("X-Forwarded-For", []))``).
+
+Also here, from the same trust: the scheme a trusted proxy says the client used
+(`forwarded_proto`) and the key a socket's share of the pending handshakes is counted
+under (`share_key`).
 """
 
 from __future__ import annotations
@@ -73,3 +77,29 @@ def client_ip(
             return str(address)
         vouched = address
     return str(vouched)
+
+
+def share_key(peer: str | None, trusted_proxies: Iterable[IPv4Network | IPv6Network]) -> str | None:
+    """What a socket's share of the pending handshakes is keyed on; None for no share.
+
+    An IPv6 peer is keyed on its /64, as one host commonly holds the whole prefix. A
+    trusted proxy speaks for many clients, so it has no share of its own (the global
+    bound still counts it); neither has a peer that is not an IP address.
+    """
+    address = parse_ip(peer)
+    if address is None or _trusted(address, tuple(trusted_proxies)):
+        return None
+    if isinstance(address, IPv6Address):
+        return str(IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+def forwarded_proto(
+    peer: str | None, x_forwarded_proto: str | None, trusted_proxies: Iterable[IPv4Network | IPv6Network]
+) -> str:
+    """The scheme the client used: a trusted proxy's single ``http`` or ``https``, else ``http`` (the gateway's own)."""
+    address = parse_ip(peer)
+    if address is None or x_forwarded_proto is None or not _trusted(address, tuple(trusted_proxies)):
+        return "http"
+    proto = x_forwarded_proto.strip().lower()
+    return proto if proto in ("http", "https") else "http"

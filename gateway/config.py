@@ -122,6 +122,11 @@ class RolloutConfig:
     rebalance: RebalanceConfig = RebalanceConfig()
 
 
+# One address's default share of `limits.max_pending_handshakes`: a flood needs this many
+# addresses to fill the bound.
+PENDING_SHARE_DIVISOR = 50
+
+
 @dataclass(frozen=True)
 class LimitsConfig:
     max_message_bytes: int = 1024 * 1024
@@ -132,7 +137,8 @@ class LimitsConfig:
     max_upstream_connections: int = 10000
     handshake_timeout_seconds: float = 10.0
     max_request_header_bytes: int = 16 * 1024
-    max_pending_handshakes: int = 1000
+    max_pending_handshakes: int = 10000
+    max_pending_handshakes_per_ip: int = 10000 // PENDING_SHARE_DIVISOR
     auth_failures_per_ip_per_minute: int | None = None
     max_sessions_per_user: int | None = None
 
@@ -738,6 +744,7 @@ def _parse_limits(r: _Reader, raw: Any) -> LimitsConfig:
             "max_message_bytes", "store_and_forward_bytes", "hold_buffer_bytes", "hold_buffer_frames", "ping_interval_seconds",
             "max_upstream_connections", "auth_failures_per_ip_per_minute", "max_sessions_per_user",
             "handshake_timeout_seconds", "max_request_header_bytes", "max_pending_handshakes",
+            "max_pending_handshakes_per_ip",
         },
     )
     max_message = r.number(
@@ -748,6 +755,17 @@ def _parse_limits(r: _Reader, raw: Any) -> LimitsConfig:
     hold_bytes = r.number(s, p, "hold_buffer_bytes", hold_default, low=1, high=2**33, integer=True)
     if hold_bytes < max_message:
         r.error(f"{p}.hold_buffer_bytes", f"{hold_bytes} is smaller than limits.max_message_bytes ({max_message})")
+    max_pending = r.number(
+        s, p, "max_pending_handshakes", _default(LimitsConfig, "max_pending_handshakes"), low=1, high=10**6, integer=True
+    )
+    pending_share = r.number(
+        s, p, "max_pending_handshakes_per_ip", max(1, max_pending // PENDING_SHARE_DIVISOR), low=1, high=10**6, integer=True
+    )
+    if pending_share > max_pending:
+        r.error(
+            f"{p}.max_pending_handshakes_per_ip",
+            f"{pending_share} is larger than limits.max_pending_handshakes ({max_pending})",
+        )
     return LimitsConfig(
         max_message_bytes=max_message,
         store_and_forward_bytes=r.number(
@@ -779,10 +797,8 @@ def _parse_limits(r: _Reader, raw: Any) -> LimitsConfig:
             s, p, "max_request_header_bytes", _default(LimitsConfig, "max_request_header_bytes"),
             low=1024, high=1024 * 1024, integer=True,
         ),
-        max_pending_handshakes=r.number(
-            s, p, "max_pending_handshakes", _default(LimitsConfig, "max_pending_handshakes"),
-            low=1, high=10**6, integer=True,
-        ),
+        max_pending_handshakes=max_pending,
+        max_pending_handshakes_per_ip=pending_share,
     )
 
 

@@ -1,13 +1,18 @@
 """The HTTP/1.1 side of a WebSocket: the upgrade request and its answer, on both legs, with no I/O.
 
-Server side (the public listener): `parse_request` reads a request head, `check_upgrade`
-applies RFC 6455 §4.2.1 (GET, HTTP/1.1, ``Upgrade: websocket``, ``Connection: upgrade``,
-version 13, a 16-byte key) and `HttpError` carries the precise status for everything
-else. Client side (towards a backend): `upgrade_request` and `check_response`.
+Server side (the public listener): `RequestReader` reads a request head as it arrives,
+`check_upgrade` applies RFC 6455 §4.2.1 (GET, HTTP/1.1, ``Upgrade: websocket``,
+``Connection: upgrade``, version 13, a 16-byte key) and `HttpError` carries the precise
+status for everything else. Client side (towards a backend): `upgrade_request`,
+`head_end` and `check_response`.
 
-The parser is deliberately strict where leniency lets a request mean two things to two
-parsers (whitespace before a colon, folded lines, bare CR, a body on an upgrade) and
-bounded everywhere (`head_end` refuses a head over its limit before parsing it).
+The request head is parsed by llhttp, through aiohttp's compiled `HttpRequestParser`: it
+refuses what request smuggling needs (control bytes in the target, folded lines,
+whitespace before a colon, bare CR or LF, duplicate Host or Content-Length). This module
+adds what llhttp leaves to its caller: the head's byte bound, a request line of single
+spaces, a Host that is a host, a target that is a path (or an absolute http/ws URL) and
+no body on an upgrade. aiohttp's exception texts quote the client's bytes (which may
+hold a token), so they are mapped by class to fixed messages and never passed on.
 """
 
 from __future__ import annotations
@@ -15,16 +20,33 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import ipaddress
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
+from typing import cast
+
+from aiohttp import http_exceptions
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http import HttpRequestParser, RawRequestMessage
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_REQUEST_LINE = re.compile(rb"([A-Z]+) (\S+) HTTP/(\d)\.(\d)")
 _STATUS_LINE = re.compile(rb"HTTP/1\.\d (\d{3})(?: ([^\r\n]*))?")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9112 §3.2 / RFC 3986 §3.2.2: uri-host [":" port]; a reg-name is unreserved,
+# pct-encoded and sub-delims characters (so no "/", "@", space, ...).
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
+_LATER_VERSION = re.compile(rb" HTTP/[2-9]")
+_ABSOLUTE_SCHEMES = frozenset({"http", "https", "ws", "wss"})
+# The parser's errors by class, each with the fixed text answered for it; any other is
+# "malformed request head". (LineTooLong is the head's bound: 414 or 431.)
+_PARSER_ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (http_exceptions.InvalidURLError, "invalid request target"),
+    (http_exceptions.BadStatusLine, "malformed request line"),
+    (http_exceptions.InvalidHeader, "malformed header field"),
+)
 
 REASONS = {
     101: "Switching Protocols",
@@ -79,7 +101,7 @@ class Headers:
 @dataclass(frozen=True)
 class Request:
     method: str
-    target: str
+    target: str  # in origin form (path and query), whatever form the client sent
     headers: Headers = field(compare=False)
 
     @property
@@ -92,25 +114,133 @@ class Request:
         return self.target.partition("?")[2]
 
 
+class _NoFlow:
+    """Flow control for a request body, which the parser wants even for an empty one; there is none to control."""
+
+    def pause_reading(self, *args: object, **kwargs: object) -> None: ...
+
+    def resume_reading(self, *args: object, **kwargs: object) -> None: ...
+
+
+_NO_FLOW = cast(BaseProtocol, _NoFlow())
+
+
+def _too_large(head: bytes | bytearray, limit: int) -> HttpError:
+    if b"\r\n" not in head[:limit]:
+        return HttpError(414, "request line too long")
+    return HttpError(431, "request header fields too large")
+
+
+class RequestReader:
+    """One request head, fed in whatever pieces it arrives in, bounded by `limit` bytes.
+
+    The parser sees every byte as it arrives (so a bare LF or a control byte in the target
+    is answered at once, not at the timeout) but never a byte past the head: what follows
+    it is the client's first WebSocket data, returned untouched.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._head = bytearray()
+        # The byte bound is ours (414/431 by where it is hit); the parser's own line, field
+        # and count limits are set so that ours is always reached first. No loop: it serves a
+        # body's reader, and the parser is never fed past the head.
+        self._parser = HttpRequestParser(
+            _NO_FLOW, None, limit, max_line_size=limit + 4, max_field_size=limit + 4, max_headers=limit
+        )
+
+    def feed(self, data: bytes) -> tuple[Request, bytes] | None:
+        """The request and the bytes after its head once the head is complete, else None; `HttpError` when it is bad."""
+        head = self._head
+        fed = len(head)
+        head += data
+        end = head.find(b"\r\n\r\n", max(0, fed - 3), self.limit + 4)
+        if end < 0 and len(head) >= self.limit + 4:
+            raise _too_large(head, self.limit)
+        stop = len(head) if end < 0 else end + 4
+        try:
+            messages, _, _ = self._parser.feed_data(bytes(head[fed:stop]))
+        except http_exceptions.LineTooLong:
+            raise _too_large(head, self.limit) from None
+        except http_exceptions.HttpProcessingError as exc:
+            raise _parser_error(exc, head) from None
+        if end < 0:
+            return None
+        if not messages:
+            raise HttpError(400, "malformed request head")
+        request = _request(messages[0][0], bytes(head[:end]))
+        return request, bytes(head[stop:])
+
+
+def _parser_error(exc: http_exceptions.HttpProcessingError, head: bytes | bytearray) -> HttpError:
+    if isinstance(exc, http_exceptions.BadStatusLine) and not isinstance(exc, http_exceptions.BadHttpMethod):
+        if _LATER_VERSION.search(head.partition(b"\r\n")[0]):
+            return HttpError(505, "HTTP version not supported")
+    for kind, message in _PARSER_ERRORS:
+        if isinstance(exc, kind):
+            return HttpError(400, message)
+    return HttpError(400, "malformed request head")
+
+
+def _origin_form(message: RawRequestMessage) -> str:
+    """The target as path and query; an absolute http(s)/ws(s) URL is accepted (RFC 9112 §3.2.2)."""
+    target: str = message.path
+    if target.startswith("/"):
+        return target.partition("#")[0]
+    url = message.url
+    if not url.absolute or url.scheme not in _ABSOLUTE_SCHEMES or url.raw_user is not None or url.raw_password is not None:
+        raise HttpError(400, "the request target must be a path or an http or ws URL")
+    query = url.raw_query_string
+    return (url.raw_path or "/") + ("?" + query if query else "")
+
+
+def _is_host(value: str) -> bool:
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return False
+    host = match.group(1)
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+    return True
+
+
+def _request(message: RawRequestMessage, head: bytes) -> Request:
+    version = (message.version.major, message.version.minor)
+    if version != (1, 1):
+        if version[0] >= 2:
+            raise HttpError(505, "HTTP version not supported")
+        raise HttpError(400, "WebSocket needs HTTP/1.1")
+    line = f"{message.method} {message.path} HTTP/1.1".encode("ascii", "surrogateescape")
+    if head.partition(b"\r\n")[0] != line:
+        raise HttpError(400, "malformed request line")
+    headers = Headers((name.decode("ascii"), value.decode("latin-1")) for name, value in message.raw_headers)
+    if not _is_host(headers.get("Host") or ""):
+        raise HttpError(400, "the Host header is not a host")
+    if "Content-Length" in headers and headers.get("Content-Length") != "0" or "Transfer-Encoding" in headers:
+        raise HttpError(400, "an upgrade request has no body")
+    return Request(message.method, _origin_form(message), headers)
+
+
 def head_end(buffer: bytes | bytearray, limit: int) -> int | None:
-    """Where the head in `buffer` ends (after its blank line), None while incomplete.
+    """Where the response head in `buffer` ends (after its blank line), None while incomplete.
 
     Raises `HttpError` 431 once `limit` bytes have arrived without a complete head, so a
-    client can never make the gateway hold more than that for one request.
+    backend can never make the gateway hold more than that for one answer.
     """
     end = buffer.find(b"\r\n\r\n", 0, limit + 4)
     if end >= 0:
         return end + 4
     if len(buffer) >= limit:
-        if b"\r\n" not in buffer[:limit]:
-            raise HttpError(414, "request line too long")
-        raise HttpError(431, "request header fields too large")
+        raise _too_large(buffer, limit)
     return None
 
 
 def _lines(head: bytes) -> list[bytes]:
     if b"\r" in head.replace(b"\r\n", b""):
-        raise HttpError(400, "bare CR in the request head")
+        raise HttpError(400, "bare CR in the response head")
     return head.split(b"\r\n")
 
 
@@ -129,31 +259,6 @@ def _fields(lines: list[bytes]) -> Headers:
             raise HttpError(400, "control character in a header value")
         fields.append((name.decode("ascii"), value.decode("latin-1")))
     return Headers(fields)
-
-
-def parse_request(head: bytes) -> Request:
-    """The request in `head` (request line and fields, up to and including the blank line)."""
-    lines = _lines(head)
-    match = _REQUEST_LINE.fullmatch(lines[0])
-    if match is None:
-        raise HttpError(400, "malformed request line")
-    method, target, major, minor = match.groups()
-    if (major, minor) != (b"1", b"1"):
-        if major == b"1":
-            raise HttpError(400, "WebSocket needs HTTP/1.1")
-        raise HttpError(505, "HTTP version not supported")
-    if not target.startswith(b"/"):
-        raise HttpError(400, "the request target must be a path")
-    try:
-        text = target.decode("ascii")
-    except UnicodeDecodeError:
-        raise HttpError(400, "non-ASCII request target") from None
-    headers = _fields(lines[1:])
-    if len(headers.getall("Host")) != 1:
-        raise HttpError(400, "exactly one Host header is required")
-    if "Content-Length" in headers and headers.get("Content-Length") != "0" or "Transfer-Encoding" in headers:
-        raise HttpError(400, "an upgrade request has no body")
-    return Request(method.decode("ascii"), text, headers)
 
 
 def _tokens(value: str | None) -> set[str]:

@@ -1,9 +1,10 @@
 """The public listener: accept a TCP connection, read one HTTP request, upgrade it or answer it.
 
 Everything before the 101 happens here, on the socket's own protocol object, without a
-task: the request head is read within `limits.max_request_header_bytes` and
-`limits.handshake_timeout_seconds`, checked (`handshake.check_upgrade`), and either
-answered with a precise status and closed, or upgraded into a `connection.Connection`.
+task: the request head is read (`handshake.RequestReader`, llhttp underneath) within
+`limits.max_request_header_bytes` and `limits.handshake_timeout_seconds`, checked
+(`handshake.check_upgrade`), and either answered with a precise status and closed, or
+upgraded into a `connection.Connection`.
 A request that is not an upgrade gets one access log line; an upgrade is logged once, in
 its connection's line, when it ends.
 """
@@ -19,7 +20,7 @@ from typing import Protocol, cast
 
 from . import closecodes, deflate, handshake
 from .auth import Verifier
-from .clientip import client_ip
+from .clientip import client_ip, forwarded_proto, share_key
 from .config import Config
 from .connection import Connection, GatewayServices
 from .frames import ProtocolError
@@ -68,12 +69,12 @@ def request_id(given: str | None) -> str:
     return os.urandom(16).hex()
 
 
-def upstream_headers(request: handshake.Request, peer: str, rid: str) -> list[tuple[str, str]]:
+def upstream_headers(request: handshake.Request, peer: str, rid: str, proto: str) -> list[tuple[str, str]]:
     """Headers that tell the backend who the client is, as a reverse proxy would."""
     prior = request.headers.get("X-Forwarded-For")
     headers = [
         ("X-Forwarded-For", f"{prior}, {peer}" if prior else peer),
-        ("X-Forwarded-Proto", "http"),
+        ("X-Forwarded-Proto", proto),
         ("X-Request-ID", rid),
     ]
     for name in ("User-Agent", "Origin", "Accept-Language"):
@@ -93,6 +94,32 @@ def deprecation_headers(config: Config) -> list[tuple[str, str]]:
     return headers
 
 
+class PendingShares:
+    """Sockets in their HTTP request phase per client address (`clientip.share_key`).
+
+    The address is the TCP peer: nothing the client sent is trusted yet. Held from accept
+    until the request is answered or upgraded, the phase an idle or dribbling socket
+    stays in; `limits.max_pending_handshakes_per_ip` caps one address's share of
+    `limits.max_pending_handshakes`, so a flood from a few addresses leaves the rest of the
+    bound to everyone else.
+    """
+
+    def __init__(self) -> None:
+        self.held: dict[str, int] = {}
+
+    def take(self, key: str, limit: int) -> bool:
+        held = self.held.get(key, 0)
+        if held >= limit:
+            return False
+        self.held[key] = held + 1
+        return True
+
+    def give(self, key: str) -> None:
+        held = self.held.pop(key) - 1
+        if held:
+            self.held[key] = held
+
+
 class Request(asyncio.Protocol):
     """A fresh TCP connection until its request is answered or upgraded.
 
@@ -101,15 +128,18 @@ class Request(asyncio.Protocol):
 
     From accept until its session relays or ends, every connection counts in
     ``gateway.pending`` (``limits.max_pending_handshakes``): this object counts it until the
-    upgrade, the gateway after. Over the limit a new socket gets 503 before it is read, so a
-    flood of slow handshakes cannot take every file descriptor.
+    upgrade, the gateway after. Over the limit, or over its address's share of it
+    (`PendingShares`), a new socket gets 503 before it is read, so a flood of slow
+    handshakes cannot take every file descriptor, nor a few addresses the whole bound.
     """
 
-    def __init__(self, gateway: Front, clock: Callable[[], float]) -> None:
+    def __init__(self, gateway: Front, clock: Callable[[], float], shares: PendingShares) -> None:
         self.gateway = gateway
         self.clock = clock
+        self.shares = shares
+        self.share: str | None = None
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
+        self.reader: handshake.RequestReader | None = None  # made by the first byte: idle sockets stay small
         self.timer: asyncio.TimerHandle | None = None
         self.started = clock()
         self.counted = False
@@ -118,10 +148,18 @@ class Request(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         gateway = self.gateway
-        limits = gateway.config.limits
+        config = gateway.config
+        limits = config.limits
         if gateway.pending >= limits.max_pending_handshakes:
             self.refuse(HttpError(503, "too many connections in their handshake, retry shortly", [("Retry-After", "1")]), None)
             return
+        key = share_key(_peer(self.transport), config.trusted_proxies)
+        if key is not None:
+            if not self.shares.take(key, limits.max_pending_handshakes_per_ip):
+                message = "too many connections in their handshake from your address, retry shortly"
+                self.refuse(HttpError(503, message, [("Retry-After", "1")]), None)
+                return
+            self.share = key
         gateway.pending += 1
         self.counted = True
         # Nothing the client sends extends this: the whole request must arrive within it.
@@ -132,30 +170,31 @@ class Request(asyncio.Protocol):
             self.counted = False
             self.gateway.pending -= 1
 
+    def _release_share(self) -> None:
+        if self.share is not None:
+            self.shares.give(self.share)
+            self.share = None
+
     def data_received(self, data: bytes) -> None:
         if self.lingering:
             return
-        self.buffer += data
+        if self.reader is None:
+            self.reader = handshake.RequestReader(self.gateway.config.limits.max_request_header_bytes)
         try:
-            end = handshake.head_end(self.buffer, self.gateway.config.limits.max_request_header_bytes)
+            read = self.reader.feed(data)
         except HttpError as exc:
             self.refuse(exc, None)
             return
-        if end is None:
+        if read is None:
             return
-        head, rest = bytes(self.buffer[: end - 2]), bytes(self.buffer[end:])
-        self.buffer = bytearray()
+        self.reader = None
         assert self.transport is not None
         self.transport.pause_reading()
-        try:
-            request = handshake.parse_request(head)
-        except HttpError as exc:
-            self.refuse(exc, None)
-            return
-        self.handle(request, rest)
+        self.handle(*read)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._uncount()
+        self._release_share()
         if self.timer is not None:
             self.timer.cancel()
 
@@ -172,7 +211,7 @@ class Request(asyncio.Protocol):
         if not self.counted:  # over the pending limit: nothing read, nothing to linger for
             transport.close()
             return
-        self.buffer = bytearray()
+        self.reader = None
         self.lingering = True
         self.timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
         transport.resume_reading()
@@ -218,6 +257,7 @@ class Request(asyncio.Protocol):
         assert transport is not None and self.timer is not None
         self.timer.cancel()
         self.counted = False  # the connection's from here: the gateway uncounts it when it relays or ends
+        self._release_share()
         rid = request_id(request.headers.get("X-Request-ID"))
         session = Session(config, gateway.verifier, request.query)
         extra = [("X-Request-ID", rid)]
@@ -239,7 +279,9 @@ class Request(asyncio.Protocol):
             leg,
             request_id=rid,
             client_ip=client_ip(peer, forwarded, config.trusted_proxies),
-            upstream_headers=upstream_headers(request, peer, rid),
+            upstream_headers=upstream_headers(
+                request, peer, rid, forwarded_proto(peer, request.headers.get("X-Forwarded-Proto"), config.trusted_proxies)
+            ),
             client_deflate=agreed[0] if agreed else None,
             clock=self.clock,
             byte_relay=gateway.byte_relay,
@@ -295,9 +337,10 @@ async def listen(gateway: Front, host: str, port: int, *, reuse_port: bool = Fal
     """Start `gateway` and listen on host:port (0 picks a free port)."""
     await gateway.start()
     loop = asyncio.get_running_loop()
+    shares = PendingShares()
     try:
         server = await loop.create_server(
-            lambda: Request(gateway, gateway.clock), host, port, reuse_port=reuse_port or None, backlog=4096
+            lambda: Request(gateway, gateway.clock, shares), host, port, reuse_port=reuse_port or None, backlog=4096
         )
     except OSError as exc:
         await gateway.stop()

@@ -2,7 +2,7 @@ from ipaddress import ip_network
 
 import pytest
 
-from gateway.clientip import client_ip, parse_ip
+from gateway.clientip import client_ip, forwarded_proto, parse_ip, share_key
 
 PROXIES = (ip_network("10.0.0.0/8"), ip_network("fd00::/8"))
 LB = "10.0.0.5"
@@ -89,3 +89,30 @@ def test_parse_ip_accepts_addresses_with_optional_ports(text, expected):
 @pytest.mark.parametrize("text", [None, "", "host.example", "1.2.3", "1.2.3.4:80:90", "[1.2.3.4"])
 def test_parse_ip_refuses_garbage(text):
     assert parse_ip(text) is None
+
+
+def test_the_pending_share_is_keyed_on_an_ipv4_peer_itself():
+    assert share_key("203.0.113.9", []) == "203.0.113.9"
+    assert share_key("::ffff:203.0.113.9", []) == "203.0.113.9"
+
+
+def test_the_pending_share_is_keyed_on_an_ipv6_peers_64():
+    assert share_key("2001:db8:1:2:aaaa::1", []) == share_key("2001:db8:1:2:bbbb::2", []) == "2001:db8:1:2::/64"
+    assert share_key("2001:db8:1:3::1", []) == "2001:db8:1:3::/64"
+
+
+def test_a_trusted_proxy_or_a_peer_that_is_not_an_ip_has_no_pending_share():
+    assert share_key("10.0.0.5", [ip_network("10.0.0.0/8")]) is None
+    assert share_key("", []) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("https", "https"), ("HTTP", "http"), (" https ", "https"), ("ftp", "http"), ("https, http", "http"), (None, "http")]
+)
+def test_a_trusted_proxys_x_forwarded_proto_is_passed_on_when_it_is_http_or_https(value, expected):
+    assert forwarded_proto("10.0.0.5", value, [ip_network("10.0.0.0/8")]) == expected
+
+
+def test_an_untrusted_peers_x_forwarded_proto_is_ignored():
+    assert forwarded_proto("203.0.113.9", "https", [ip_network("10.0.0.0/8")]) == "http"
+    assert forwarded_proto("203.0.113.9", "https", []) == "http"

@@ -904,3 +904,25 @@ def test_a_relative_usage_path_is_relative_to_the_config_file(tmp_path: Path, wr
 def test_an_absolute_usage_path_is_kept(write: Callable[..., Path]) -> None:
     path = write(BASE_YAML + "usage: {path: /var/lib/wsgw/usage.db}\n")
     assert load_config(path, env={"JWT_SECRET": SECRET}).usage.path == "/var/lib/wsgw/usage.db"
+
+
+def test_the_pending_share_of_one_address_defaults_to_a_fiftieth_of_the_bound() -> None:
+    assert parse().limits.max_pending_handshakes_per_ip == 10000 // 50
+    assert parse(limits={"max_pending_handshakes": 1000}).limits.max_pending_handshakes_per_ip == 20
+    assert parse(limits={"max_pending_handshakes": 10}).limits.max_pending_handshakes_per_ip == 1
+
+
+def test_the_pending_share_of_one_address_can_be_set() -> None:
+    limits = parse(limits={"max_pending_handshakes": 1000, "max_pending_handshakes_per_ip": 1000}).limits
+    assert limits.max_pending_handshakes_per_ip == 1000
+
+
+def test_a_pending_share_larger_than_the_bound_is_refused() -> None:
+    assert problem(limits={"max_pending_handshakes": 100, "max_pending_handshakes_per_ip": 101}) == (
+        "limits.max_pending_handshakes_per_ip: 101 is larger than limits.max_pending_handshakes (100)"
+    )
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "many"])
+def test_a_pending_share_that_is_not_a_positive_integer_is_refused(value: Any) -> None:
+    assert problem(limits={"max_pending_handshakes_per_ip": value}).startswith("limits.max_pending_handshakes_per_ip: ")

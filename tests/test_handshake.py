@@ -1,6 +1,7 @@
 """The HTTP upgrade without sockets: a valid request built once and changed one thing at a time,
-the status each mistake gets, the head limits, and the client side the gateway uses towards
-backends — checked against `websockets`' own sans-I/O handshake both ways."""
+the status each mistake gets (one rule per test), the head limits, reading a head in pieces,
+and the client side the gateway uses towards backends — checked against `websockets`' own
+sans-I/O handshake both ways."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from websockets.uri import parse_uri
 
 from gateway.handshake import (
     HttpError,
+    Request,
+    RequestReader,
     UpgradeRefused,
     accept_value,
     check_response,
@@ -22,7 +25,6 @@ from gateway.handshake import (
     error_response,
     head_end,
     new_key,
-    parse_request,
     switching_protocols,
     upgrade_request,
 )
@@ -45,11 +47,25 @@ def head(
     replace: dict[str, str] | None = None,
     add: list[tuple[str, str]] | None = None,
 ) -> bytes:
-    """The valid request head, changed as asked; ends like the listener passes it (one CRLF)."""
+    """The valid request head (up to and including its blank line), changed as asked."""
     replace = replace or {}
     fields = [(name, replace.get(name, value)) for name, value in VALID if name not in drop]
     fields += add or []
-    return (line + "\r\n" + "".join(f"{name}: {value}\r\n" for name, value in fields)).encode("latin-1")
+    return (line + "\r\n" + "".join(f"{name}: {value}\r\n" for name, value in fields) + "\r\n").encode("latin-1")
+
+
+def parse_request(data: bytes, limit: int = 16384) -> Request:
+    """The request in `data`, fed in one piece, which must hold the whole head."""
+    read = RequestReader(limit).feed(data)
+    assert read is not None, "the head is incomplete"
+    return read[0]
+
+
+def refusal(data: bytes, limit: int = 16384) -> HttpError:
+    """The error reading `data` raises (fed in one piece)."""
+    with pytest.raises(HttpError) as caught:
+        RequestReader(limit).feed(data)
+    return caught.value
 
 
 def status_of(data: bytes) -> HttpError:
@@ -135,72 +151,206 @@ def test_a_missing_or_repeated_key_is_400() -> None:
     assert status_of(head(add=[("Sec-WebSocket-Key", KEY)])).status == 400
 
 
+# -- malformed heads: refused while reading, before any upgrade check -----------------------------------
+
+SECRET_TARGET = "GET /ws/chat?token=eyJ.secret.sig&x=a{} HTTP/1.1"
+
+
+def test_http_1_0_is_400_because_websocket_needs_1_1() -> None:
+    assert refusal(head(line="GET /ws/chat HTTP/1.0")).status == 400
+
+
+@pytest.mark.parametrize("version", ["2.0", "3.0"])
+def test_http_2_and_later_is_505(version: str) -> None:
+    assert refusal(head(line=f"GET /ws/chat HTTP/{version}")).status == 505
+
+
+def test_a_lowercase_method_is_400() -> None:
+    assert refusal(head(line="get /ws/chat HTTP/1.1")).status == 400
+
+
+def test_two_spaces_in_the_request_line_are_400() -> None:
+    assert refusal(head(line="GET /ws/chat  HTTP/1.1")).status == 400
+
+
+def test_a_non_ascii_target_is_400() -> None:
+    assert refusal(head(line="GET /ws/ch\u00e4t HTTP/1.1")).status == 400
+
+
+@pytest.mark.parametrize("byte", ["\x00", "\x01", "\x1f", "\x7f", "\t"], ids=["nul", "soh", "us", "del", "tab"])
+def test_a_control_byte_in_the_target_is_400(byte: str) -> None:
+    assert refusal(head(line=SECRET_TARGET.format(byte + "b"))).status == 400
+
+
+@pytest.mark.parametrize("scheme", ["http", "https", "ws", "wss"])
+def test_the_absolute_form_is_accepted_with_its_path_and_query(scheme: str) -> None:
+    request = parse_request(head(line=f"GET {scheme}://gw.example:8080/ws/chat?token=a%20b&room=1 HTTP/1.1"))
+    assert (request.path, request.query, request.target) == ("/ws/chat", "token=a%20b&room=1", "/ws/chat?token=a%20b&room=1")
+    assert check_upgrade(request) == KEY
+
+
+def test_the_absolute_form_without_a_path_means_the_root() -> None:
+    assert parse_request(head(line="GET ws://gw.example?room=1 HTTP/1.1")).target == "/?room=1"
+
+
 @pytest.mark.parametrize(
-    ("data", "status"),
-    [
-        (head(line="GET /ws/chat HTTP/1.0"), 400),
-        (head(line="GET /ws/chat HTTP/2.0"), 505),
-        (head(line="GET http://gw.example/ws/chat HTTP/1.1"), 400),
-        (head(line="get /ws/chat HTTP/1.1"), 400),
-        (head(line="GET /ws/chat  HTTP/1.1"), 400),
-        (head(line="GET /ws/ch\u00e4t HTTP/1.1"), 400),
-        (head(drop=("Host",)), 400),
-        (head(add=[("Host", "other.example")]), 400),
-        (head(add=[("Content-Length", "5")]), 400),
-        (head(add=[("Transfer-Encoding", "chunked")]), 400),
-        (head(add=[("X-Folded", "a"), (" continued", "b")]), 400),
-        (head(add=[("X-Space ", "before the colon")]), 400),
-        (head(add=[("X-Ctl", "bell\x07")]), 400),
-        (head() + b"No-Colon-Here\r\n", 400),
-        (head().replace(b"Host: gw.example\r\n", b"Host: gw.example\rX: y\r\n"), 400),
-    ],
-    ids=[
-        "http-1.0", "http-2", "absolute-form", "lowercase-method", "two-spaces", "non-ascii-target", "no-host",
-        "two-hosts", "body", "chunked", "folded-line", "space-before-colon", "control-character", "line-without-colon",
-        "bare-cr",
-    ],
+    "target",
+    ["ftp://gw.example/ws/chat", "http://user:pw@gw.example/ws/chat", "gw.example:80", "*"],
+    ids=["other-scheme", "userinfo", "authority-form", "asterisk"],
 )
-def test_a_malformed_request_head_is_refused_before_any_upgrade_check(data: bytes, status: int) -> None:
-    with pytest.raises(HttpError) as caught:
-        parse_request(data)
-    assert caught.value.status == status
+def test_a_target_that_is_neither_a_path_nor_an_http_or_ws_url_is_400(target: str) -> None:
+    assert refusal(head(line=f"GET {target} HTTP/1.1")).status == 400
+
+
+def test_a_fragment_is_not_part_of_the_query() -> None:
+    assert parse_request(head(line="GET /ws/chat?room=1#top HTTP/1.1")).query == "room=1"
+
+
+def test_a_missing_host_is_400() -> None:
+    assert refusal(head(drop=("Host",))).status == 400
+
+
+def test_a_second_host_is_400() -> None:
+    assert refusal(head(add=[("Host", "other.example")])).status == 400
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1/evil", "user@gw.example", "gw example", "gw.example:80x", "[not-v6]", "gw.example%4", "gw.example?x"],
+    ids=["path", "userinfo", "space", "bad-port", "bad-ip-literal", "bad-percent", "query"],
+)
+def test_a_host_value_that_is_not_a_host_is_400(host: str) -> None:
+    assert refusal(head(replace={"Host": host})).status == 400
+
+
+@pytest.mark.parametrize(
+    "host", ["gw.example", "gw.example:8080", "127.0.0.1:80", "[::1]:443", "xn--bcher-kva.example", ""],
+    ids=["name", "name-port", "ipv4-port", "ipv6-port", "punycode", "empty"],
+)
+def test_a_host_value_that_is_a_host_is_accepted(host: str) -> None:
+    assert parse_request(head(replace={"Host": host})).headers.get("Host") == host
+
+
+def test_a_body_length_on_an_upgrade_is_400() -> None:
+    assert refusal(head(add=[("Content-Length", "5")])).status == 400
+
+
+def test_a_chunked_body_on_an_upgrade_is_400() -> None:
+    assert refusal(head(add=[("Transfer-Encoding", "chunked")])).status == 400
 
 
 def test_an_empty_body_length_is_fine() -> None:
     assert check_upgrade(parse_request(head(add=[("Content-Length", "0")]))) == KEY
 
 
-# -- head limits -------------------------------------------------------------------------------------------
+def test_a_folded_header_line_is_400() -> None:
+    assert refusal(head(add=[("X-Folded", "a"), (" continued", "b")])).status == 400
+
+
+def test_whitespace_before_a_colon_is_400() -> None:
+    assert refusal(head(add=[("X-Space ", "before the colon")])).status == 400
+
+
+@pytest.mark.parametrize("byte", ["\x00", "\x07", "\x7f"], ids=["nul", "bell", "del"])
+def test_a_control_byte_in_a_header_value_is_400(byte: str) -> None:
+    assert refusal(head(add=[("X-Ctl", f"a{byte}b")])).status == 400
+
+
+def test_a_line_without_a_colon_is_400() -> None:
+    assert refusal(head().replace(b"\r\n\r\n", b"\r\nNo-Colon-Here\r\n\r\n")).status == 400
+
+
+def test_a_bare_cr_is_400() -> None:
+    assert refusal(head().replace(b"Host: gw.example\r\n", b"Host: gw.example\rX: y\r\n")).status == 400
+
+
+def test_bare_lf_line_ends_are_400_as_soon_as_the_first_arrives() -> None:
+    assert refusal(b"GET /ws/chat HTTP/1.1\n").status == 400
+    assert refusal(head().replace(b"\r\n", b"\n")).status == 400
+
+
+def test_an_empty_line_before_the_request_line_is_400() -> None:
+    assert refusal(b"\r\n" + head()).status == 400
+
+
+def test_tls_on_the_plain_port_is_400() -> None:
+    assert refusal(bytes.fromhex("160301020001000001fc0303")).status == 400
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        head(line=SECRET_TARGET.format("\x00")),
+        head(line=SECRET_TARGET.format("")).replace(b"\r\n\r\n", b"\r\nX-Bad : eyJ.secret.sig\r\n\r\n"),
+        head(line=SECRET_TARGET.format("")).replace(b"\r\n\r\n", b"\r\nX-Ctl: eyJ.secret.sig\x01\r\n\r\n"),
+        head(line=SECRET_TARGET.format("")).replace(b"Host: gw.example", b"Host: eyJ.secret.sig/x"),
+        head(line=SECRET_TARGET.format("")).replace(b"\r\n\r\n", b"\r\nHost: eyJ.secret.sig\r\n\r\n"),
+        b"GET /ws/chat?token=eyJ.secret.sig HTTP/7.1\r\n",
+        b"GET /ws/chat?token=eyJ.secret.sig" + b"p" * 300,
+    ],
+    ids=["target", "header-name", "header-value", "host", "duplicate-host", "version", "too-long"],
+)
+def test_a_refusal_never_quotes_the_request(data: bytes) -> None:
+    error = refusal(data, limit=256)
+    assert "secret" not in error.message and "secret" not in str(error)
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+
+
+# -- reading a head in pieces, within its limit ----------------------------------------------------------
+
+
+def test_a_head_fed_a_byte_at_a_time_is_read_once_complete_and_the_bytes_after_it_are_kept() -> None:
+    reader = RequestReader(16384)
+    data = head() + b"\x81\x85early"
+    for index in range(len(head()) - 1):
+        assert reader.feed(data[index : index + 1]) is None
+    read = reader.feed(data[len(head()) - 1 :])
+    assert read is not None
+    request, rest = read
+    assert (check_upgrade(request), rest) == (KEY, b"\x81\x85early")
+
+
+def test_a_control_byte_in_the_target_is_refused_before_the_head_is_complete() -> None:
+    reader = RequestReader(16384)
+    with pytest.raises(HttpError) as caught:
+        reader.feed(b"GET /ws/chat?x=\x00")
+    assert caught.value.status == 400
+
+
+def test_a_head_that_reaches_the_limit_without_ending_is_431() -> None:
+    assert refusal(head(add=[("X-Pad", "p" * 9000)]), limit=8192).status == 431
+
+
+def test_a_request_line_that_reaches_the_limit_is_414() -> None:
+    assert refusal(b"GET /ws/chat?token=" + b"t" * 9000, limit=8192).status == 414
+
+
+def test_a_request_line_that_reaches_the_limit_in_pieces_is_414() -> None:
+    reader = RequestReader(8192)
+    with pytest.raises(HttpError) as caught:
+        for _ in range(100):  # 10 KiB, past the limit
+            reader.feed(b"t" * 100 if _ else b"GET /ws/chat?token=")
+    assert caught.value.status == 414
+
+
+def test_a_head_of_exactly_the_limit_before_its_blank_line_is_accepted() -> None:
+    pad = 200 - len(head()) - len("X-Pad: \r\n") + 4
+    data = head(add=[("X-Pad", "p" * pad)])
+    assert len(data) == 200 + 4  # 200 bytes, then CRLF CRLF
+    assert check_upgrade(parse_request(data, limit=200)) == KEY
+    assert refusal(data, limit=199).status == 431
 
 
 def test_head_end_is_none_until_the_blank_line_and_then_just_past_it() -> None:
-    data = head() + b"\r\n"
+    data = head()
     for cut in range(len(data)):
         assert head_end(data[:cut], 8192) is None
     assert head_end(data + b"early frame bytes", 8192) == len(data)
 
 
-def test_a_head_that_reaches_the_limit_without_ending_is_431() -> None:
-    data = head(add=[("X-Pad", "p" * 9000)])
-    with pytest.raises(HttpError) as caught:
-        head_end(data, 8192)
-    assert caught.value.status == 431
-
-
-def test_a_request_line_that_reaches_the_limit_is_414() -> None:
-    with pytest.raises(HttpError) as caught:
-        head_end(b"GET /ws/chat?token=" + b"t" * 9000, 8192)
-    assert caught.value.status == 414
-
-
-def test_a_head_of_exactly_the_limit_before_its_blank_line_is_accepted() -> None:
-    pad = 200 - len(head()) - len("X-Pad: \r\n") + 2
-    data = head(add=[("X-Pad", "p" * pad)]) + b"\r\n"
-    assert len(data) == 200 + 4  # 200 bytes, then CRLF CRLF
-    assert head_end(data, 200) == 204
-    with pytest.raises(HttpError) as caught:
-        head_end(data, 199)
-    assert caught.value.status == 431
+def test_a_response_head_that_reaches_the_limit_without_ending_is_refused() -> None:
+    with pytest.raises(HttpError):
+        head_end(b"HTTP/1.1 101 Switching Protocols\r\nX-Pad: " + b"p" * 9000, 8192)
 
 
 # -- what the listener writes -------------------------------------------------------------------------
@@ -235,7 +385,7 @@ def test_the_gateways_upgrade_request_passes_its_own_server_checks() -> None:
     key = new_key(bytes(range(16)))
     data = upgrade_request("backend:9000", "/ws/chat?room=1", key, [("X-Request-ID", "r1")])
     assert data.endswith(b"\r\n\r\n")
-    request = parse_request(data[:-2])
+    request = parse_request(data)
     assert check_upgrade(request) == key
     assert (request.target, request.headers.get("Host"), request.headers.get("X-Request-ID")) == ("/ws/chat?room=1", "backend:9000", "r1")
 
@@ -278,7 +428,7 @@ def test_websockets_client_request_passes_the_gateways_checks_and_accepts_its_an
     client = ClientProtocol(parse_uri("ws://gw.example/ws/chat?room=1"))
     client.send_request(client.connect())
     data = b"".join(client.data_to_send())
-    request = parse_request(data[: head_end(data, 8192)][:-2])  # type: ignore[index]
+    request = parse_request(data)
     key = check_upgrade(request)
     client.receive_data(switching_protocols(key))
     [response] = client.events_received()

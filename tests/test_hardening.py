@@ -174,7 +174,7 @@ async def test_control_frames_do_not_extend_the_auth_deadline(short_deadlines):
 
 
 async def test_pending_handshakes_are_capped(servers: Servers):
-    stack = await servers.stack(limits={"max_pending_handshakes": 2})
+    stack = await servers.stack(limits={"max_pending_handshakes": 2, "max_pending_handshakes_per_ip": 2})
     port = int(stack.gateway_url.split(":")[2].split("/")[0])
     idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
 
