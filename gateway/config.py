@@ -884,6 +884,9 @@ def yaml_problem(text: str, exc: yaml.YAMLError) -> str:
         return problem
     lines = text.splitlines()
     line, column = mark.line, mark.column
+    if line >= len(lines) or not lines[line].strip():  # the end of the file: the unclosed thing is on the last line written
+        line = next((n for n in range(min(line, len(lines) - 1), -1, -1) if lines[n].strip()), 0)
+        column = len(lines[line]) - 1 if lines else 0
     if problem == "mapping values are not allowed here":
         # "key value" then "key: value" reads as one plain scalar until that second colon:
         # the key without its colon is the line above, at the same indentation.
