@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -638,3 +639,52 @@ def test_demo_prints_tokens_that_let_both_client_styles_chat(tmp_path: Path, sto
         demo.output()
     logs = "\n".join(demo.seen["stderr"])
     assert legacy_token not in logs and message_token not in logs
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        return json.loads(response.read())
+
+
+def test_demo_is_a_rehearsal_its_config_file_hot_reloads_and_probe_and_report_run_against_it(tmp_path: Path) -> None:
+    with Proc("demo", "--port", "0", cwd=tmp_path, env=cli_env()) as demo:
+        url = demo.wait_for("stdout", lambda line: line.startswith("ws-gateway demo: gateway on ")).rsplit(" ", 1)[1]
+        admin = re.search(r"status page: (http://127\.0\.0\.1:\d+)/", demo.wait_for("stdout", lambda line: "status page:" in line))
+        assert admin, demo.seen["stdout"]
+        path = Path(demo.wait_for("stdout", lambda line: line.startswith("config: ")).removeprefix("config: "))
+        assert path.is_absolute() and path.stat().st_mode & 0o077 == 0, "the file holds the demo's secret"
+        demo.wait_for("stdout", lambda line: "Ctrl-C stops the demo" in line)
+        commands = "\n".join(demo.seen["stdout"])
+        assert "websocat" not in commands
+        assert f"ws-gateway probe {url} --config {path} --user " in commands
+
+        state = _get_json(admin.group(1) + "/rollout")
+        assert (state["config_file"], state["configured_percent"]) == (str(path), 50)
+        path.write_text(path.read_text(encoding="utf-8").replace("new_percent: 50.0", "new_percent: 20"), encoding="utf-8")
+        deadline = time.monotonic() + TIMEOUT
+        while _get_json(admin.group(1) + "/rollout")["configured_percent"] != 20:  # a bounded poll of the admin port
+            assert time.monotonic() < deadline, f"no reload within {TIMEOUT}s: {demo.seen['stderr'][-5:]}"
+            time.sleep(0.05)
+        reloaded = json.loads(demo.wait_for("stderr", lambda line: _log_msg(line) == "config reloaded"))
+        assert (reloaded["file"], reloaded["new_percent"]) == (str(path), 20)
+        assert all(_log_msg(line) != "config change needs a restart to take effect" for line in demo.seen["stderr"])
+
+        user = next(u for users in users_by_backend(path, count=1).values() for u in users)
+        probe = run_cli("probe", url, "--config", str(path), "--user", user, "--hold", "0", cwd=tmp_path, env=cli_env())
+        assert probe.returncode == 0, probe.stdout + probe.stderr
+        report = run_cli("report", "--config", str(path), "--days", "1", cwd=tmp_path, env=cli_env())
+        assert report.returncode == 0 and "Traceback" not in report.stderr, report.stdout + report.stderr
+        assert demo.stop(signal.SIGTERM) == 0
+    assert not path.exists(), "removed when the demo stops"
+
+
+def test_serve_given_a_relative_config_path_shows_it_absolute_in_rollout_and_its_log(
+    tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
+    raw = base_config()
+    raw["admin"] = {"host": "127.0.0.1", "port": 0}
+    write_config(raw, "gateway.yaml")
+    with Proc("serve", "--config", "gateway.yaml", cwd=tmp_path, env=cli_env(JWT_SECRET=SECRET)) as gateway:
+        admin = gateway.wait_for_log("admin listening")
+        assert _get_json(f"http://127.0.0.1:{admin['port']}/rollout")["config_file"] == str(tmp_path / "gateway.yaml")
+        assert gateway.stop(signal.SIGTERM) == 0
