@@ -14,8 +14,10 @@ A worker is today's single gateway (`server.serve`) with four differences:
    and then applies whatever edit the file watcher would have applied.
 2. It listens on the public port with SO_REUSEPORT: the kernel spreads new connections
    across the workers, nothing is proxied through the supervisor.
-3. Its admin app listens on a unix socket in a private (0700) temporary directory, for the
-   supervisor's admin port to read.
+3. Its admin app listens on a unix socket in a private (0700) temporary directory named
+   after the supervisor's pid (`socket_dir`), for the supervisor's admin port to read. A
+   worker removes its socket as it exits; a supervisor starting removes the directories of
+   supervisors no longer running, so even SIGKILL to the whole group leaves nothing behind.
 4. It says ``ready`` on the socketpair once it listens, and follows the supervisor's
    commands there: ``drain`` (a first SIGTERM; idempotent, because the same SIGTERM or
    Ctrl-C may also have reached the worker directly through its process group), ``urgent``
