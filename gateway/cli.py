@@ -8,27 +8,34 @@ usage.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import math
 import os
 import re
 import secrets
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from importlib import metadata
 from typing import Any
 
+import yaml
 
+from . import frames
 from .admin import create_admin_app
 from .auth import mint_token
-from .config import AuthConfig, Config, ConfigError, load_config, parse_config
+from .config import BACKEND_NAMES, AuthConfig, Config, ConfigError, config_warnings, load_config
+from .connector import Connector, HeadReader, target_of
+from .handshake import UpgradeRefused
 from .drill import Plan, parse_steps, run_drill
 from .logs import setup_logging
 from .probe import Options as ProbeOptions
 from .probe import forged_token, run_probe
-from .reload import fingerprint
+from .reload import Reloader, fingerprint
 from .report import collect_report, format_report, report_json
 from .store import RedisStore, SqliteStore, Store, StoreUnavailable
 from .routing import choose_backend
@@ -44,7 +51,9 @@ PROBE_TOKEN_TTL = 300  # seconds: long enough for any probe, short if one leaks
 
 
 def _config_path(given: str | None) -> str:
-    return given or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG
+    """Absolute, so logs, `/rollout` and the status page say which file whatever the working
+    directory; not resolved through symlinks, which a ConfigMap swap replaces."""
+    return os.path.abspath(given or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG)
 
 
 def _bounded(convert: Callable[[str], Any], low: float, high: float, what: str) -> Callable[[str], Any]:
@@ -87,15 +96,47 @@ def _fault(key: str) -> Callable[[str], Any]:
     return _bounded(float, bounds[0], bounds[1], "a number")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's default at the end of its help, unless the help already says it or
+    there is nothing to show (no default, an off switch, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and "default" not in text
+            and default is not None
+            and default is not False
+            and default != []
+            and default is not argparse.SUPPRESS
+        ):
+            shown = ",".join(f"{v:g}" for v in default) if isinstance(default, tuple) else "%(default)s"
+            text += f" (default {shown})"
+        return text
+
+
+def _version() -> str:
+    try:
+        return metadata.version("ws-gateway")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ws-gateway",
         description="WebSocket gateway for migrating chat clients from URL-token auth to message auth.",
+        formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     config_help = f"config file (default: $GATEWAY_CONFIG, else {DEFAULT_CONFIG})"
 
-    p = sub.add_parser("serve", help="run the gateway")
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".", formatter_class=_HelpFormatter)
+
+    p = command("serve", "run the gateway")
     p.add_argument("--config", help=config_help)
     p.add_argument(
         "--workers", type=_workers, default=1,
@@ -103,29 +144,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--worker-fd", type=_fd, help=argparse.SUPPRESS)  # set by the supervisor for its workers
 
-    p = sub.add_parser("demo", help="run the gateway with built-in stub backends on localhost")
-    p.add_argument("--port", type=_port, default=8080, help="gateway port (default 8080)")
-    p.add_argument("--new-percent", type=_percent, default=50.0, help="share of users routed to the new backend")
+    p = command(
+        "demo",
+        "run the gateway with stub backends on 127.0.0.1, from a config file it writes: a rehearsal of the runbook",
+    )
+    p.add_argument("--port", type=_port, default=8080, help="gateway port")
+    p.add_argument("--new-percent", type=_percent, default=50.0, help="share of users routed to the new backend, 0-100")
 
-    p = sub.add_parser("check-config", help="validate a config file: prints OK, or the problems and exits 2")
-    p.add_argument("path")
+    p = command(
+        "check-config", "validate a config file: OK and its warnings (exit 0), or every problem (exit 2)"
+    )
+    p.add_argument("path", nargs="?", metavar="PATH", help="config file; the same as --config")
+    p.add_argument("--config", help=config_help)
+    p.add_argument(
+        "--connect", action="store_true",
+        help="also open each backend (DNS, TCP, WebSocket upgrade without a token); exit 1 if one fails",
+    )
 
-    p = sub.add_parser("route", help="which backend a user goes to, and why")
-    p.add_argument("user_id")
+    p = command("route", "which backend a user goes to, and why (needs no secret)")
+    p.add_argument("user_id", metavar="USER_ID", help="the user id, as the token's claim carries it")
     p.add_argument("--config", help=config_help)
 
-    p = sub.add_parser("token", help="mint a token with the configured HMAC secret (staging tests)")
-    p.add_argument("user_id")
+    p = command("token", "mint a token with the configured HMAC secret (staging tests)")
+    p.add_argument("user_id", metavar="USER_ID", help="the user id to put in the configured claim")
     p.add_argument("--config", help=config_help)
-    p.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (default 3600)")
+    p.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds")
 
-    p = sub.add_parser("report", help="legacy vs message auth usage per UTC day (Redis or usage.path), and a verdict")
+    p = command("report", "legacy vs message auth usage per UTC day (Redis or usage.path), and a verdict")
     p.add_argument("--config", help=config_help)
-    p.add_argument("--days", type=_days, default=14, help="days to show, newest last (default 14; 7 or more for a verdict)")
+    p.add_argument("--days", type=_days, default=14, help="days to show, newest last (7 or more for a verdict)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("probe", help="smoke-test a running gateway in both auth styles, over WebSocket only (QA)")
-    p.add_argument("url", help="the gateway's public URL, e.g. wss://chat.staging.example.com/ws/chat")
+    p = command("probe", "smoke-test a running gateway in both auth styles, over WebSocket only (QA)")
+    p.add_argument("url", metavar="URL", help="the gateway's public URL, e.g. wss://chat.staging.example.com/ws/chat")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--token", help="probe with this token; else one is minted per --user")
     source.add_argument("--config", help=config_help + "; its auth section mints the tokens")
@@ -134,43 +185,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--user", action="append", default=[], metavar="ID",
         help="a user to mint a token for; repeat it (e.g. a QA user pinned old and one pinned new)",
     )
-    p.add_argument("--hold", type=_hold, default=2.0, help="seconds a legacy-style socket must stay open (default 2)")
+    p.add_argument("--hold", type=_hold, default=2.0, help="seconds a legacy-style socket must stay open")
     p.add_argument("--send", metavar="TEXT", help="also send TEXT in every session and expect a reply")
-    p.add_argument("--reply-timeout", type=_timeout, default=5.0, help="seconds to wait for that reply (default 5)")
-    p.add_argument("--timeout", type=_timeout, default=10.0, help="seconds to wait for the upgrade, connected, or a refusal (default 10)")
+    p.add_argument("--reply-timeout", type=_timeout, default=5.0, help="seconds to wait for that reply")
+    p.add_argument("--timeout", type=_timeout, default=10.0, help="seconds to wait for the upgrade, connected, or a refusal")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser(
-        "drill", help="rehearse the migration on loopback: simulated apps, new_percent ramped, the new backend broken and healed"
+    p = command(
+        "drill", "rehearse the migration on loopback: simulated apps, new_percent ramped, the new backend broken and healed"
     )
-    p.add_argument("--duration", type=_duration, default=Plan.duration, help="seconds, split evenly between the steps (default 90)")
+    p.add_argument("--duration", type=_duration, default=Plan.duration, help="seconds, split evenly between the steps")
     p.add_argument(
-        "--steps", type=_steps, default=Plan.steps, metavar="P,P,...",
-        help="the new_percent values to ramp through (default 0,1,5,25,50,100)",
+        "--steps", type=_steps, default=Plan.steps, metavar="P,P,...", help="the new_percent values to ramp through",
     )
     p.add_argument(
         "--legacy-share", type=_percent, default=Plan.legacy_share, metavar="PERCENT",
-        help="share of the apps that put the token in the URL (default 30)",
+        help="share of the apps that put the token in the URL",
     )
     p.add_argument(
         "--fail-percent", type=_percent, default=Plan.fail_percent, metavar="PERCENT",
-        help="share of the new backend's handshakes that fail during the middle step (default 30)",
+        help="share of the new backend's handshakes that fail during the middle step",
     )
 
-    p = sub.add_parser("stub-backend", help="run a reference backend for one auth style")
-    p.add_argument("--style", choices=("old", "new"), required=True)
-    p.add_argument("--port", type=_port, required=True)
-    p.add_argument("--host", default="127.0.0.1")
+    p = command("stub-backend", "run a reference backend for one auth style (verifies tokens when the secret is set)")
+    p.add_argument("--style", choices=("old", "new"), required=True, help="old: token in the URL; new: authenticate frame")
+    p.add_argument("--port", type=_port, required=True, help="port to listen on (0: a free one, logged)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--config", help=config_help + "; its auth section verifies tokens")
     # The faults at start; POST /stub/faults on the stub's port changes them while it runs.
     p.add_argument(
         "--fail-handshake", type=_fault("fail_handshake"), default=0.0, metavar="PERCENT",
         help="fail this share of handshakes, spread evenly: old refuses the upgrade (503), new never answers connected",
     )
-    p.add_argument("--reply-delay", type=_fault("reply_delay"), default=0.0, metavar="SECONDS", help="wait this long before every reply")
+    p.add_argument(
+        "--reply-delay", type=_fault("reply_delay"), default=0.0, metavar="SECONDS", help="wait this long before every reply"
+    )
     p.add_argument(
         "--drop-after", type=_fault("drop_after"), metavar="SECONDS",
-        help="vanish without a close frame this long after each upgrade",
+        help="vanish without a close frame this long after each upgrade (default: never)",
     )
     return parser
 
@@ -183,11 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         if args.command == "check-config":
-            load_config(args.path)
-            print("OK")
-            return 0
+            if args.path is not None and args.config is not None:
+                return _usage("give the config file once: PATH or --config PATH")
+            return check_config(_config_path(args.path or args.config), args.connect)
         if args.command == "route":
-            config = load_config(_config_path(args.config))
+            config = load_config(_config_path(args.config), need_secret=False)
             route = choose_backend(args.user_id, config.rollout)
             print(f"{route.backend} ({route.explain()})")
             return 0
@@ -214,11 +266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             seen = fingerprint(path)
             config = load_config(path)
             setup_logging(config.log_level, config.auth.query_param)
+            for warning in config_warnings(config):  # here, once: not on every reload, not per worker
+                log.warning("config warning", extra={"file": path, "warning": warning})
             if args.workers > 1:
                 return run(lambda: supervise(config, path, seen, args.workers))
             return run(lambda: serve(config, path, seen))
         if args.command == "stub-backend":
-            config = load_config(_config_path(args.config))
+            config = load_config(_config_path(args.config), need_secret=False)
             setup_logging(config.log_level, config.auth.query_param)
             faults = Faults(fail_handshake=args.fail_handshake, reply_delay=args.reply_delay, drop_after=args.drop_after)
             return run(lambda: serve_stub(args.style, config, args.host, args.port, faults))
@@ -250,6 +304,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     raise AssertionError(args.command)
+
+
+def check_config(path: str, connect: bool) -> int:
+    """OK and the warnings (exit 0); with `connect`, then each backend's answer (exit 1 if one fails)."""
+    config = load_config(path)
+    print("OK", flush=True)
+    for warning in config_warnings(config):
+        print(f"warning: {path}: {warning}", file=sys.stderr, flush=True)
+    if not connect:
+        return 0
+    return run(lambda: check_backends(config))
+
+
+async def check_backends(config: Config) -> int:
+    """Open each backend as the gateway would, minus the token, and say what happened."""
+    connector = Connector()
+    failed = False
+    try:
+        for name in BACKEND_NAMES:
+            backend = config.backends[name]
+            target = target_of(backend.url)
+            problem = await upgrade_problem(connector, backend.url, backend.connect_timeout_seconds)
+            where = f"backends.{name}: {backend.url} ({target.host}:{target.port})"
+            if problem is None:
+                print(f"{where}: connected", flush=True)
+            else:
+                failed = True
+                print(f"error: {where}: {problem}", file=sys.stderr, flush=True)
+    finally:
+        await connector.close()
+    return 1 if failed else 0
+
+
+async def upgrade_problem(connector: Connector, url: str, timeout: float) -> str | None:
+    """None when `url` upgraded, or answered the token-less upgrade as a live backend does
+    (400, 401, 403: it wants the token); else what went wrong, in the OS's words."""
+    try:
+        transport, reader, _ = await asyncio.wait_for(connector.open(url, [], HeadReader), timeout)
+    except TimeoutError:
+        return f"no answer within {timeout:g} s (connect_timeout_seconds)"
+    except UpgradeRefused as exc:
+        return None if exc.status in (400, 401, 403) else f"the upgrade was refused: {exc}"
+    except socket.gaierror as exc:
+        return exc.strerror or str(exc)
+    except OSError as exc:
+        return os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
+    transport.write(frames.encode_close(1000, "check-config", mask=True))
+    transport.close()
+    reader.forget()
+    return None
 
 
 async def print_report(config: Config, days: int, as_json: bool) -> int:
@@ -301,7 +405,13 @@ async def print_probe(url: str, tokens: dict[str, str], bad_token: str, options:
 
 
 async def serve_stub(style: str, config: Config, host: str, port: int, faults: Faults) -> int:
-    app = create_stub_app(style, config.auth, path=config.path, max_message_bytes=config.limits.max_message_bytes, faults=faults)
+    auth = config.auth
+    if auth.secret is None and auth.public_key is None and auth.jwks_url is None:
+        # Nothing to verify the gateway's tokens with: refuse them all, as a backend with
+        # another secret would, rather than refuse to start (the faults work regardless).
+        auth = replace(auth, secret=secrets.token_urlsafe(32))
+        log.warning("auth.secret is not set: every token is refused with 1008; set JWT_SECRET to the gateway's secret")
+    app = create_stub_app(style, auth, path=config.path, max_message_bytes=config.limits.max_message_bytes, faults=faults)
     with Signals() as signals:
         runner, bound = await start_site(app, host, port)
         log.info(
@@ -322,41 +432,61 @@ async def drill(plan: Plan) -> int:
     return 0 if passed else 1
 
 
-def demo_config(secret: str, old_port: int, new_port: int, port: int, new_percent: float, usage_path: str | None = None) -> Config:
-    return parse_config(
-        {
-            "listen": {"host": "127.0.0.1", "port": port},
-            "auth": {"algorithms": ["HS256"], "secret": secret},
-            "backends": {
-                "old": {"url": f"ws://127.0.0.1:{old_port}/ws/chat", "auth": "query"},
-                "new": {"url": f"ws://127.0.0.1:{new_port}/ws/chat", "auth": "message"},
-            },
-            "rollout": {"new_percent": new_percent, "salt": "demo"},
-            "usage": {"path": usage_path},
+def demo_raw(secret: str, old_port: int, new_port: int, port: int, admin_port: int, new_percent: float) -> dict[str, Any]:
+    """The demo's config file: what `serve` reads, so every runbook step works against it."""
+    return {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "auth": {"algorithms": ["HS256"], "secret": secret},
+        "backends": {
+            "old": {"url": f"ws://127.0.0.1:{old_port}/ws/chat", "auth": "query"},
+            "new": {"url": f"ws://127.0.0.1:{new_port}/ws/chat", "auth": "message"},
         },
-        env={},
-    )
+        "rollout": {"new_percent": new_percent, "salt": "demo"},
+        "usage": {"path": "usage.db"},
+        "admin": {"host": "127.0.0.1", "port": admin_port},
+    }
+
+
+def write_demo_config(path: str, raw: dict[str, Any]) -> None:
+    """Owner-only: the file holds the demo's generated secret, so `probe --config` can mint tokens."""
+    header = "# ws-gateway demo: edit rollout.new_percent and save; the gateway reloads it within seconds.\n"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(header + yaml.safe_dump(raw, sort_keys=False))
 
 
 async def demo(port: int, new_percent: float) -> int:
     secret = secrets.token_urlsafe(32)
-    auth = demo_config(secret, 1, 1, port, new_percent).auth
+    auth = AuthConfig(secret=secret)
     runners = []
     public: Listener | None = None
+    reloader: Reloader | None = None
     with Signals() as signals, tempfile.TemporaryDirectory(prefix="ws-gateway-demo-") as scratch:
+        path = os.path.join(scratch, "gateway.yaml")
         try:
             old_runner, old_port = await start_site(create_stub_app("old", auth), "127.0.0.1", 0)
             runners.append(old_runner)
             new_runner, new_port = await start_site(create_stub_app("new", auth), "127.0.0.1", 0)
             runners.append(new_runner)
-            config = demo_config(secret, old_port, new_port, port, new_percent, os.path.join(scratch, "usage.db"))
-            gateway = Gateway(config)
+            # Bound first, so the file names the ports really in use (restart-only keys:
+            # the first edit must not read as a change of them).
+            write_demo_config(path, demo_raw(secret, old_port, new_port, port, 0, new_percent))
+            gateway = Gateway(load_config(path), config_path=path)
             public = await listen(gateway, "127.0.0.1", port)
             admin_runner, admin_port = await start_site(create_admin_app(gateway), "127.0.0.1", 0)
             runners.append(admin_runner)
-            print(demo_banner(config, public.port, old_port, new_port, admin_port), flush=True)
+            write_demo_config(path, demo_raw(secret, old_port, new_port, public.port, admin_port, new_percent))
+            seen = fingerprint(path)
+            config = load_config(path)
+            gateway.apply(config)
+            reloader = Reloader(path, gateway.reload, gateway.reload_failed, seen=seen)
+            signals.on_hangup(reloader.reload)
+            reloader.start()
+            print(demo_banner(config, path, public.port, old_port, new_port, admin_port), flush=True)
             await signals.stop.wait()
         finally:
+            if reloader is not None:
+                await reloader.stop()
             if public is not None:
                 await public.close()
             for runner in reversed(runners):
@@ -364,7 +494,8 @@ async def demo(port: int, new_percent: float) -> int:
     return 0
 
 
-def demo_banner(config: Config, port: int, old_port: int, new_port: int, admin_port: int) -> str:
+def demo_banner(config: Config, path: str, port: int, old_port: int, new_port: int, admin_port: int) -> str:
+    """What to try, with commands a fresh install runs (`ws-gateway` itself, a browser)."""
     users: dict[str, str] = {}
     for n in range(1, 1000):
         user = f"user-{n}"
@@ -372,13 +503,20 @@ def demo_banner(config: Config, port: int, old_port: int, new_port: int, admin_p
         if len(users) == 2:
             break
     url = f"ws://127.0.0.1:{port}{config.path}"
+    admin = f"http://127.0.0.1:{admin_port}"
     lines = [
         f"ws-gateway demo: gateway on {url}",
         f"  old backend (token in URL):   ws://127.0.0.1:{old_port}{config.path}",
         f"  new backend (authenticate):   ws://127.0.0.1:{new_port}{config.path}",
         f"  rollout: {config.rollout.new_percent:g}% of users to the new backend",
-        f"  status page: http://127.0.0.1:{admin_port}/   (also /rollout  /metrics  /readyz)",
-        f"  usage:   {config.usage.path} (SQLite; removed when the demo stops)",
+        f"  status page: {admin}/   (also {admin}/rollout  /metrics  /readyz)",
+        "  config file (edit rollout.new_percent and save: it reloads; removed when the demo stops):",
+        f"config: {path}",
+        "  try the runbook on it:",
+        f"    ws-gateway check-config {path}",
+        f"    ws-gateway route USER_ID --config {path}",
+        f"    ws-gateway probe {url} --config {path} --user USER_ID",
+        f"    ws-gateway report --config {path}",
         "",
     ]
     for backend, user in sorted(users.items()):
@@ -386,13 +524,10 @@ def demo_banner(config: Config, port: int, old_port: int, new_port: int, admin_p
         lines += [
             f"{user} is routed to the {backend} backend ({choose_backend(user, config.rollout).explain()}). Token:",
             f"  {token}",
-            "  legacy app:  websocat '" + url + "?token=" + token + "'",
-            "  current app: websocat " + url,
-            '               then send {"type":"authenticate","token":"' + token + '"}',
+            f"  both app styles: ws-gateway probe {url} --config {path} --user {user}",
             f"  browser console: ws = new WebSocket('{url}'); ws.onmessage = e => console.log(e.data);"
             f" ws.onopen = () => ws.send(JSON.stringify({{type: 'authenticate', token: '{token}'}}))",
             "",
         ]
     lines.append("Anything you send after that is echoed by the backend. Ctrl-C stops the demo.")
     return "\n".join(lines)
-

@@ -210,6 +210,37 @@ def restart_required(old: Config, new: Config) -> list[str]:
     return [key for key in RESTART_KEYS if _get(old, key.split(".")) != _get(new, key.split("."))]
 
 
+ALL_INTERFACES = frozenset({"", "0.0.0.0", "::", "[::]"})
+MIN_SECRET_BYTES = 32
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Valid combinations that bite in production, one line each with its key path.
+
+    Said once per process start (by `check-config`, `serve` or its supervisor), never per
+    reload or per worker.
+    """
+    warnings = []
+    limit = config.limits.auth_failures_per_ip_per_minute
+    if limit is not None and not config.trusted_proxies:
+        warnings.append(
+            f"limits.auth_failures_per_ip_per_minute: {limit} without trusted_proxies: behind a load balancer"
+            " every client has its address, so its failures lock every user out; list the balancers in"
+            " trusted_proxies, or set null"
+        )
+    secret = config.auth.secret
+    if secret is not None and len(secret.encode()) < MIN_SECRET_BYTES:
+        warnings.append(
+            f"auth.secret: shorter than {MIN_SECRET_BYTES} bytes: weak for HMAC; rotate it when the old backend allows"
+        )
+    if config.admin is not None and config.admin.host in ALL_INTERFACES:
+        warnings.append(
+            f"admin.host: {config.admin.host or '(empty)'} listens on every interface: /metrics, /rollout and the"
+            " status page are open to whoever reaches this host; keep the port off the public load balancer"
+        )
+    return warnings
+
+
 def keep_restart_keys(old: Config, new: Config) -> Config:
     """`new`, with every restart-only key put back to its value in `old` (the one bound at start-up)."""
     for key in RESTART_KEYS:
@@ -377,12 +408,15 @@ def parse_config(
     *,
     env: Mapping[str, str] = _NO_ENV,
     read_public_key: PublicKeyReader | None = None,
+    need_secret: bool = True,
 ) -> Config:
     """Validate the raw YAML mapping into a `Config`, or raise `ConfigError` with every problem.
 
     Pure: `env` is the only environment `${VAR}` sees (none by default, so a variable
     without a `:-default` is reported as unset), and the public key of RS*/PS*/ES*/EdDSA
     configs comes from `read_public_key`, called only when such a config names a file.
+    `need_secret` False is for commands that never verify or mint a token (`route`): a
+    missing or unset `auth.secret` is then no problem and stays None.
     """
     r = _Reader(env)
     top = r.section(
@@ -406,7 +440,7 @@ def parse_config(
     if not path.startswith("/") or "?" in path:
         r.error("path", f"{path!r} must start with / and carry no query string")
 
-    auth = _parse_auth(r, top.get("auth"), read_public_key)
+    auth = _parse_auth(r, top.get("auth"), read_public_key, need_secret)
     backends = _parse_backends(r, top.get("backends"))
     rollout = _parse_rollout(r, top.get("rollout"))
     limits = _parse_limits(r, top.get("limits"))
@@ -485,7 +519,7 @@ def parse_config(
     )
 
 
-def _parse_auth(r: _Reader, raw: Any, read_public_key: PublicKeyReader | None) -> AuthConfig:
+def _parse_auth(r: _Reader, raw: Any, read_public_key: PublicKeyReader | None, need_secret: bool) -> AuthConfig:
     p = "auth"
     a = r.section(
         raw,
@@ -508,11 +542,15 @@ def _parse_auth(r: _Reader, raw: Any, read_public_key: PublicKeyReader | None) -
     if hmac and public:
         r.error(f"{p}.algorithms", "mixing HMAC and public-key algorithms is not supported")
 
+    known_problems = len(r.problems)
     secret = r.string(a, p, "secret", _default(AuthConfig, "secret"))
+    if not need_secret and len(r.problems) > known_problems:  # e.g. ${JWT_SECRET} unset: unused here
+        del r.problems[known_problems:]
+        secret = None
     key_file = r.string(a, p, "public_key_file", _default(AuthConfig, "public_key_file"))
     public_key = _default(AuthConfig, "public_key")
     if hmac and not public:
-        if not secret:
+        if not secret and need_secret:
             r.error(f"{p}.secret", "required (non-empty) for HMAC algorithms")
         if key_file:
             r.error(f"{p}.public_key_file", "not used with HMAC algorithms; set auth.secret")
@@ -817,7 +855,9 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None, need_secret: bool = True
+) -> Config:
     """Read and validate the YAML file at `path`; every failure is a `ConfigError` naming it."""
     source = str(path)
     try:
@@ -829,20 +869,71 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
     try:
         raw = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError([f"{where}{problem}"], source) from None
+        raise ConfigError([yaml_problem(text, exc)], source) from None
     base_dir = Path(path).resolve().parent
     read_key = _public_key_file_reader(base_dir)
     try:
-        config = parse_config(raw, env=os.environ if env is None else env, read_public_key=read_key)
+        config = parse_config(
+            raw, env=os.environ if env is None else env, read_public_key=read_key, need_secret=need_secret
+        )
     except ConfigError as exc:
         raise ConfigError(exc.problems, source) from None
     if config.usage.path is None:
         return config
     # `serve` and `report` must find the same file whatever directory each is started in.
     return replace(config, usage=replace(config.usage, path=str(base_dir / config.usage.path)))
+
+
+_KEY_LINE = re.compile(r" *(?:- +)?([^\s:#\-'\"{\[][^:#]*?|'[^']*'|\"[^\"]*\") *:(?:\s|$)")
+
+
+def yaml_problem(text: str, exc: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: the key path, the line and column, what is wrong.
+
+    PyYAML marks where it *noticed* the error. For an unclosed quote or bracket, or a key
+    without its colon, that is the next line or the end of the file, while the mistake is
+    where the construct started (its context mark): that is the line reported.
+    """
+    problem = getattr(exc, "problem", None) or "invalid YAML"
+    mark = getattr(exc, "problem_mark", None)
+    context = getattr(exc, "context", None)
+    context_mark = getattr(exc, "context_mark", None)
+    if context_mark is not None and context and not context.startswith("while parsing a block"):
+        mark = context_mark
+        problem = f"{problem} ({context})"
+    if mark is None:
+        return problem
+    lines = text.splitlines()
+    line, column = mark.line, mark.column
+    if line >= len(lines) or not lines[line].strip():  # the end of the file: the unclosed thing is on the last line written
+        line = next((n for n in range(min(line, len(lines) - 1), -1, -1) if lines[n].strip()), 0)
+        column = len(lines[line]) - 1 if lines else 0
+    if problem == "mapping values are not allowed here":
+        # "key value" then "key: value" reads as one plain scalar until that second colon:
+        # the key without its colon is the line above, at the same indentation.
+        above = next((n for n in range(line - 1, -1, -1) if lines[n].strip() and not lines[n].lstrip().startswith("#")), None)
+        indent = len(lines[line]) - len(lines[line].lstrip())
+        if above is not None and _KEY_LINE.match(lines[above]) is None and len(lines[above]) - len(lines[above].lstrip()) == indent:
+            line, column, problem = above, indent, "could not find expected ':' (a key without its colon)"
+    keys = yaml_key_path(lines, line)
+    return f"{keys + ': ' if keys else ''}line {line + 1}, column {column + 1}: {problem}"
+
+
+def yaml_key_path(lines: list[str], index: int) -> str:
+    """The dotted key path of line `index` of a block-style YAML text, from indentation alone
+    (the text does not parse, so this is all there is): its own key, under every key above
+    it that is less indented."""
+    path: list[tuple[int, str]] = []
+    for number, line in enumerate(lines[: index + 1]):
+        match = _KEY_LINE.match(line)
+        if match is None and number < index:
+            continue
+        indent = match.start(1) if match else len(line) - len(line.lstrip())
+        while path and path[-1][0] >= indent:
+            path.pop()
+        if match is not None:
+            path.append((indent, match.group(1).strip("'\"")))
+    return ".".join(key for _, key in path)
 
 
 def _public_key_file_reader(base_dir: Path) -> PublicKeyReader:

@@ -14,8 +14,10 @@ A worker is today's single gateway (`server.serve`) with four differences:
    and then applies whatever edit the file watcher would have applied.
 2. It listens on the public port with SO_REUSEPORT: the kernel spreads new connections
    across the workers, nothing is proxied through the supervisor.
-3. Its admin app listens on a unix socket in a private (0700) temporary directory, for the
-   supervisor's admin port to read.
+3. Its admin app listens on a unix socket in a private (0700) temporary directory named
+   after the supervisor's pid (`socket_dir`), for the supervisor's admin port to read. A
+   worker removes its socket as it exits; a supervisor starting removes the directories of
+   supervisors no longer running, so even SIGKILL to the whole group leaves nothing behind.
 4. It says ``ready`` on the socketpair once it listens, and follows the supervisor's
    commands there: ``drain`` (a first SIGTERM; idempotent, because the same SIGTERM or
    Ctrl-C may also have reached the worker directly through its process group), ``urgent``
@@ -38,6 +40,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -192,11 +195,21 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
 
 
 def run_worker(fd: int, config_path: str, setup_logging: Callable[[Config], None]) -> int:
-    """The body of ``serve --worker-fd FD``: read the setup, then serve as worker N."""
+    """The body of ``serve --worker-fd FD``: read the setup, then serve as worker N.
+
+    On the way out it removes its admin socket, and the directory once that is empty: a
+    supervisor killed with SIGKILL cannot, and its workers outlive it long enough to.
+    """
     channel = WorkerChannel.open(fd)
     setup_logging(channel.setup.config)
     tag_log_lines(channel.setup.number)
-    return run(lambda: serve(channel.setup.config, config_path, channel.setup.seen, worker=channel))
+    try:
+        return run(lambda: serve(channel.setup.config, config_path, channel.setup.seen, worker=channel))
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(channel.admin_path)
+        with contextlib.suppress(OSError):  # not empty: another worker, or the supervisor, removes it
+            os.rmdir(os.path.dirname(channel.admin_path))
 
 
 # -- the supervisor's side -----------------------------------------------------------------
@@ -244,6 +257,36 @@ class Worker:
 def parse_openmetrics(text: str) -> list[Metric]:
     parse: Callable[[str], Iterable[Metric]] = openmetrics.text_string_to_metric_families
     return list(parse(text))
+
+
+SOCKET_DIR_PREFIX = "ws-gateway-"
+_SOCKET_DIR = re.compile(re.escape(SOCKET_DIR_PREFIX) + r"(\d+)-")
+
+
+def socket_dir() -> str:
+    """A private (0700) directory for the workers' admin sockets, named after this process,
+    after removing any such directory left by a supervisor that no longer runs (it and its
+    workers were killed together, e.g. SIGKILL to the process group)."""
+    parent = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            match = _SOCKET_DIR.match(entry.name)
+            if match is None or not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            pid = int(match.group(1))
+            if pid == os.getpid() or not _alive(pid):  # our own pid: a restarted container's PID 1
+                shutil.rmtree(entry.path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-", dir=parent)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def reserve_port(host: str, port: int) -> tuple[list[socket.socket], int]:
@@ -350,7 +393,7 @@ class Supervisor:
             signals.on_hangup(self.reload)
             try:
                 reserved, self.port = reserve_port(self.config.listen.host, self.config.listen.port)
-                self._dir = tempfile.mkdtemp(prefix="ws-gateway-")
+                self._dir = socket_dir()
                 admin = self.config.admin
                 if admin is not None:
                     runner, admin_port = await start_site(create_supervisor_admin_app(self), admin.host, admin.port)

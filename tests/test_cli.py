@@ -9,6 +9,7 @@ running when a test ends.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -20,7 +21,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +32,10 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from gateway.cli import build_parser
 from gateway.config import load_config
 from gateway.routing import choose_backend
 
@@ -215,6 +220,34 @@ def test_help_lists_every_command(tmp_path: Path) -> None:
         assert re.search(rf"^\s+{command}\b", result.stdout, re.M), (command, result.stdout)
 
 
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_command_has_a_description_and_every_argument_a_help_and_its_default() -> None:
+    commands = _commands()
+    assert set(commands) == set(COMMANDS)
+    for name, command in commands.items():
+        assert command.description, name
+        text = command.format_help()
+        for action in command._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, (name, action.dest)
+            default = action.default
+            if action.option_strings and default not in (None, False, []):
+                shown = ",".join(f"{v:g}" for v in default) if isinstance(default, tuple) else f"{default:g}" if isinstance(default, float) else str(default)
+                assert re.search(rf"default:? {re.escape(shown)}\b", " ".join(text.split())), (name, action.dest, shown)
+
+
+def test_version_prints_the_installed_version(tmp_path: Path) -> None:
+    result = run_cli("--version", cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert re.fullmatch(rf"ws-gateway {re.escape(metadata.version('ws-gateway'))}\n", result.stdout), result.stdout
+
+
 def test_console_script_is_installed_next_to_the_interpreter(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "ws-gateway"
     result = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
@@ -291,17 +324,95 @@ def test_check_config_reports_every_problem_one_line_each(tmp_path: Path, write_
     assert "listen.port" in lines[0] and "rollout.new_percent" in lines[1]
 
 
-def test_check_config_names_the_line_of_bad_yaml(tmp_path: Path, write_config: Callable[..., Path]) -> None:
+def test_check_config_names_the_key_path_and_line_of_bad_yaml(tmp_path: Path, write_config: Callable[..., Path]) -> None:
     path = write_config(f"auth:\n  secret: {SECRET}\nlisten: [\n")
     lines = assert_clean_failure(run_cli("check-config", str(path), cwd=tmp_path))
     assert len(lines) == 1
-    assert re.match(rf"error: {re.escape(str(path))}: line \d+, column \d+: ", lines[0]), lines
+    assert lines[0].startswith(f"error: {path}: listen: line 3, column 9: "), lines
     assert SECRET not in lines[0]
 
 
 def test_check_config_on_a_missing_file_is_one_line(tmp_path: Path) -> None:
     lines = assert_clean_failure(run_cli("check-config", str(tmp_path / "nope.yaml"), cwd=tmp_path))
     assert len(lines) == 1 and "nope.yaml" in lines[0] and "cannot read" in lines[0]
+
+
+@pytest.mark.parametrize("how", ["positional", "--config", "GATEWAY_CONFIG"])
+def test_check_config_takes_the_file_like_every_other_command(tmp_path: Path, write_config: Callable[..., Path], how: str) -> None:
+    path = str(write_config(base_config()))
+    if how == "GATEWAY_CONFIG":
+        result = run_cli("check-config", cwd=tmp_path, env=cli_env(JWT_SECRET=SECRET, GATEWAY_CONFIG=path))
+    else:
+        result = run_cli("check-config", *([path] if how == "positional" else ["--config", path]), cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "OK\n", "")
+
+
+def test_check_config_refuses_a_file_given_twice(tmp_path: Path, write_config: Callable[..., Path]) -> None:
+    path = str(write_config(base_config()))
+    lines = assert_clean_failure(run_cli("check-config", path, "--config", path, cwd=tmp_path))
+    assert lines == ["error: give the config file once: PATH or --config PATH"]
+
+
+def test_check_config_warns_after_ok_one_line_each_and_exits_0(tmp_path: Path, write_config: Callable[..., Path]) -> None:
+    raw = base_config()
+    raw["limits"]["auth_failures_per_ip_per_minute"] = 20
+    raw["admin"] = {"host": "0.0.0.0", "port": 9090}
+    path = write_config(raw)
+    short = "only-31-bytes-long-secret-value"
+    assert len(short) == 31
+    result = run_cli("check-config", str(path), cwd=tmp_path, env=cli_env(JWT_SECRET=short))
+    assert (result.returncode, result.stdout) == (0, "OK\n"), result.stderr
+    lines = result.stderr.splitlines()
+    keys = ["limits.auth_failures_per_ip_per_minute", "auth.secret", "admin.host"]
+    assert [line.split(": ")[2] for line in lines] == keys, lines
+    assert all(line.startswith(f"warning: {path}: ") for line in lines), lines
+    assert short not in result.stderr
+
+
+def test_check_config_without_the_secret_in_the_environment_reports_it_as_a_problem(
+    tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
+    path = write_config(base_config())
+    lines = assert_clean_failure(run_cli("check-config", str(path), cwd=tmp_path, env=cli_env()))
+    assert f"error: {path}: auth.secret: environment variable JWT_SECRET is not set" in lines
+
+
+def test_check_config_connect_names_host_port_and_the_os_message_of_each_failing_backend(
+    tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
+    stub, stub_port = start_stub("old", write_config(base_config(), "stub.yaml"), tmp_path)
+    with stub, socket.socket() as closed_port:
+        closed_port.bind(("127.0.0.1", 0))  # bound, never listening: refuses connections
+        refused = closed_port.getsockname()[1]
+        raw = base_config(stub_port, refused)
+        healthy = run_cli("check-config", "--connect", str(write_config(raw)), cwd=tmp_path)
+        raw["backends"]["old"]["url"] = "ws://chat-backend.invalid:8001/ws/chat"
+        raw["backends"]["new"]["url"] = f"ws://127.0.0.1:{stub_port}/ws/chat"
+        unknown = run_cli("check-config", "--connect", str(write_config(raw)), cwd=tmp_path)
+    with pytest.raises(socket.gaierror) as lookup:
+        socket.getaddrinfo("chat-backend.invalid", 8001)
+
+    assert healthy.returncode == 1 and healthy.stdout.splitlines() == [
+        "OK", f"backends.old: ws://127.0.0.1:{stub_port}/ws/chat (127.0.0.1:{stub_port}): connected",
+    ]
+    assert healthy.stderr.splitlines() == [
+        f"error: backends.new: ws://127.0.0.1:{refused}/ws/chat (127.0.0.1:{refused}): Connection refused"
+    ]
+    assert unknown.returncode == 1 and unknown.stderr.splitlines() == [
+        f"error: backends.old: ws://chat-backend.invalid:8001/ws/chat (chat-backend.invalid:8001): {lookup.value.strerror}"
+    ]
+    assert unknown.stdout.splitlines()[-1].endswith(f"(127.0.0.1:{stub_port}): connected")
+
+
+def test_check_config_connect_exits_0_when_every_backend_answers(tmp_path: Path, write_config: Callable[..., Path]) -> None:
+    stub_config = write_config(base_config(), "stub.yaml")
+    old, old_port = start_stub("old", stub_config, tmp_path)
+    with old:
+        new, new_port = start_stub("new", stub_config, tmp_path)
+        with new:
+            result = run_cli("check-config", "--connect", str(write_config(base_config(old_port, new_port))), cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert [line.rsplit(": ", 1)[-1] for line in result.stdout.splitlines()] == ["OK", "connected", "connected"]
 
 
 # -- route -------------------------------------------------------------------------------
@@ -357,6 +468,28 @@ def test_route_config_flag_wins_over_gateway_config(tmp_path: Path, write_config
 def test_route_without_any_config_names_the_default_path(tmp_path: Path) -> None:
     lines = assert_clean_failure(run_cli("route", "u", cwd=tmp_path))
     assert len(lines) == 1 and "config/gateway.yaml" in lines[0]
+
+
+def test_route_needs_no_secret_in_the_environment(tmp_path: Path, write_config: Callable[..., Path]) -> None:
+    path = write_config(base_config())
+    with_secret = _route(tmp_path, "user-5", "--config", str(path))
+    assert _route(tmp_path, "user-5", "--config", str(path), env=cli_env()) == with_secret
+
+
+def test_stub_backend_starts_without_the_secret_refusing_every_token(tmp_path: Path, write_config: Callable[..., Path]) -> None:
+    path = write_config(base_config())
+    args = ("stub-backend", "--style", "new", "--port", "0", "--config", str(path), "--reply-delay", "0.5")
+    with Proc(*args, cwd=tmp_path, env=cli_env()) as stub:
+        warning = stub.wait_for_log("auth.secret is not set: every token is refused with 1008; set JWT_SECRET to the gateway's secret")
+        assert warning["level"] == "warning"
+        listening = stub.wait_for_log("stub backend listening")
+        assert listening["reply_delay"] == 0.5
+        with connect(f"ws://127.0.0.1:{listening['port']}/ws/chat", open_timeout=TIMEOUT, close_timeout=TIMEOUT) as ws:
+            ws.send(json.dumps({"type": "authenticate", "token": make_token("alice")}))
+            with pytest.raises(ConnectionClosed) as refused:
+                ws.recv(timeout=TIMEOUT)
+        assert refused.value.rcvd is not None and refused.value.rcvd.code == 1008
+        assert stub.stop(signal.SIGTERM) == 0
 
 
 # -- token -------------------------------------------------------------------------------
@@ -506,3 +639,52 @@ def test_demo_prints_tokens_that_let_both_client_styles_chat(tmp_path: Path, sto
         demo.output()
     logs = "\n".join(demo.seen["stderr"])
     assert legacy_token not in logs and message_token not in logs
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        return json.loads(response.read())
+
+
+def test_demo_is_a_rehearsal_its_config_file_hot_reloads_and_probe_and_report_run_against_it(tmp_path: Path) -> None:
+    with Proc("demo", "--port", "0", cwd=tmp_path, env=cli_env()) as demo:
+        url = demo.wait_for("stdout", lambda line: line.startswith("ws-gateway demo: gateway on ")).rsplit(" ", 1)[1]
+        admin = re.search(r"status page: (http://127\.0\.0\.1:\d+)/", demo.wait_for("stdout", lambda line: "status page:" in line))
+        assert admin, demo.seen["stdout"]
+        path = Path(demo.wait_for("stdout", lambda line: line.startswith("config: ")).removeprefix("config: "))
+        assert path.is_absolute() and path.stat().st_mode & 0o077 == 0, "the file holds the demo's secret"
+        demo.wait_for("stdout", lambda line: "Ctrl-C stops the demo" in line)
+        commands = "\n".join(demo.seen["stdout"])
+        assert "websocat" not in commands
+        assert f"ws-gateway probe {url} --config {path} --user " in commands
+
+        state = _get_json(admin.group(1) + "/rollout")
+        assert (state["config_file"], state["configured_percent"]) == (str(path), 50)
+        path.write_text(path.read_text(encoding="utf-8").replace("new_percent: 50.0", "new_percent: 20"), encoding="utf-8")
+        deadline = time.monotonic() + TIMEOUT
+        while _get_json(admin.group(1) + "/rollout")["configured_percent"] != 20:  # a bounded poll of the admin port
+            assert time.monotonic() < deadline, f"no reload within {TIMEOUT}s: {demo.seen['stderr'][-5:]}"
+            time.sleep(0.05)
+        reloaded = json.loads(demo.wait_for("stderr", lambda line: _log_msg(line) == "config reloaded"))
+        assert (reloaded["file"], reloaded["new_percent"]) == (str(path), 20)
+        assert all(_log_msg(line) != "config change needs a restart to take effect" for line in demo.seen["stderr"])
+
+        user = next(u for users in users_by_backend(path, count=1).values() for u in users)
+        probe = run_cli("probe", url, "--config", str(path), "--user", user, "--hold", "0", cwd=tmp_path, env=cli_env())
+        assert probe.returncode == 0, probe.stdout + probe.stderr
+        report = run_cli("report", "--config", str(path), "--days", "1", cwd=tmp_path, env=cli_env())
+        assert report.returncode == 0 and "Traceback" not in report.stderr, report.stdout + report.stderr
+        assert demo.stop(signal.SIGTERM) == 0
+    assert not path.exists(), "removed when the demo stops"
+
+
+def test_serve_given_a_relative_config_path_shows_it_absolute_in_rollout_and_its_log(
+    tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
+    raw = base_config()
+    raw["admin"] = {"host": "127.0.0.1", "port": 0}
+    write_config(raw, "gateway.yaml")
+    with Proc("serve", "--config", "gateway.yaml", cwd=tmp_path, env=cli_env(JWT_SECRET=SECRET)) as gateway:
+        admin = gateway.wait_for_log("admin listening")
+        assert _get_json(f"http://127.0.0.1:{admin['port']}/rollout")["config_file"] == str(tmp_path / "gateway.yaml")
+        assert gateway.stop(signal.SIGTERM) == 0

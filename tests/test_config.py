@@ -30,6 +30,7 @@ from gateway.config import (
     ConfigError,
     LimitsConfig,
     RedisConfig,
+    config_warnings,
     keep_restart_keys,
     load_config,
     parse_config,
@@ -759,17 +760,38 @@ def test_a_file_that_is_not_utf8_is_refused(write: Callable[..., Path]) -> None:
     assert load_problems(write(BASE_YAML.encode() + b"# caf\xe9\n")) == ["the file is not UTF-8 text"]
 
 
-def test_bad_yaml_names_the_line_and_column(write: Callable[..., Path]) -> None:
-    assert load_problems(write("path: /ws\nlisten: {port: 1\nlog_level: INFO\n")) == [
-        "line 3, column 10: expected ',' or '}', but got ':'"
-    ]
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # PyYAML notices these a line (or the whole file) later than the mistake.
+        ("path: /ws\nlisten: {port: 1\nlog_level: INFO\n",
+         "listen: line 2, column 9: expected ',' or '}', but got ':' (while parsing a flow mapping)"),
+        ("listen:\n  host: 0.0.0.0\n  port 8080\nrollout:\n  new_percent: 10\n",
+         "listen: line 3, column 3: could not find expected ':' (while scanning a simple key)"),
+        ("rollout:\n  new_percent 10\n  salt: x\n",
+         "rollout: line 2, column 3: could not find expected ':' (a key without its colon)"),
+        ("rollout:\n  salt: \"abc\n  new_percent: 5\nlog_level: INFO\n",
+         "rollout.salt: line 2, column 9: found unexpected end of stream (while scanning a quoted scalar)"),
+        ("rollout:\n  guard:\n    enabled: true\n    min_samples 5\n  salt: x\n",
+         "rollout.guard: line 4, column 5: could not find expected ':' (while scanning a simple key)"),
+        # Where PyYAML's own line is right, it stays.
+        ("rollout:\n  new_percent: 10\n guard: x\n",
+         "rollout.guard: line 3, column 2: expected <block end>, but found '<block mapping start>'"),
+        ("rollout:\n\tnew_percent: 5\n", "rollout: line 2, column 1: found character '\\t' that cannot start any token"),
+    ],
+    ids=["unclosed_brace", "key_without_colon_before_a_section", "key_without_colon", "unclosed_quote", "nested", "dedent", "tab"],
+)
+def test_bad_yaml_names_the_key_path_and_the_line_of_the_mistake(
+    write: Callable[..., Path], text: str, expected: str
+) -> None:
+    assert load_problems(write(text)) == [expected]
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("path: /a\nlisten: {port: 1}\npath: /b\n", "line 3, column 1: duplicate key 'path'"),
-        ("listen:\n  port: 1\n  port: 2\n", "line 3, column 3: duplicate key 'port'"),
+        ("path: /a\nlisten: {port: 1}\npath: /b\n", "path: line 3, column 1: duplicate key 'path'"),
+        ("listen:\n  port: 1\n  port: 2\n", "listen.port: line 3, column 3: duplicate key 'port'"),
     ],
 )
 def test_a_duplicate_key_is_refused_not_silently_overwritten(write: Callable[..., Path], text: str, expected: str) -> None:
@@ -926,3 +948,49 @@ def test_a_pending_share_larger_than_the_bound_is_refused() -> None:
 @pytest.mark.parametrize("value", [0, -1, 1.5, "many"])
 def test_a_pending_share_that_is_not_a_positive_integer_is_refused(value: Any) -> None:
     assert problem(limits={"max_pending_handshakes_per_ip": value}).startswith("limits.max_pending_handshakes_per_ip: ")
+
+# -- what needs no secret, and the warnings check-config and serve give --------------------
+
+
+@pytest.mark.parametrize("secret", [None, "${GW_TEST_SURELY_UNSET}"], ids=["missing", "unset_variable"])
+def test_a_config_read_without_need_of_the_secret_has_none_and_no_problem(secret: str | None) -> None:
+    raw = raw_config(auth={"secret": secret})
+    with pytest.raises(ConfigError):
+        parse_config(raw)
+    config = parse_config(raw, need_secret=False)
+    assert config.auth.secret is None and config.rollout.salt == "test-salt"
+
+
+def test_a_config_read_without_need_of_the_secret_still_reports_every_other_problem() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw_config(auth={"secret": None}, rollout={"new_percent": 150}), need_secret=False)
+    assert caught.value.problems == ["rollout.new_percent: 150 is out of range [0, 100]"]
+
+
+def test_a_safe_config_has_no_warning() -> None:
+    assert config_warnings(parse_config(raw_config(admin={"host": "127.0.0.1", "port": 0}))) == []
+
+
+@pytest.mark.parametrize(
+    ("sections", "key"),
+    [
+        ({"limits": {"auth_failures_per_ip_per_minute": 20}}, "limits.auth_failures_per_ip_per_minute: 20 without trusted_proxies"),
+        ({"auth": {"secret": "x" * 31}}, "auth.secret: shorter than 32 bytes"),
+        ({"admin": {"host": "0.0.0.0", "port": 0}}, "admin.host: 0.0.0.0 listens on every interface"),
+        ({"admin": {"host": "::", "port": 0}}, "admin.host: :: listens on every interface"),
+    ],
+    ids=["per_ip_limit_without_proxies", "short_secret", "admin_on_all_ipv4", "admin_on_all_ipv6"],
+)
+def test_each_combination_that_bites_is_one_warning_naming_its_key(sections: dict[str, Any], key: str) -> None:
+    warnings = config_warnings(parse_config(raw_config(**sections)))
+    assert len(warnings) == 1 and warnings[0].startswith(key), warnings
+
+
+def test_a_per_ip_limit_behind_trusted_proxies_and_a_32_byte_secret_are_fine() -> None:
+    raw = raw_config(limits={"auth_failures_per_ip_per_minute": 20}, trusted_proxies=["10.0.0.0/8"], auth={"secret": "x" * 32})
+    assert config_warnings(parse_config(raw)) == []
+
+
+def test_no_warning_ever_shows_the_secret() -> None:
+    secret = "short-secret"
+    assert secret not in " ".join(config_warnings(parse_config(raw_config(auth={"secret": secret}))))

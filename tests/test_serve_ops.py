@@ -42,11 +42,13 @@ RELOAD_PROMISE = 5.0  # issue 3: a valid change applies to new connections withi
 # -- processes -----------------------------------------------------------------------------
 
 
-def gateway_process(*args: str, cwd: Path, stderr: int) -> Awaitable[asyncio.subprocess.Process]:
+def gateway_process(
+    *args: str, cwd: Path, stderr: int, env: dict[str, str] | None = None
+) -> Awaitable[asyncio.subprocess.Process]:
     return asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", *args,
         cwd=cwd,
-        env=cli_env(JWT_SECRET=SECRET),
+        env=cli_env(**{"JWT_SECRET": SECRET, **(env or {})}),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=stderr,
@@ -67,8 +69,9 @@ class Service:
     _reader: asyncio.Task[None] | None = None
 
     @classmethod
-    async def start(cls, *args: str, cwd: Path) -> Service:
-        proc = await gateway_process(*args, cwd=cwd, stderr=subprocess.PIPE)
+    async def start(cls, *args: str, cwd: Path, env: dict[str, str] | None = None) -> Service:
+        """`env`: variables added to (or replacing) the test's environment."""
+        proc = await gateway_process(*args, cwd=cwd, stderr=subprocess.PIPE, env=env)
         assert proc.stderr is not None
         service = cls(proc, stream=proc.stderr)
         await service.start_reading()

@@ -83,9 +83,11 @@ def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
 
 
 @asynccontextmanager
-async def supervisor(path: Path, cwd: Path, count: int = WORKERS) -> AsyncIterator[Running]:
+async def supervisor(
+    path: Path, cwd: Path, count: int = WORKERS, env: dict[str, str] | None = None
+) -> AsyncIterator[Running]:
     """`serve --workers COUNT`, ready once the supervisor says "listening" and its admin answers."""
-    service = await Service.start("serve", "--config", str(path), "--workers", str(count), cwd=cwd)
+    service = await Service.start("serve", "--config", str(path), "--workers", str(count), cwd=cwd, env=env)
     async with serve(path, cwd, service=service) as gw:
         yield gw
 
@@ -414,6 +416,22 @@ async def test_sighup_reloads_the_config_in_every_worker(tmp_path: Path, backend
         assert gw.service.proc.returncode is None
 
 
+@pytest.mark.xfail(
+    reason="gateway/runtime.py (not in this change) still warns in Gateway.apply, i.e. per worker and per reload",
+    strict=True,
+)
+async def test_a_short_secret_is_warned_about_once_per_start_not_per_worker_or_reload(tmp_path: Path, backends: Backends) -> None:
+    short = "only-31-bytes-long-secret-value"
+    path = write_config(tmp_path, gateway_config(backends, 10))
+    async with supervisor(path, tmp_path, env={"JWT_SECRET": short}) as gw:
+        gw.service.signal(signal.SIGHUP)
+        await wait_records(gw, "config reloaded", WORKERS)
+        warned = [r for r in gw.service.records if "shorter than 32 bytes" in json.dumps(r)]
+        assert [r["msg"] for r in warned] == ["config warning"] and "worker" not in warned[0], warned
+        assert warned[0]["warning"].startswith("auth.secret: ")
+        assert short not in "\n".join(gw.service.lines)
+
+
 # -- stopping ------------------------------------------------------------------------------
 
 
@@ -504,6 +522,40 @@ async def test_workers_close_their_sessions_and_exit_when_the_supervisor_is_kill
             await until_gone(pids)
         finally:
             close_quietly(sockets)
+
+
+def socket_dirs(tmp: Path) -> list[str]:
+    return sorted(entry.name for entry in tmp.iterdir() if entry.name.startswith("ws-gateway-"))
+
+
+async def test_a_supervisor_killed_with_sigkill_leaves_no_worker_socket_behind(tmp_path: Path, backends: Backends) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    path = write_config(tmp_path, gateway_config(backends, 0))
+    async with supervisor(path, tmp_path, env={"TMPDIR": str(tmp)}) as gw:
+        (own,) = socket_dirs(tmp)
+        assert own.startswith(f"ws-gateway-{gw.service.proc.pid}-")
+        assert sorted(p.name for p in (tmp / own).iterdir()) == ["worker-1.sock", "worker-2.sock"]
+        pids = [state["pid"] for state in await workers_of(gw)]
+        gw.service.proc.kill()
+        await until_gone(pids)
+    assert socket_dirs(tmp) == []
+
+
+async def test_a_start_removes_the_sockets_of_a_supervisor_killed_with_its_workers(tmp_path: Path, backends: Backends) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    path = write_config(tmp_path, gateway_config(backends, 0))
+    async with supervisor(path, tmp_path, env={"TMPDIR": str(tmp)}) as gw:
+        pids = [state["pid"] for state in await workers_of(gw)]
+        for pid in [gw.service.proc.pid, *pids]:  # SIGKILL to the process group: nobody cleans up
+            os.kill(pid, signal.SIGKILL)
+        await until_gone(pids)
+    (stale,) = socket_dirs(tmp)
+    assert (tmp / stale / "worker-1.sock").exists()
+    async with supervisor(path, tmp_path, env={"TMPDIR": str(tmp)}) as gw:
+        assert socket_dirs(tmp) == [own for own in socket_dirs(tmp) if own.startswith(f"ws-gateway-{gw.service.proc.pid}-")]
+        assert stale not in socket_dirs(tmp)
 
 
 # -- refusing to start ---------------------------------------------------------------------
