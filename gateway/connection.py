@@ -181,8 +181,9 @@ class Connection:
         self.client.transport.resume_reading()
         if blocked:
             self.perform(self.session.refuse("rate_limited"))
-        else:
-            self._start()
+        # Read the client even when refused (the session ignores its frames then): its answer
+        # to the close ends the closing handshake, which would otherwise wait out close_timeout.
+        self._start()
 
     def _start(self) -> None:
         self._started = True

@@ -33,7 +33,7 @@ import gateway
 from gateway.auth import REASONS
 from gateway.guard import GuardState
 from gateway.report import collect_report
-from gateway.runtime import GUARD_SYNC_SECONDS
+from gateway.runtime import GUARD_SYNC_SECONDS, Gateway
 from gateway.store import RedisStore, Store, utc_day
 
 from .helpers import TIMEOUT, Clock, Servers, Stack, closed, eventually, make_token, metric, open_client, raw_config
@@ -107,10 +107,12 @@ async def replicas(servers: Servers, redis_server: RedisServer, n: int = 2, **se
 
 
 async def attempt(
-    stack: Stack, token: str, style: str = "legacy", *, xff: str | None = None
+    stack: Stack, token: str, style: str = "legacy", *, xff: str | None = None, close_timeout: float = TIMEOUT
 ) -> tuple[ClientConnection | None, int | None, str]:
     """Try a session: (open client, None, "") once a frame made the round trip, else (None, code, reason)."""
-    kwargs: dict[str, Any] = {"additional_headers": {"X-Forwarded-For": xff}} if xff else {}
+    kwargs: dict[str, Any] = {"close_timeout": close_timeout}
+    if xff:
+        kwargs["additional_headers"] = {"X-Forwarded-For": xff}
     async with asyncio.timeout(TIMEOUT):
         ws = await open_client(stack, style, token, **kwargs)
         try:
@@ -132,9 +134,11 @@ async def chat(stack: Stack, token: str, style: str = "legacy", *, xff: str | No
     return ws
 
 
-async def refusal(stack: Stack, token: str, style: str = "legacy", *, xff: str | None = None) -> tuple[int | None, str]:
+async def refusal(
+    stack: Stack, token: str, style: str = "legacy", *, xff: str | None = None, close_timeout: float = TIMEOUT
+) -> tuple[int | None, str]:
     """The close a refused session got; fails the test if the session relays."""
-    ws, code, reason = await attempt(stack, token, style, xff=xff)
+    ws, code, reason = await attempt(stack, token, style, xff=xff, close_timeout=close_timeout)
     if ws is not None:
         await ws.close()
         pytest.fail("the gateway admitted a session it should have refused")
@@ -191,6 +195,33 @@ async def test_auth_failures_from_one_ip_are_limited_across_replicas_before_any_
     assert await eventually(counted)
     assert [metric(s, "ws_gateway_auth_failures_total", reason="rate_limited") for s in (a, b)] == [2, 2]
     assert [metric(s, "ws_gateway_auth_failures_total", reason="bad_signature") for s in (a, b)] == [2, 1]
+
+
+async def test_a_client_over_the_limit_is_refused_at_once_on_every_replica(
+    redis_server: RedisServer, servers: Servers, ops_store: RedisStore
+):
+    """The refusal used to wait out the gateway's close_timeout (5 s): here both sides' close
+    timeouts are an hour, so a refusal that waits on one makes the test time out."""
+    forever = 3600.0
+    backend = await servers.recording("query")
+    a, b = await replicas(servers, redis_server, old_port=backend.port, limits={"auth_failures_per_ip_per_minute": 2})
+    pin_auth_window(a.gateway.store, b.gateway.store)
+    for stack in (a, b):
+        stack.gateway.close_timeout = forever
+        servers.closing(lambda g=stack.gateway: shorten_close_timeout(g))
+    bad = make_token("mallory", secret="not-the-gateway-secret-0123456789abcdef")
+
+    assert await refusal(a, bad, close_timeout=forever) == (1008, BAD_SIGNATURE)
+    assert await refusal(b, bad, "message", close_timeout=forever) == (1008, BAD_SIGNATURE)
+    assert await eventually(lambda: ops_store.auth_blocked(LOOPBACK, 2))
+    for stack, style in ((a, "legacy"), (b, "message"), (b, "legacy"), (a, "message")):
+        assert await refusal(stack, make_token("alice"), style, close_timeout=forever) == (1008, RATE_LIMITED)
+    assert backend.connections == 0
+
+
+async def shorten_close_timeout(gateway: Gateway) -> None:
+    """At teardown: should the test fail, stopping the gateway need not wait an hour."""
+    gateway.close_timeout = 1.0
 
 
 async def test_forwarded_for_from_a_trusted_proxy_counts_each_client_separately(
