@@ -151,7 +151,7 @@ class Gateway:
     # -- routing and the guard -------------------------------------------------------------
 
     def route(self, user_id: str) -> Route:
-        """`routing.choose_backend`, held back by the guard while it is open or recovering."""
+        """`routing.choose_backend`, held back by the guard while it is tripped or recovering."""
         self._observe(self.guard.tick(self.clock()))
         rollout = self.config.rollout
         return held_back(choose_backend(user_id, rollout), rollout, self.guard.share(), self.guard.blocks_forced())
@@ -161,7 +161,7 @@ class Gateway:
 
     def _observe(self, transitions: list[Transition], *, share: bool = True) -> None:
         for transition in transitions:
-            if transition.state is GuardState.OPEN:
+            if transition.state is GuardState.TRIPPED:
                 self.metrics.guard_trips.inc()
                 log.error("rollback guard " + transition.detail, extra={"guard_state": transition.state.value})
                 if share:
@@ -234,7 +234,9 @@ class Gateway:
         """Publish a local trip so every replica stops sending users to the new backend."""
         tripped_at = self.wall() - (self.clock() - transition.at)
         self._guard_seen = tripped_at
-        self._own_trip = {"state": "open", "tripped_at": tripped_at, "replica": self.replica, "detail": transition.detail}
+        self._own_trip = {
+            "state": GuardState.TRIPPED.value, "tripped_at": tripped_at, "replica": self.replica, "detail": transition.detail
+        }
         self._spawn(self.store.publish_guard(self._own_trip))
 
     async def sync_guard_once(self) -> None:
@@ -247,7 +249,7 @@ class Gateway:
         record = await self.store.read_guard()
         published_at = float(record.get("tripped_at", 0.0)) if record else 0.0
         own = self._own_trip
-        if own is not None and self.guard.state is not GuardState.CLOSED and published_at < own["tripped_at"]:
+        if own is not None and self.guard.state is not GuardState.HEALTHY and published_at < own["tripped_at"]:
             await self.store.publish_guard(own)
             return
         if not record or record.get("replica") == self.replica:
@@ -311,7 +313,7 @@ class Gateway:
         self.refresh_gauges()
         rollout = self.config.rollout
         guard = self.guard
-        until = guard.open_until()
+        retry_at = guard.retry_at()
         return {
             "configured_percent": rollout.new_percent,
             "effective_percent": self.effective_percent(),
@@ -322,13 +324,15 @@ class Gateway:
             "guard": {
                 "enabled": rollout.guard.enabled,
                 "state": guard.state.value,
-                "step": guard.step + 1 if guard.state.value == "half_open" else None,
+                "since": self._utc(guard.since) if guard.state is not GuardState.HEALTHY else None,
+                "step": guard.step + 1 if guard.state is GuardState.RECOVERING else None,
                 "share_of_configured": guard.share(),
                 "trips": guard.trips,
-                "reopens_in_seconds": round(max(0.0, until - self.clock()), 1) if until is not None else None,
+                "retries_at": self._utc(retry_at) if retry_at is not None else None,
+                "retries_in_seconds": round(max(0.0, retry_at - self.clock()), 1) if retry_at is not None else None,
             },
             "config_file": self.config_path,
-            "config_loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+            "config_loaded_at": _iso(self.loaded_at),
             "active_connections": len(self.connections),
             "draining": self.draining,
             "pending_handshakes": self.pending,
@@ -336,6 +340,10 @@ class Gateway:
             "tasks": len(asyncio.all_tasks()),
             "rebalance": self._rebalance_status(self.rebalance),
         }
+
+    def _utc(self, at: float) -> str:
+        """A time of the monotonic `clock` as the UTC wall time an operator can compare with the log."""
+        return _iso(self.wall() - (self.clock() - at))
 
     # -- session outcomes (called by the relay) ----------------------------------------------
 
@@ -493,3 +501,7 @@ class Gateway:
                 await asyncio.sleep(interval)
             closing.append(asyncio.create_task(conn.close(closecodes.SERVICE_RESTART, "server restarting")))
         await asyncio.gather(*closing)
+
+
+def _iso(wall: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))

@@ -599,7 +599,7 @@ ALL_NEW = {"new_percent": 100, "guard": GUARD}
 def trip(stack: Stack) -> None:
     for _ in range(GUARD["min_samples"]):
         stack.gateway.new_backend_outcome(failed=True)
-    assert stack.gateway.guard.state is GuardState.OPEN
+    assert stack.gateway.guard.state is GuardState.TRIPPED
 
 
 async def test_guard_tripped_on_one_replica_stops_the_other_sending_users_new(
@@ -613,10 +613,10 @@ async def test_guard_tripped_on_one_replica_stops_the_other_sending_users_new(
 
     trip(a)
     await settled(a)  # the trip is published
-    assert b.gateway.guard.state is GuardState.CLOSED
+    assert b.gateway.guard.state is GuardState.HEALTHY
     await b.gateway.sync_guard_once()
 
-    assert b.gateway.guard.state is GuardState.OPEN
+    assert b.gateway.guard.state is GuardState.TRIPPED
     assert await backend_of(b, "g1") == "old"
     assert await backend_of(b, "g2") == "old"
     assert metric(b, "ws_gateway_guard_trips_total") == 1
@@ -629,7 +629,7 @@ async def test_guard_trip_reaches_the_other_replica_by_its_background_sync(redis
     trip(a)
 
     async def adopted() -> bool:
-        return b.gateway.guard.state is GuardState.OPEN
+        return b.gateway.guard.state is GuardState.TRIPPED
 
     assert await eventually(adopted, within=3 * GUARD_SYNC_SECONDS)
     assert await backend_of(b, "g1") == "old"
@@ -653,17 +653,17 @@ async def test_guard_recovery_follows_one_schedule_on_both_replicas(redis_server
     trip(a)
     await settled(a)
     await b.gateway.sync_guard_once()
-    assert at(0) == [(GuardState.OPEN, 0.0)] * 2
-    assert at(59) == [(GuardState.OPEN, 0.0)] * 2
-    assert at(61) == [(GuardState.HALF_OPEN, 0.5)] * 2
-    assert at(91) == [(GuardState.HALF_OPEN, 1.0)] * 2
-    assert at(121) == [(GuardState.CLOSED, 1.0)] * 2
+    assert at(0) == [(GuardState.TRIPPED, 0.0)] * 2
+    assert at(59) == [(GuardState.TRIPPED, 0.0)] * 2
+    assert at(61) == [(GuardState.RECOVERING, 0.5)] * 2
+    assert at(91) == [(GuardState.RECOVERING, 1.0)] * 2
+    assert at(121) == [(GuardState.HEALTHY, 1.0)] * 2
 
     trip(a)  # a relapse on one replica sends both back to the start of the schedule
     await settled(a)
     await b.gateway.sync_guard_once()
-    assert at(121 + 59) == [(GuardState.OPEN, 0.0)] * 2
-    assert at(121 + 61) == [(GuardState.HALF_OPEN, 0.5)] * 2
+    assert at(121 + 59) == [(GuardState.TRIPPED, 0.0)] * 2
+    assert at(121 + 61) == [(GuardState.RECOVERING, 0.5)] * 2
 
 
 async def test_a_replica_that_learns_of_a_trip_late_reopens_when_the_tripping_one_does(
@@ -685,7 +685,7 @@ async def test_a_replica_that_learns_of_a_trip_late_reopens_when_the_tripping_on
     await ops_store.publish_guard({**record, "tripped_at": record["tripped_at"] - 40})
     await b.gateway.sync_guard_once()
 
-    for offset, state in ((19, GuardState.OPEN), (21, GuardState.HALF_OPEN)):  # 60 s after the trip
+    for offset, state in ((19, GuardState.TRIPPED), (21, GuardState.RECOVERING)):  # 60 s after the trip
         clock_a.now, clock_b.now = 1_040.0 + offset, 50_000.0 + offset
         for stack in (a, b):
             stack.gateway.refresh_gauges()
@@ -710,10 +710,10 @@ async def test_a_trip_during_a_redis_outage_reaches_the_other_replica_once_redis
         return all(s.gateway.store.available for s in (a, b))
 
     assert await eventually(both_up)
-    assert a.gateway.guard.state is GuardState.OPEN  # still inside its cooldown
+    assert a.gateway.guard.state is GuardState.TRIPPED  # still inside its cooldown
 
     async def adopted() -> bool:
         await b.gateway.sync_guard_once()
-        return b.gateway.guard.state is GuardState.OPEN
+        return b.gateway.guard.state is GuardState.TRIPPED
 
     assert await eventually(adopted, within=3 * GUARD_SYNC_SECONDS)
