@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 import weakref
@@ -19,8 +20,9 @@ from . import closecodes
 from .auth import REASONS as AUTH_REASONS
 from .auth import Verifier
 from .config import Config, ConfigError, keep_restart_keys, restart_required
-from .connector import Connector
+from .connector import Connector, target_of
 from .guard import STATE_VALUES, Guard, GuardState, Transition
+from .handshake import UpgradeRefused
 from .jwks import KeySet
 from .metrics import Metrics
 from .rebalance import Move, Schedule, due, plan
@@ -99,6 +101,7 @@ class Gateway:
             else None
         )
         self.pending = 0  # connections from accept until relaying or closed (listener.Request)
+        self.upstream_errors: dict[str, dict[str, Any]] = {}  # the last one per backend, for /rollout
         self.replica = uuid.uuid4().hex
         self._guard_seen = 0.0  # wall time of the newest trip this replica knows of
         self._own_trip: dict[str, Any] | None = None
@@ -339,6 +342,7 @@ class Gateway:
             # asyncio tasks alive: an established session has none, so this stays flat (bench/soak.py).
             "tasks": len(asyncio.all_tasks()),
             "rebalance": self._rebalance_status(self.rebalance),
+            "last_upstream_error": {backend: self.upstream_errors.get(backend) for backend in ("old", "new")},
         }
 
     def _utc(self, at: float) -> str:
@@ -357,6 +361,15 @@ class Gateway:
             self.metrics.upstream_failures.labels(backend, result).inc()
         if backend == "new" and result not in ("rejected", "bad_request"):
             self.new_backend_outcome(failed=result != "ok")
+
+    def upstream_error(self, backend: str, url: str, error: BaseException) -> dict[str, Any]:
+        """Keep `backend`'s latest failed attempt for /rollout; returns its host, port and what
+        went wrong, for the log line. Never the URL itself: its query may carry a token."""
+        target = target_of(url)
+        timeout = self.config.backends[backend].connect_timeout_seconds if backend in self.config.backends else None
+        where: dict[str, Any] = {"host": target.host, "port": target.port, "error": describe_error(error, timeout)}
+        self.upstream_errors[backend] = {"at": _iso(self.wall()), **where}
+        return where
 
     def reply_observer(self, backend: str) -> Callable[[float], None]:
         return self.metrics.reply_by_backend[backend]
@@ -505,3 +518,17 @@ class Gateway:
 
 def _iso(wall: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
+
+
+def describe_error(error: BaseException, timeout: float | None = None) -> str:
+    """What an operator can act on: the OS's own words (``Name or service not known``,
+    ``Connection refused``), not the exception's class name."""
+    if isinstance(error, TimeoutError) and not error.errno:
+        return f"no answer within {timeout:g} s" if timeout is not None else "timed out"
+    if isinstance(error, UpgradeRefused):
+        return f"upgrade refused with HTTP {error.status}" if error.status else f"upgrade refused: {error}"
+    if isinstance(error, OSError) and error.errno is not None and error.errno > 0:
+        return os.strerror(error.errno)  # asyncio words a refusal "Connect call failed (...)"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror  # a resolver error (gaierror): its errno is the resolver's, not the OS's
+    return str(error) or type(error).__name__

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.admin import create_admin_app
+from gateway.admin import _latest_upstream_errors, create_admin_app
 from gateway.runtime import Gateway
 from gateway.server import start_site
 
@@ -151,3 +151,14 @@ async def test_the_guard_reads_healthy_tripped_recovering_in_rollout_status_json
     _, _, metrics = await get(f"{base}/metrics")
     [help_text] = [f.documentation for f in text_string_to_metric_families(metrics) if f.name == "ws_gateway_guard_state"]
     assert help_text == "Rollback guard: 0 healthy, 1 recovering, 2 tripped."
+
+
+def test_the_supervisor_shows_the_newest_upstream_error_any_worker_saw() -> None:
+    older = {"at": "2026-12-07T04:00:00Z", "host": "old.example", "port": 80, "error": "Connection refused"}
+    newer = {"at": "2026-12-07T04:00:05Z", "host": "old.example", "port": 80, "error": "Name or service not known"}
+    states = [
+        {"last_upstream_error": {"old": older, "new": None}},
+        {"last_upstream_error": {"old": newer, "new": None}},
+        {"last_upstream_error": {"old": None, "new": older}},
+    ]
+    assert _latest_upstream_errors(states) == {"old": newer, "new": older}
