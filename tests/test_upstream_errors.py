@@ -15,6 +15,8 @@ import aiohttp
 import pytest
 
 from gateway.admin import create_admin_app
+from gateway.handshake import UpgradeRefused
+from gateway.runtime import describe_error
 from gateway.server import start_site
 
 from .helpers import TIMEOUT, Servers, Stack, closed, make_token, open_client, refused_port
@@ -92,3 +94,15 @@ async def test_a_refused_port_is_named_with_connection_refused(servers: Servers,
     answer = await rollout(stack, servers)
     assert {key: answer["body"]["last_upstream_error"]["old"][key] for key in expected} == expected
     assert token not in answer["text"] and token not in caplog.text
+
+
+def test_each_kind_of_upstream_error_reads_as_what_to_fix() -> None:
+    assert describe_error(TimeoutError(), 10.0) == "no answer within 10 s"
+    assert describe_error(UpgradeRefused(503, "status 503"), 10.0) == "upgrade refused with HTTP 503"
+    assert describe_error(UpgradeRefused(0, "response head too large")) == "upgrade refused: response head too large"
+    refused = ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 1)")  # how asyncio words it
+    assert describe_error(refused) == "Connection refused"
+    assert describe_error(socket.gaierror(-2, "Name or service not known")) == "Name or service not known"
+    assert describe_error(ConnectionResetError("the backend closed the connection during the upgrade")) == (
+        "the backend closed the connection during the upgrade"
+    )
