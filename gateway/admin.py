@@ -190,8 +190,9 @@ def create_supervisor_admin_app(workers: Workers) -> web.Application:
     * ``/metrics``: every worker's metrics added up (`merge_metrics`), plus
       ``ws_gateway_workers`` and ``ws_gateway_worker_restarts_total``.
     * ``/rollout``: the first worker's answer, with ``active_connections`` summed and
-      ``draining`` true when the supervisor or any worker drains, and ``workers``: every
-      worker's own answer, with its ``worker`` number and ``pid``.
+      ``draining`` true when the supervisor or any worker drains, ``last_upstream_error``
+      the newest of any worker per backend, and ``workers``: every worker's own answer, with
+      its ``worker`` number and ``pid``.
     * ``/`` and ``/status.json``: the status page over the merged metrics and ``/rollout``.
     """
 
@@ -218,6 +219,7 @@ def create_supervisor_admin_app(workers: Workers) -> web.Application:
         first = {key: value for key, value in states[0].items() if key not in ("worker", "pid")}
         first["active_connections"] = sum(state.get("active_connections", 0) for state in states)
         first["draining"] = workers.draining or any(state.get("draining") for state in states)
+        first["last_upstream_error"] = _latest_upstream_errors(states)
         first["workers"] = states
         return first
 
@@ -241,3 +243,13 @@ def create_supervisor_admin_app(workers: Workers) -> web.Application:
     app.router.add_get("/rollout", rollout)
     add_status_page(app, sample, status)
     return app
+
+
+def _latest_upstream_errors(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per backend, the newest upstream error any worker saw (each worker only knows its own)."""
+    latest: dict[str, Any] = {"old": None, "new": None}
+    for state in states:
+        for backend, error in (state.get("last_upstream_error") or {}).items():
+            if error is not None and (latest.get(backend) is None or error["at"] > latest[backend]["at"]):
+                latest[backend] = error
+    return latest

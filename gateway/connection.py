@@ -101,6 +101,8 @@ class GatewayServices(Protocol):
 
     def upstream_result(self, backend: str, result: str) -> None: ...
 
+    def upstream_error(self, backend: str, url: str, error: BaseException) -> dict[str, Any]: ...
+
     def fell_back(self) -> None: ...
 
     def session_ready(self, auth_style: str, backend: str, user_id: str, seconds: float) -> None: ...
@@ -181,8 +183,9 @@ class Connection:
         self.client.transport.resume_reading()
         if blocked:
             self.perform(self.session.refuse("rate_limited"))
-        else:
-            self._start()
+        # Read the client even when refused (the session ignores its frames then): its answer
+        # to the close ends the closing handshake, which would otherwise wait out close_timeout.
+        self._start()
 
     def _start(self) -> None:
         self._started = True
@@ -325,9 +328,10 @@ class Connection:
                 async with asyncio.timeout(session.connect_timeout):
                     transport, reader, response = await self.services.connector.open(action.url, headers, HeadReader)
             except UpgradeRefused as exc:
+                where = self.services.upstream_error(action.backend, action.url, exc)
                 log.warning(
                     "upstream refused the upgrade",
-                    extra={"request_id": self.request_id, "backend": action.backend, "status": exc.status},
+                    extra={"request_id": self.request_id, "backend": action.backend, "status": exc.status, **where},
                 )
                 if exc.status in (401, 403):
                     self.perform(session.upstream_closed(closecodes.POLICY_VIOLATION, ""))
@@ -337,9 +341,10 @@ class Connection:
                     self.perform(session.upstream_failed("connect"))
                 return
             except (OSError, TimeoutError) as exc:
+                where = self.services.upstream_error(action.backend, action.url, exc)
                 log.warning(
                     "upstream unreachable",
-                    extra={"request_id": self.request_id, "backend": action.backend, "error": type(exc).__name__},
+                    extra={"request_id": self.request_id, "backend": action.backend, **where},
                 )
                 self.perform(session.upstream_failed("connect"))
                 return
@@ -350,9 +355,10 @@ class Connection:
                 self.upstream_deflate = deflate.accept_answer(answer) if offer else None
             except NegotiationError as exc:
                 transport.abort()
+                where = self.services.upstream_error(action.backend, action.url, exc)
                 log.warning(
                     "upstream answered an extension it was not offered",
-                    extra={"request_id": self.request_id, "backend": action.backend, "error": str(exc)},
+                    extra={"request_id": self.request_id, "backend": action.backend, **where},
                 )
                 self.perform(session.upstream_failed("connect"))
                 return

@@ -43,6 +43,7 @@ from aiohttp import WSMsgType, web
 from .admin import create_admin_app
 from .auth import mint_token
 from .config import AuthConfig, Config, load_config
+from .guard import GuardState
 from .listener import Listener, listen
 from .reload import Reloader, fingerprint
 from .runtime import Gateway
@@ -138,7 +139,7 @@ class StepStats:
     failed: int = 0  # the others: no connected, a close, or a wait past APP_TIMEOUT
     fallbacks: int = 0
     trips: int = 0
-    guard: str = "closed"  # at the end of the step
+    guard: str = GuardState.HEALTHY.value  # at the end of the step
     effective: tuple[float, float] | None = None  # the lowest and highest effective percentage seen
     replies: dict[str, list[float]] = field(default_factory=lambda: {"old": [], "new": []})  # seconds, by backend
 
@@ -209,6 +210,10 @@ def table(stats: list[StepStats]) -> list[str]:
     ]
 
 
+def _times(count: int) -> str:
+    return "once" if count == 1 else f"{count} times"
+
+
 def verdict(plan: Plan, stats: list[StepStats], guard_at_end: str, usage: Usage, problems: list[str]) -> tuple[bool, str]:
     """The run's one-line verdict; `problems`: what else went wrong (an edit the gateway did not apply)."""
     failed = sum(s.failed for s in stats)
@@ -218,13 +223,13 @@ def verdict(plan: Plan, stats: list[StepStats], guard_at_end: str, usage: Usage,
     threshold = f"{100 * MAX_FAILURE_RATIO:g}%"
     if not plan.expects_trip():
         expected = f"expected none (no fault over its {threshold} threshold reached the new backend)"
-        parts.append((trips == 0, f"the guard tripped {trips} times; {expected}"))
+        parts.append((trips == 0, f"the guard tripped {_times(trips)}; {expected}"))
     elif trips == 0:
         parts.append((False, f"the guard never tripped, though {plan.fail_percent:g}% of handshakes failed (threshold {threshold})"))
-    elif guard_at_end != "closed":
-        parts.append((False, f"the guard tripped {trips} times but had not recovered by the end ({guard_at_end})"))
+    elif guard_at_end != GuardState.HEALTHY.value:
+        parts.append((False, f"the guard tripped {_times(trips)} but had not recovered by the end ({guard_at_end})"))
     else:
-        parts.append((True, f"the guard tripped {trips} times and recovered"))
+        parts.append((True, f"the guard tripped {_times(trips)} and recovered"))
     given, share = plan.legacy_share, 100 * usage.users_legacy / usage.users if usage.users else None
     tolerance = 100 / plan.apps  # the share moves in steps of one app
     parts.append((

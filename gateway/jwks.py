@@ -69,14 +69,20 @@ def _usable(entry: dict[str, Any], algorithms: tuple[str, ...]) -> bool:
 
 
 async def http_fetch(url: str, timeout: float = 10.0) -> bytes:
+    """The whole body, however many pieces it arrives in (a provider behind TLS may split it
+    anywhere); reading stops as soon as it is past `MAX_BODY_BYTES`."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as client:
         async with client.get(url, headers={"Accept": "application/json"}) as response:
             if response.status != 200:
                 raise KeySetError(f"HTTP {response.status}")
-            body = await response.content.read(MAX_BODY_BYTES + 1)
-            if len(body) > MAX_BODY_BYTES:
+            if response.content_length is not None and response.content_length > MAX_BODY_BYTES:
                 raise KeySetError("the answer is over 1 MiB")
-            return body
+            body = bytearray()
+            async for piece in response.content.iter_any():
+                body += piece
+                if len(body) > MAX_BODY_BYTES:
+                    raise KeySetError("the answer is over 1 MiB")
+            return bytes(body)
 
 
 class KeySet:

@@ -103,7 +103,7 @@ class Metrics:
             f"{PREFIX}_config_reloads", "Config reload attempts by result.", ["result"], registry=r
         )
         self.guard_state = Gauge(
-            f"{PREFIX}_guard_state", "Rollback guard: 0 closed, 1 half-open (recovering), 2 open (tripped).", registry=r
+            f"{PREFIX}_guard_state", "Rollback guard: 0 healthy, 1 recovering, 2 tripped.", registry=r
         )
         self.guard_trips = Counter(f"{PREFIX}_guard_trips", "Times the rollback guard tripped.", registry=r)
         self.draining = Gauge(f"{PREFIX}_draining", "1 while the gateway drains for shutdown.", registry=r)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 import weakref
@@ -19,8 +20,9 @@ from . import closecodes
 from .auth import REASONS as AUTH_REASONS
 from .auth import Verifier
 from .config import Config, ConfigError, keep_restart_keys, restart_required
-from .connector import Connector
+from .connector import Connector, target_of
 from .guard import STATE_VALUES, Guard, GuardState, Transition
+from .handshake import UpgradeRefused
 from .jwks import KeySet
 from .metrics import Metrics
 from .rebalance import Move, Schedule, due, plan
@@ -99,6 +101,7 @@ class Gateway:
             else None
         )
         self.pending = 0  # connections from accept until relaying or closed (listener.Request)
+        self.upstream_errors: dict[str, dict[str, Any]] = {}  # the last one per backend, for /rollout
         self.replica = uuid.uuid4().hex
         self._guard_seen = 0.0  # wall time of the newest trip this replica knows of
         self._own_trip: dict[str, Any] | None = None
@@ -151,7 +154,7 @@ class Gateway:
     # -- routing and the guard -------------------------------------------------------------
 
     def route(self, user_id: str) -> Route:
-        """`routing.choose_backend`, held back by the guard while it is open or recovering."""
+        """`routing.choose_backend`, held back by the guard while it is tripped or recovering."""
         self._observe(self.guard.tick(self.clock()))
         rollout = self.config.rollout
         return held_back(choose_backend(user_id, rollout), rollout, self.guard.share(), self.guard.blocks_forced())
@@ -161,7 +164,7 @@ class Gateway:
 
     def _observe(self, transitions: list[Transition], *, share: bool = True) -> None:
         for transition in transitions:
-            if transition.state is GuardState.OPEN:
+            if transition.state is GuardState.TRIPPED:
                 self.metrics.guard_trips.inc()
                 log.error("rollback guard " + transition.detail, extra={"guard_state": transition.state.value})
                 if share:
@@ -234,7 +237,9 @@ class Gateway:
         """Publish a local trip so every replica stops sending users to the new backend."""
         tripped_at = self.wall() - (self.clock() - transition.at)
         self._guard_seen = tripped_at
-        self._own_trip = {"state": "open", "tripped_at": tripped_at, "replica": self.replica, "detail": transition.detail}
+        self._own_trip = {
+            "state": GuardState.TRIPPED.value, "tripped_at": tripped_at, "replica": self.replica, "detail": transition.detail
+        }
         self._spawn(self.store.publish_guard(self._own_trip))
 
     async def sync_guard_once(self) -> None:
@@ -247,7 +252,7 @@ class Gateway:
         record = await self.store.read_guard()
         published_at = float(record.get("tripped_at", 0.0)) if record else 0.0
         own = self._own_trip
-        if own is not None and self.guard.state is not GuardState.CLOSED and published_at < own["tripped_at"]:
+        if own is not None and self.guard.state is not GuardState.HEALTHY and published_at < own["tripped_at"]:
             await self.store.publish_guard(own)
             return
         if not record or record.get("replica") == self.replica:
@@ -311,7 +316,7 @@ class Gateway:
         self.refresh_gauges()
         rollout = self.config.rollout
         guard = self.guard
-        until = guard.open_until()
+        retry_at = guard.retry_at()
         return {
             "configured_percent": rollout.new_percent,
             "effective_percent": self.effective_percent(),
@@ -322,20 +327,27 @@ class Gateway:
             "guard": {
                 "enabled": rollout.guard.enabled,
                 "state": guard.state.value,
-                "step": guard.step + 1 if guard.state.value == "half_open" else None,
+                "since": self._utc(guard.since) if guard.state is not GuardState.HEALTHY else None,
+                "step": guard.step + 1 if guard.state is GuardState.RECOVERING else None,
                 "share_of_configured": guard.share(),
                 "trips": guard.trips,
-                "reopens_in_seconds": round(max(0.0, until - self.clock()), 1) if until is not None else None,
+                "retries_at": self._utc(retry_at) if retry_at is not None else None,
+                "retries_in_seconds": round(max(0.0, retry_at - self.clock()), 1) if retry_at is not None else None,
             },
             "config_file": self.config_path,
-            "config_loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+            "config_loaded_at": _iso(self.loaded_at),
             "active_connections": len(self.connections),
             "draining": self.draining,
             "pending_handshakes": self.pending,
             # asyncio tasks alive: an established session has none, so this stays flat (bench/soak.py).
             "tasks": len(asyncio.all_tasks()),
             "rebalance": self._rebalance_status(self.rebalance),
+            "last_upstream_error": {backend: self.upstream_errors.get(backend) for backend in ("old", "new")},
         }
+
+    def _utc(self, at: float) -> str:
+        """A time of the monotonic `clock` as the UTC wall time an operator can compare with the log."""
+        return _iso(self.wall() - (self.clock() - at))
 
     # -- session outcomes (called by the relay) ----------------------------------------------
 
@@ -349,6 +361,15 @@ class Gateway:
             self.metrics.upstream_failures.labels(backend, result).inc()
         if backend == "new" and result not in ("rejected", "bad_request"):
             self.new_backend_outcome(failed=result != "ok")
+
+    def upstream_error(self, backend: str, url: str, error: BaseException) -> dict[str, Any]:
+        """Keep `backend`'s latest failed attempt for /rollout; returns its host, port and what
+        went wrong, for the log line. Never the URL itself: its query may carry a token."""
+        target = target_of(url)
+        timeout = self.config.backends[backend].connect_timeout_seconds if backend in self.config.backends else None
+        where: dict[str, Any] = {"host": target.host, "port": target.port, "error": describe_error(error, timeout)}
+        self.upstream_errors[backend] = {"at": _iso(self.wall()), **where}
+        return where
 
     def reply_observer(self, backend: str) -> Callable[[float], None]:
         return self.metrics.reply_by_backend[backend]
@@ -493,3 +514,21 @@ class Gateway:
                 await asyncio.sleep(interval)
             closing.append(asyncio.create_task(conn.close(closecodes.SERVICE_RESTART, "server restarting")))
         await asyncio.gather(*closing)
+
+
+def _iso(wall: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
+
+
+def describe_error(error: BaseException, timeout: float | None = None) -> str:
+    """What an operator can act on: the OS's own words (``Name or service not known``,
+    ``Connection refused``), not the exception's class name."""
+    if isinstance(error, TimeoutError) and not error.errno:
+        return f"no answer within {timeout:g} s" if timeout is not None else "timed out"
+    if isinstance(error, UpgradeRefused):
+        return f"upgrade refused with HTTP {error.status}" if error.status else f"upgrade refused: {error}"
+    if isinstance(error, OSError) and error.errno is not None and error.errno > 0:
+        return os.strerror(error.errno)  # asyncio words a refusal "Connect call failed (...)"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror  # a resolver error (gaierror): its errno is the resolver's, not the OS's
+    return str(error) or type(error).__name__

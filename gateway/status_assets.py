@@ -79,7 +79,7 @@ SCRIPT = r"""
 "use strict";
 const SVGNS = "http://www.w3.org/2000/svg";
 const COLOR = {old: "#b45309", new: "#1d4ed8", legacy: "#6b7280", message: "#059669", bad: "#dc2626", muted: "#9ca3af"};
-const GUARD = {closed: "closed", half_open: "recovering", open: "TRIPPED"};
+const GUARD = {healthy: "healthy", recovering: "recovering", tripped: "TRIPPED"};
 const DASHED = new Set(["configured_percent", "reply_p95_old", "reply_p95_new"]);
 // Each chart: its columns in status.json, a unit, and optionally a fixed top, an alert line, the guard band.
 const CHARTS = [
@@ -215,12 +215,17 @@ function render(data) {
   const tiles = document.getElementById("tiles");
   tiles.replaceChildren();
   let guardText = GUARD[g.state] || String(g.state);
-  if (g.state === "half_open" && g.step) guardText += ` (step ${g.step})`;
+  if (g.state === "recovering" && g.step) guardText += ` (step ${g.step})`;
+  const trips = g.trips === 1 ? "1 trip" : `${g.trips || 0} trips`;
+  // The times as the log writes them (UTC), so the tile and the log line of the trip can be matched.
+  const utc = iso => iso ? iso.slice(11, 19) + " UTC" : "?";
   const guardDetail = g.enabled === false ? "guard disabled" :
-    g.state === "open" ? `reopens in ${g.reopens_in_seconds} s \u00b7 ${g.trips} trip(s)` : `guard ${guardText} \u00b7 ${g.trips || 0} trip(s)`;
+    g.state === "tripped" ? `guard TRIPPED since ${utc(g.since)} \u00b7 retries at ${utc(g.retries_at)} ` +
+      `(in ${g.retries_in_seconds} s) \u00b7 ${trips}` :
+    `guard ${guardText} \u00b7 ${trips}`;
   tiles.appendChild(tile("New backend", `${fmt(ro.effective_percent, "%")} of users`,
     `configured ${fmt(ro.configured_percent, "%")} \u00b7 ${guardDetail}`,
-    g.state === "open" ? "bad" : g.state === "half_open" ? "warn" : ""));
+    g.state === "tripped" ? "bad" : g.state === "recovering" ? "warn" : ""));
   tiles.appendChild(tile("Open sessions", `old ${fmt(r.active_old)} \u00b7 new ${fmt(r.active_new)}`,
     `legacy app ${fmt(r.active_legacy)} \u00b7 current app ${fmt(r.active_message)}`, "quiet"));
   // As the alerts: a share counts only above 0.1 upgrades per second, not on a trickle.

@@ -51,7 +51,7 @@ class Sample:
     ready: Mapping[str, Buckets] = field(default_factory=dict)  # ws_gateway_session_ready_seconds by backend
     configured_percent: float = 0.0
     effective_percent: float = 0.0
-    guard_state: float = 0.0  # 0 closed, 1 recovering, 2 tripped
+    guard_state: float = 0.0  # 0 healthy, 1 recovering, 2 tripped
 
 
 def sample_of(families: Iterable[Metric], at: float) -> Sample:

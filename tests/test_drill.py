@@ -102,11 +102,11 @@ def test_usage_adds_up_the_days_of_the_run() -> None:
 def test_table_has_a_row_per_step_with_every_column() -> None:
     healthy = StepStats(0, 0, attempted=300, succeeded=300, effective=(0, 0))
     healthy.replies["old"] += [0.001, 0.002]
-    faulty = StepStats(25, 30, attempted=290, succeeded=290, fallbacks=12, trips=2, guard="half_open", effective=(0, 25))
+    faulty = StepStats(25, 30, attempted=290, succeeded=290, fallbacks=12, trips=2, guard="recovering", effective=(0, 25))
     assert table([healthy, faulty]) == [
-        "step  new %  new backend  attempted  succeeded  failed  fallbacks  trips  guard      effective %  old p50/p95 ms  new p50/p95 ms",
-        "   1      0  healthy            300        300       0          0      0  closed               0         1.0/2.0               -",
-        "   2     25  30% fail           290        290       0         12      2  half_open         0-25               -               -",
+        "step  new %  new backend  attempted  succeeded  failed  fallbacks  trips  guard       effective %  old p50/p95 ms  new p50/p95 ms",
+        "   1      0  healthy            300        300       0          0      0  healthy               0         1.0/2.0               -",
+        "   2     25  30% fail           290        290       0         12      2  recovering         0-25               -               -",
     ]
 
 
@@ -118,13 +118,13 @@ GOOD_USAGE = Usage(users_legacy=30, users=100, sessions_legacy=300, sessions=100
 def good_steps() -> list[StepStats]:
     return [
         StepStats(0, 0, attempted=100, succeeded=100),
-        StepStats(25, 30, attempted=100, succeeded=100, trips=2, guard="half_open"),
+        StepStats(25, 30, attempted=100, succeeded=100, trips=2, guard="recovering"),
         StepStats(50, 0, attempted=100, succeeded=100),
     ]
 
 
 def test_verdict_passes_with_no_failure_a_recovered_guard_and_the_share_given() -> None:
-    passed, line = verdict(Plan(), good_steps(), "closed", GOOD_USAGE, [])
+    passed, line = verdict(Plan(), good_steps(), "healthy", GOOD_USAGE, [])
     assert passed
     assert line == (
         "verdict: PASS: 0 app-visible failures in 300 sessions; the guard tripped 2 times and recovered; "
@@ -135,34 +135,43 @@ def test_verdict_passes_with_no_failure_a_recovered_guard_and_the_share_given() 
 def test_one_app_visible_failure_fails_the_drill() -> None:
     steps = good_steps()
     steps[1].failed, steps[1].succeeded = 1, 99
-    passed, line = verdict(Plan(), steps, "closed", GOOD_USAGE, [])
+    passed, line = verdict(Plan(), steps, "healthy", GOOD_USAGE, [])
     assert not passed and "1 app-visible failures in 300 sessions" in line
 
 
 def test_a_guard_that_never_tripped_fails_the_drill() -> None:
     steps = good_steps()
     steps[1].trips = 0
-    passed, line = verdict(Plan(), steps, "closed", GOOD_USAGE, [])
+    passed, line = verdict(Plan(), steps, "healthy", GOOD_USAGE, [])
     assert not passed and "the guard never tripped, though 30% of handshakes failed" in line
 
 
 def test_a_guard_not_recovered_by_the_end_fails_the_drill() -> None:
-    passed, line = verdict(Plan(), good_steps(), "half_open", GOOD_USAGE, [])
-    assert not passed and "had not recovered by the end (half_open)" in line
+    passed, line = verdict(Plan(), good_steps(), "recovering", GOOD_USAGE, [])
+    assert not passed and "had not recovered by the end (recovering)" in line
 
 
 def test_a_trip_without_a_fault_that_should_cause_one_fails_the_drill() -> None:
-    passed, line = verdict(Plan(fail_percent=0), good_steps(), "closed", GOOD_USAGE, [])
+    passed, line = verdict(Plan(fail_percent=0), good_steps(), "healthy", GOOD_USAGE, [])
     assert not passed and "the guard tripped 2 times; expected none" in line
 
 
 def test_usage_off_the_given_legacy_share_fails_the_drill() -> None:
-    passed, line = verdict(Plan(), good_steps(), "closed", Usage(25, 100, 250, 1000), [])
+    passed, line = verdict(Plan(), good_steps(), "healthy", Usage(25, 100, 250, 1000), [])
     assert not passed and "usage shows 25.0% legacy users (--legacy-share 30%)" in line
 
 
+def test_a_single_trip_reads_once() -> None:
+    steps = good_steps()
+    steps[1].trips = 1
+    passed, line = verdict(Plan(), steps, "healthy", GOOD_USAGE, [])
+    assert passed and "the guard tripped once and recovered" in line
+    passed, line = verdict(Plan(fail_percent=0), steps, "healthy", GOOD_USAGE, [])
+    assert not passed and "the guard tripped once; expected none" in line
+
+
 def test_an_edit_the_gateway_did_not_apply_fails_the_drill() -> None:
-    passed, line = verdict(Plan(), good_steps(), "closed", GOOD_USAGE, ["the gateway did not apply new_percent 50 within 5 s"])
+    passed, line = verdict(Plan(), good_steps(), "healthy", GOOD_USAGE, ["the gateway did not apply new_percent 50 within 5 s"])
     assert not passed and line.endswith("; the gateway did not apply new_percent 50 within 5 s")
 
 
@@ -190,9 +199,9 @@ def test_short_drill_has_no_app_visible_failure_and_the_guard_trips_and_recovers
     assert [row[1] for row in rows] == ["0", "50", "100"]
     assert [row[-7] for row in rows] == ["0", "0", "0"]  # failed, as the apps saw it
     assert int(rows[1][-5]) >= 1  # trips during the fault
-    assert rows[2][-4] == "closed"  # recovered by the end
+    assert rows[2][-4] == "healthy"  # recovered by the end
     assert re.fullmatch(
-        r"verdict: PASS: 0 app-visible failures in \d+ sessions; the guard tripped \d+ times and recovered; "
+        r"verdict: PASS: 0 app-visible failures in \d+ sessions; the guard tripped (once|\d+ times) and recovered; "
         r"usage shows 30\.0% legacy users \(--legacy-share 30%\)",
         lines[-1],
     ), lines[-1]

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from gateway.jwks import KeySetError, parse_key_set
+from gateway.admin import create_admin_app
+from gateway.jwks import MAX_BODY_BYTES, KeySetError, parse_key_set
 from gateway.server import start_site
 
-from .helpers import Servers, closed, make_config, metric, open_client
+from .helpers import Servers, Stack, closed, make_config, metric, open_client
 
 
 def rsa_key() -> rsa.RSAPrivateKey:
@@ -32,20 +36,45 @@ def signed(private: Any, kid: str | None, user: str = "alice", algorithm: str = 
     return jwt.encode({"user_id": user, "exp": int(time.time()) + 300}, private, algorithm=algorithm, headers=headers)
 
 
+PIECE_GAP = 0.2  # how long the provider pauses between pieces: the fault itself, not a wait for anything
+
+
 class Provider:
-    """Serves `keys` as a JWK set at /jwks.json and counts the fetches."""
+    """Serves `keys` as a JWK set at /jwks.json and counts the fetches.
+
+    `pieces` > 1 sends the set in that many writes with a pause between them, announced
+    by its `Content-Length` unless `chunked`; `padding` adds that many bytes of whitespace.
+    """
 
     def __init__(self) -> None:
         self.keys: list[dict[str, Any]] = []
         self.fetches = 0
         self.up = True
+        self.pieces = 1
+        self.chunked = False
+        self.padding = 0
 
     async def start(self, servers: Servers) -> str:
-        async def jwks(request: web.Request) -> web.Response:
+        async def jwks(request: web.Request) -> web.StreamResponse:
             self.fetches += 1
             if not self.up:
                 return web.Response(status=503)
-            return web.json_response({"keys": self.keys})
+            if self.pieces == 1 and not self.padding:
+                return web.json_response({"keys": self.keys})
+            body = (json.dumps({"keys": self.keys}) + " " * self.padding).encode()
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            if self.chunked:
+                response.enable_chunked_encoding()
+            else:
+                response.content_length = len(body)
+            await response.prepare(request)
+            size = -(-len(body) // self.pieces)
+            for start in range(0, len(body), size):
+                if start:
+                    await asyncio.sleep(PIECE_GAP)
+                await response.write(body[start : start + size])
+            await response.write_eof()
+            return response
 
         app = web.Application()
         app.router.add_get("/jwks.json", jwks)
@@ -144,6 +173,37 @@ async def test_only_the_configured_algorithms_count_whatever_the_key_says(server
     hmac_token = jwt.encode({"user_id": "mallory"}, "x" * 32, algorithm="HS256", headers={"kid": "k1"})
     ws = await open_client(stack, "legacy", hmac_token)
     assert (await closed(ws))[0] == 1008
+
+
+async def readyz(servers: Servers, stack: Stack) -> int:
+    runner, port = await start_site(create_admin_app(stack.gateway), "127.0.0.1", 0)
+    servers.closing(runner.cleanup)
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/readyz") as response:
+        return response.status
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_key_set_that_arrives_in_pieces_is_read_to_its_end(servers, provider, chunked):
+    source, url = provider
+    key = rsa_key()
+    source.keys = [jwk(key, "k1"), jwk(rsa_key(), "k2")]
+    source.pieces, source.chunked = 3, chunked
+    stack = await jwks_stack(servers, url)
+    assert await readyz(servers, stack) == 200
+    assert sorted(stack.gateway.keys.keys) == ["k1", "k2"]
+    await chat(stack, "legacy", signed(key, "k1"))
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_key_set_past_the_size_cap_is_refused_with_a_clear_error(servers, provider, caplog, chunked):
+    source, url = provider
+    source.keys = [jwk(rsa_key(), "k1")]
+    source.pieces, source.chunked, source.padding = 4, chunked, MAX_BODY_BYTES
+    caplog.set_level(logging.ERROR, logger="gateway.jwks")
+    stack = await jwks_stack(servers, url)
+    assert await readyz(servers, stack) == 503
+    [line] = [r for r in caplog.records if r.getMessage().startswith("JWKS refresh failed")]
+    assert line.error == "KeySetError: the answer is over 1 MiB"
 
 
 def test_parse_key_set_skips_what_it_cannot_use_and_refuses_an_empty_result():

@@ -506,14 +506,14 @@ async def test_guard_trips_on_failing_handshakes_spares_open_sessions_then_recov
     # 2. Nine more new-bucket sessions; every third handshake fails and falls back to old.
     for n, user in enumerate(in_new[1:10], start=2):
         await ops.chat(user)  # the client always gets a session
-        assert (await ops.rollout())["guard"]["state"] == ("open" if n == 10 else "closed"), n
+        assert (await ops.rollout())["guard"]["state"] == ("tripped" if n == 10 else "healthy"), n
     assert flaky.refused == [in_new[2], in_new[5], in_new[8]]  # authenticates 3, 6 and 9
     assert users_seen_by(old) == flaky.refused
     tripped = [m for level, m in guard_messages(caplog) if level == "ERROR" and "tripped" in m]
     assert len(tripped) == 1 and "3/10" in tripped[0]
 
     status = await ops.rollout()
-    assert (status["guard"]["state"], status["effective_percent"], status["configured_percent"]) == ("open", 0, 80)
+    assert (status["guard"]["state"], status["effective_percent"], status["configured_percent"]) == ("tripped", 0, 80)
     m = await ops.scrape()
     assert m.value("ws_gateway_guard_state") == 2
     assert m.value("ws_gateway_guard_trips_total") == 1
@@ -545,7 +545,7 @@ async def test_guard_trips_on_failing_handshakes_spares_open_sessions_then_recov
     for advance, step, percent, go_new, go_old in steps:
         clock.advance(advance)
         status = await ops.rollout()
-        assert (status["guard"]["state"], status["guard"]["step"], status["effective_percent"]) == ("half_open", step, percent)
+        assert (status["guard"]["state"], status["guard"]["step"], status["effective_percent"]) == ("recovering", step, percent)
         assert (await ops.scrape()).value("ws_gateway_guard_state") == 1
         for user in go_new:
             await ops.chat(user)
@@ -555,7 +555,7 @@ async def test_guard_trips_on_failing_handshakes_spares_open_sessions_then_recov
             assert users_seen_by(old)[-1] == user, (step, user)
     clock.advance(30)
     status = await ops.rollout()
-    assert (status["guard"]["state"], status["effective_percent"]) == ("closed", 80)
+    assert (status["guard"]["state"], status["effective_percent"]) == ("healthy", 80)
     assert (await ops.scrape()).value("ws_gateway_guard_state") == 0
     await ops.chat("qa-forced")
     assert flaky.accepted[-1] == "qa-forced"
@@ -585,7 +585,7 @@ async def test_open_guard_sends_forced_new_users_old_unless_spare_forced(
     flaky.fail_every = 1
     for user in users_between(0, 50, 3, "f"):
         await ops.chat(user)
-    assert (await ops.rollout())["guard"]["state"] == "open"
+    assert (await ops.rollout())["guard"]["state"] == "tripped"
     flaky.fail_every = None
 
     await ops.chat("qa")

@@ -155,6 +155,6 @@ async def test_a_guard_trip_moves_new_sessions_only_with_on_guard_trip(servers: 
     assert code == 1012 and "failing" in reason
 
     async def tripped() -> bool:
-        return stack.gateway.guard.state.value == "open"
+        return stack.gateway.guard.state.value == "tripped"
 
     assert await eventually(tripped)

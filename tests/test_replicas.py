@@ -33,7 +33,7 @@ import gateway
 from gateway.auth import REASONS
 from gateway.guard import GuardState
 from gateway.report import collect_report
-from gateway.runtime import GUARD_SYNC_SECONDS
+from gateway.runtime import GUARD_SYNC_SECONDS, Gateway
 from gateway.store import RedisStore, Store, utc_day
 
 from .helpers import TIMEOUT, Clock, Servers, Stack, closed, eventually, make_token, metric, open_client, raw_config
@@ -107,10 +107,12 @@ async def replicas(servers: Servers, redis_server: RedisServer, n: int = 2, **se
 
 
 async def attempt(
-    stack: Stack, token: str, style: str = "legacy", *, xff: str | None = None
+    stack: Stack, token: str, style: str = "legacy", *, xff: str | None = None, close_timeout: float = TIMEOUT
 ) -> tuple[ClientConnection | None, int | None, str]:
     """Try a session: (open client, None, "") once a frame made the round trip, else (None, code, reason)."""
-    kwargs: dict[str, Any] = {"additional_headers": {"X-Forwarded-For": xff}} if xff else {}
+    kwargs: dict[str, Any] = {"close_timeout": close_timeout}
+    if xff:
+        kwargs["additional_headers"] = {"X-Forwarded-For": xff}
     async with asyncio.timeout(TIMEOUT):
         ws = await open_client(stack, style, token, **kwargs)
         try:
@@ -132,9 +134,11 @@ async def chat(stack: Stack, token: str, style: str = "legacy", *, xff: str | No
     return ws
 
 
-async def refusal(stack: Stack, token: str, style: str = "legacy", *, xff: str | None = None) -> tuple[int | None, str]:
+async def refusal(
+    stack: Stack, token: str, style: str = "legacy", *, xff: str | None = None, close_timeout: float = TIMEOUT
+) -> tuple[int | None, str]:
     """The close a refused session got; fails the test if the session relays."""
-    ws, code, reason = await attempt(stack, token, style, xff=xff)
+    ws, code, reason = await attempt(stack, token, style, xff=xff, close_timeout=close_timeout)
     if ws is not None:
         await ws.close()
         pytest.fail("the gateway admitted a session it should have refused")
@@ -191,6 +195,33 @@ async def test_auth_failures_from_one_ip_are_limited_across_replicas_before_any_
     assert await eventually(counted)
     assert [metric(s, "ws_gateway_auth_failures_total", reason="rate_limited") for s in (a, b)] == [2, 2]
     assert [metric(s, "ws_gateway_auth_failures_total", reason="bad_signature") for s in (a, b)] == [2, 1]
+
+
+async def test_a_client_over_the_limit_is_refused_at_once_on_every_replica(
+    redis_server: RedisServer, servers: Servers, ops_store: RedisStore
+):
+    """The refusal used to wait out the gateway's close_timeout (5 s): here both sides' close
+    timeouts are an hour, so a refusal that waits on one makes the test time out."""
+    forever = 3600.0
+    backend = await servers.recording("query")
+    a, b = await replicas(servers, redis_server, old_port=backend.port, limits={"auth_failures_per_ip_per_minute": 2})
+    pin_auth_window(a.gateway.store, b.gateway.store)
+    for stack in (a, b):
+        stack.gateway.close_timeout = forever
+        servers.closing(lambda g=stack.gateway: shorten_close_timeout(g))
+    bad = make_token("mallory", secret="not-the-gateway-secret-0123456789abcdef")
+
+    assert await refusal(a, bad, close_timeout=forever) == (1008, BAD_SIGNATURE)
+    assert await refusal(b, bad, "message", close_timeout=forever) == (1008, BAD_SIGNATURE)
+    assert await eventually(lambda: ops_store.auth_blocked(LOOPBACK, 2))
+    for stack, style in ((a, "legacy"), (b, "message"), (b, "legacy"), (a, "message")):
+        assert await refusal(stack, make_token("alice"), style, close_timeout=forever) == (1008, RATE_LIMITED)
+    assert backend.connections == 0
+
+
+async def shorten_close_timeout(gateway: Gateway) -> None:
+    """At teardown: should the test fail, stopping the gateway need not wait an hour."""
+    gateway.close_timeout = 1.0
 
 
 async def test_forwarded_for_from_a_trusted_proxy_counts_each_client_separately(
@@ -568,7 +599,7 @@ ALL_NEW = {"new_percent": 100, "guard": GUARD}
 def trip(stack: Stack) -> None:
     for _ in range(GUARD["min_samples"]):
         stack.gateway.new_backend_outcome(failed=True)
-    assert stack.gateway.guard.state is GuardState.OPEN
+    assert stack.gateway.guard.state is GuardState.TRIPPED
 
 
 async def test_guard_tripped_on_one_replica_stops_the_other_sending_users_new(
@@ -582,10 +613,10 @@ async def test_guard_tripped_on_one_replica_stops_the_other_sending_users_new(
 
     trip(a)
     await settled(a)  # the trip is published
-    assert b.gateway.guard.state is GuardState.CLOSED
+    assert b.gateway.guard.state is GuardState.HEALTHY
     await b.gateway.sync_guard_once()
 
-    assert b.gateway.guard.state is GuardState.OPEN
+    assert b.gateway.guard.state is GuardState.TRIPPED
     assert await backend_of(b, "g1") == "old"
     assert await backend_of(b, "g2") == "old"
     assert metric(b, "ws_gateway_guard_trips_total") == 1
@@ -598,7 +629,7 @@ async def test_guard_trip_reaches_the_other_replica_by_its_background_sync(redis
     trip(a)
 
     async def adopted() -> bool:
-        return b.gateway.guard.state is GuardState.OPEN
+        return b.gateway.guard.state is GuardState.TRIPPED
 
     assert await eventually(adopted, within=3 * GUARD_SYNC_SECONDS)
     assert await backend_of(b, "g1") == "old"
@@ -622,17 +653,17 @@ async def test_guard_recovery_follows_one_schedule_on_both_replicas(redis_server
     trip(a)
     await settled(a)
     await b.gateway.sync_guard_once()
-    assert at(0) == [(GuardState.OPEN, 0.0)] * 2
-    assert at(59) == [(GuardState.OPEN, 0.0)] * 2
-    assert at(61) == [(GuardState.HALF_OPEN, 0.5)] * 2
-    assert at(91) == [(GuardState.HALF_OPEN, 1.0)] * 2
-    assert at(121) == [(GuardState.CLOSED, 1.0)] * 2
+    assert at(0) == [(GuardState.TRIPPED, 0.0)] * 2
+    assert at(59) == [(GuardState.TRIPPED, 0.0)] * 2
+    assert at(61) == [(GuardState.RECOVERING, 0.5)] * 2
+    assert at(91) == [(GuardState.RECOVERING, 1.0)] * 2
+    assert at(121) == [(GuardState.HEALTHY, 1.0)] * 2
 
     trip(a)  # a relapse on one replica sends both back to the start of the schedule
     await settled(a)
     await b.gateway.sync_guard_once()
-    assert at(121 + 59) == [(GuardState.OPEN, 0.0)] * 2
-    assert at(121 + 61) == [(GuardState.HALF_OPEN, 0.5)] * 2
+    assert at(121 + 59) == [(GuardState.TRIPPED, 0.0)] * 2
+    assert at(121 + 61) == [(GuardState.RECOVERING, 0.5)] * 2
 
 
 async def test_a_replica_that_learns_of_a_trip_late_reopens_when_the_tripping_one_does(
@@ -654,7 +685,7 @@ async def test_a_replica_that_learns_of_a_trip_late_reopens_when_the_tripping_on
     await ops_store.publish_guard({**record, "tripped_at": record["tripped_at"] - 40})
     await b.gateway.sync_guard_once()
 
-    for offset, state in ((19, GuardState.OPEN), (21, GuardState.HALF_OPEN)):  # 60 s after the trip
+    for offset, state in ((19, GuardState.TRIPPED), (21, GuardState.RECOVERING)):  # 60 s after the trip
         clock_a.now, clock_b.now = 1_040.0 + offset, 50_000.0 + offset
         for stack in (a, b):
             stack.gateway.refresh_gauges()
@@ -679,10 +710,10 @@ async def test_a_trip_during_a_redis_outage_reaches_the_other_replica_once_redis
         return all(s.gateway.store.available for s in (a, b))
 
     assert await eventually(both_up)
-    assert a.gateway.guard.state is GuardState.OPEN  # still inside its cooldown
+    assert a.gateway.guard.state is GuardState.TRIPPED  # still inside its cooldown
 
     async def adopted() -> bool:
         await b.gateway.sync_guard_once()
-        return b.gateway.guard.state is GuardState.OPEN
+        return b.gateway.guard.state is GuardState.TRIPPED
 
     assert await eventually(adopted, within=3 * GUARD_SYNC_SECONDS)

@@ -207,7 +207,7 @@ async def test_status_json_shows_live_sessions_and_the_rollout_but_no_secret(adm
     assert status == 200 and headers["Cache-Control"] == "no-store"
     body = json.loads(text)
     assert body["recent"]["active_new"] == 1 and body["recent"]["active_message"] == 1
-    assert body["rollout"]["configured_percent"] == 30 and body["rollout"]["guard"]["state"] == "closed"
+    assert body["rollout"]["configured_percent"] == 30 and body["rollout"]["guard"]["state"] == "healthy"
     assert body["sampled_every_seconds"] == 5.0 and body["workers"] is None
     assert set(body["series"]) >= {"t", "sessions_per_s_new", "reply_p95_old", "effective_percent"}
     assert SECRET not in text and token not in text
@@ -282,7 +282,10 @@ def eventful_status() -> dict[str, Any]:
     rollout = {
         "configured_percent": 50, "effective_percent": 0, "config_file": "/etc/ws-gateway/gateway.yaml <b>x</b>",
         "config_loaded_at": "2026-11-26T10:00:00Z", "draining": True,
-        "guard": {"enabled": True, "state": "open", "trips": 1, "reopens_in_seconds": 42.0},
+        "guard": {
+            "enabled": True, "state": "tripped", "since": "2026-11-26T10:04:18Z", "step": None, "trips": 1,
+            "retries_at": "2026-11-26T10:05:18Z", "retries_in_seconds": 42.0,
+        },
     }
     return status_json(history, history.samples[-1], rollout)
 
@@ -310,7 +313,8 @@ async def test_browser_draws_every_chart_and_the_tiles_from_status_json() -> Non
                    "reply_p95_new", "reply_avg_new", "effective_percent", "configured_percent", "success_percent"):
         assert f'data-series="{series}"' in dom, series
     assert 'fill="#fecaca"' in dom  # the guard's open minutes are shaded
-    assert "reopens in 42 s" in dom and 'class="tile bad"' in dom
+    assert "guard TRIPPED since 10:04:18 UTC \u00b7 retries at 10:05:18 UTC (in 42 s) \u00b7 1 trip<" in dom
+    assert 'class="tile bad"' in dom
     assert "Draining: this gateway is shutting down" in dom
     assert "gateway.yaml &lt;b&gt;x&lt;/b&gt;" in dom  # data is text, never markup
 

@@ -246,7 +246,7 @@ async def test_usage_put_back_adds_to_what_was_counted_meanwhile():
 async def test_guard_record_reads_back_until_it_expires(make_store: MakeStore):
     store = make_store()
     assert await store.read_guard() is None
-    record = {"state": "open", "until": 1700000100.5, "trips": 2, "detail": "9/20 failed"}
+    record = {"state": "tripped", "until": 1700000100.5, "trips": 2, "detail": "9/20 failed"}
     await store.publish_guard(record, ttl_seconds=0.3)
     assert await store.read_guard() == record
 
@@ -315,11 +315,11 @@ async def test_a_live_replica_keeps_its_sessions_past_the_ttl(replicas):
 
 async def test_guard_published_by_one_replica_is_read_by_the_other(replicas):
     a, b = replicas(), replicas()
-    record = {"state": "open", "until": 1700000100, "trips": 1, "detail": "tripped: 12/20 failed"}
+    record = {"state": "tripped", "until": 1700000100, "trips": 1, "detail": "tripped: 12/20 failed"}
     await a.publish_guard(record)
     assert await b.read_guard() == record
-    await b.publish_guard({"state": "closed", "trips": 1})
-    assert await a.read_guard() == {"state": "closed", "trips": 1}
+    await b.publish_guard({"state": "healthy", "trips": 1})
+    assert await a.read_guard() == {"state": "healthy", "trips": 1}
 
 
 async def test_keys_follow_the_documented_families_and_expire(replicas, redis_server):
@@ -327,7 +327,7 @@ async def test_keys_follow_the_documented_families_and_expire(replicas, redis_se
     await store.auth_failed(IP, 5)
     await store.acquire_session("alice", "s1", 2)
     await count_mix(store, utc_day())
-    await store.publish_guard({"state": "closed"}, ttl_seconds=30)
+    await store.publish_guard({"state": "healthy"}, ttl_seconds=30)
     raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         keys = sorted(await raw.keys("*"))
@@ -369,8 +369,8 @@ async def test_redis_killed_mid_session_keeps_answering_and_loses_no_usage(
     assert await a.acquire_session("alice", "s2", 2)
     assert not await a.acquire_session("alice", "s3", 2)  # s1 (taken before the outage) still counts
     await count_mix(a, today)
-    await a.publish_guard({"state": "open", "trips": 1})
-    assert await a.read_guard() == {"state": "open", "trips": 1}
+    await a.publish_guard({"state": "tripped", "trips": 1})
+    assert await a.read_guard() == {"state": "tripped", "trips": 1}
     assert not a.available
     assert a.errors >= 1 and len(failed_ops) == a.errors
     assert a.pending_usage_days == [today]
