@@ -18,6 +18,7 @@ import aiohttp
 import jwt
 import pytest
 import yaml
+from aiohttp import web
 
 from gateway.admin import create_admin_app
 from gateway.config import AuthConfig
@@ -408,6 +409,15 @@ async def test_an_admin_port_that_does_not_answer_leaves_the_backend_unknown_and
     first = report.checks[0]
     assert (first.result, first.backend) == ("FAIL", None)
     assert first.detail == f"expected backend old, but where it landed is unknown: admin port: connection refused to 127.0.0.1:{port}"
+
+
+async def test_an_admin_port_without_sessions_is_named_as_such(servers: Servers) -> None:
+    stack, _ = await demo_stack(servers)
+    runner, port = await start_site(web.Application(), "127.0.0.1", 0)  # answers 404 to everything
+    servers.closing(runner.cleanup)
+    options = replace(HELD, admin=f"http://127.0.0.1:{port}", expect_backend="old")
+    report = await run_probe(stack.url(), {"qa-old-1": make_token("qa-old-1")}, forged_token(AuthConfig(secret=SECRET)), options)
+    assert report.checks[0].detail.endswith("unknown: the admin port does not answer /sessions (serve --workers N does not yet)")
 
 
 async def test_admin_sessions_answers_404_for_a_request_id_it_does_not_hold(guarded) -> None:
