@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=_days, default=14, help="days to show, newest last (default 14; 7 or more for a verdict)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("probe", help="smoke-test a running gateway in both auth styles, over WebSocket only (QA)")
+    p = sub.add_parser("probe", help="smoke-test a running gateway in both auth styles, as the apps connect (QA)")
     p.add_argument("url", help="the gateway's public URL, e.g. wss://chat.staging.example.com/ws/chat")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--token", help="probe with this token; else one is minted per --user")

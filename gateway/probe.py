@@ -335,6 +335,8 @@ async def _placement(http: aiohttp.ClientSession, options: Options, request_id: 
             return Placed(problem=f"admin port: {type(exc).__name__}")
         except TimeoutError:
             return Placed(problem=f"the admin port did not answer within {options.timeout:g} s")
+        if not isinstance(body, dict):
+            return Placed(problem="the admin port's answer is not a JSON object")
         if body.get("relaying"):
             return Placed(backend=body.get("backend"), why=body.get("why"))
         if time.monotonic() >= deadline:
