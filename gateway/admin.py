@@ -20,6 +20,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from . import status_assets
+from .auth import MAX_USER_ID_CHARS
+from .routing import Route, choose_backend
 from .runtime import Gateway
 from .status_page import History, Sample, sample_of, status_json
 
@@ -52,13 +54,50 @@ def create_admin_app(gateway: Gateway) -> web.Application:
         rollout = gateway.rollout_status()  # refreshes the gauges the sample reads
         return status_json(history, sample_of(gateway.metrics.registry.collect(), gateway.wall()), rollout)
 
+    async def route(request: web.Request) -> web.Response:
+        user_id = request.query.get("user", "")
+        problem = _user_problem(user_id)
+        if problem is not None:
+            return web.json_response({"error": problem}, status=400)
+        return web.json_response(route_answer(user_id, choose_backend(user_id, gateway.config.rollout), gateway.route(user_id)))
+
+    async def session(request: web.Request) -> web.Response:
+        request_id = request.match_info["request_id"]
+        placed = gateway.session_placement(request_id)
+        if placed is None:
+            return web.json_response({"error": f"no open session with X-Request-ID {request_id!r} in this process"}, status=404)
+        return web.json_response(placed)
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/rollout", rollout)
+    app.router.add_get("/route", route)
+    app.router.add_get("/sessions/{request_id}", session)
     add_status_page(app, sample, status)
     return app
+
+
+def _user_problem(user_id: str) -> str | None:
+    if not user_id:
+        return "give a user id: /route?user=ID"
+    if len(user_id) > MAX_USER_ID_CHARS or not user_id.isprintable():
+        return f"a user id is at most {MAX_USER_ID_CHARS} printable characters, as in a token"
+    return None
+
+
+def route_answer(user_id: str, configured: Route, now: Route) -> dict[str, Any]:
+    """``/route``: `configured` is what ``ws-gateway route`` prints (the config alone, same
+    function, same words); `now` is what a connection made now gets, the rollback guard
+    included, so the page can say when the two differ."""
+    return {
+        "user_id": user_id,
+        "backend": configured.backend,
+        "why": configured.explain(),
+        "line": f"{configured.backend} ({configured.explain()})",
+        "now": {"backend": now.backend, "why": now.explain()},
+    }
 
 
 # -- the status page --------------------------------------------------------------------------

@@ -189,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--send", metavar="TEXT", help="also send TEXT in every session and expect a reply")
     p.add_argument("--reply-timeout", type=_timeout, default=5.0, help="seconds to wait for that reply")
     p.add_argument("--timeout", type=_timeout, default=10.0, help="seconds to wait for the upgrade, connected, or a refusal")
+    p.add_argument(
+        "--admin", metavar="URL",
+        help="the gateway's admin URL (e.g. http://127.0.0.1:9090): each check then says which backend served it, and why",
+    )
+    p.add_argument(
+        "--expect-backend", choices=("old", "new"),
+        help="fail a user's check whose session landed on the other backend (needs --admin)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = command(
@@ -376,6 +384,10 @@ def probe(args: argparse.Namespace) -> int:
     """The probe's tokens from --token, or minted per --user from --secret or the config; 2 on a usage error."""
     if not re.fullmatch(r"wss?://[^/?#\s]+(/[^#\s]*)?", args.url):
         return _usage(f"{args.url!r} is not a ws:// or wss:// URL")
+    if args.admin is not None and not re.fullmatch(r"https?://[^/?#\s]+/?", args.admin):
+        return _usage(f"--admin {args.admin!r} is not an http:// or https:// URL of the admin port, e.g. http://127.0.0.1:9090")
+    if args.expect_backend is not None and args.admin is None:
+        return _usage("--expect-backend asks the admin port where each session landed: give --admin URL too")
     if args.token is not None:
         if args.user:
             return _usage("--user mints a token; --token brings its own: give one or the other")
@@ -388,7 +400,8 @@ def probe(args: argparse.Namespace) -> int:
             return _usage("the probe mints tokens with auth.secret; this config verifies with public keys: use --token")
         tokens = {user: mint_token(auth, user, PROBE_TOKEN_TTL) for user in args.user}
     options = ProbeOptions(
-        hold=args.hold, send=args.send, timeout=args.timeout, reply_timeout=args.reply_timeout, query_param=auth.query_param
+        hold=args.hold, send=args.send, timeout=args.timeout, reply_timeout=args.reply_timeout, query_param=auth.query_param,
+        admin=args.admin, expect_backend=args.expect_backend,
     )
     return run(lambda: print_probe(args.url, tokens, forged_token(auth), options, args.json))
 

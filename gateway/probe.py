@@ -1,8 +1,8 @@
 """``ws-gateway probe URL``: a smoke test of a running gateway, from outside, as the apps use it.
 
 QA's question after every deploy is "can both app versions still connect?". The probe
-answers it with nothing but the WebSocket protocol (no admin port), so it works against
-any host: a gateway behind a load balancer, or the old backend directly. For each user
+answers it with nothing but the WebSocket protocol, so it works against any host: a
+gateway behind a load balancer, or the old backend directly. For each user
 (a ``--token``, or one token minted per ``--user``) it connects in both auth styles and
 checks what that style must see:
 
@@ -15,6 +15,12 @@ checks what that style must see:
 then that a token signed with a random secret is refused with 1008 in both styles. No
 token is ever printed.
 
+A PASS alone does not say which backend served the user: the rollback guard or a fallback
+may have sent a user pinned new to the old one. With ``--admin URL`` each session carries
+its own X-Request-ID (a header apps may send already), and while the probe holds it open it
+asks the admin port ``/sessions/ID`` where the session is and why; ``--expect-backend``
+fails a check that landed elsewhere. The public port answers nothing new.
+
 The judges (pure) turn what one wait saw (`Seen`) into a verdict; `run_probe` does the I/O.
 """
 
@@ -22,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -46,6 +54,7 @@ CLOSE_MEANINGS = {
     1014: "bad gateway: the backend is unreachable or failed its handshake",
 }
 BAD_TOKEN = "bad token"  # the `who` of the refusal checks
+ADMIN_RETRY_SECONDS = 0.1  # between asks for a session whose upstream is still opening
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,8 @@ class Options:
     timeout: float = 10.0  # bound on the upgrade, on connected, and on a bad token's close
     reply_timeout: float = 5.0
     query_param: str = "token"  # the URL parameter legacy apps put the token in
+    admin: str | None = None  # the gateway's admin URL: asked which backend served each session
+    expect_backend: str | None = None  # old or new: a session that landed elsewhere fails its check
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,16 @@ Verdict = tuple[str, str]  # (PASS, FAIL or SKIP; what was seen)
 
 
 @dataclass(frozen=True)
+class Placed:
+    """Where the admin port says a session is: `backend` and `why` (route, forced, fallback,
+    guard), or `problem` saying why nobody could tell."""
+
+    backend: str | None = None
+    why: str | None = None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
 class Check:
     who: str  # the user the token names, "given token", or BAD_TOKEN
     style: str  # legacy or message
@@ -85,6 +106,8 @@ class Check:
     result: str
     ms: float | None
     detail: str
+    backend: str | None = None  # old or new, when the admin port said (``--admin``)
+    why: str | None = None  # route, forced, fallback or guard
 
     @property
     def name(self) -> str:
@@ -95,6 +118,7 @@ class Check:
 class ProbeReport:
     url: str
     checks: list[Check] = field(default_factory=list)
+    located: bool = False  # the admin port was asked where each session went
 
     @property
     def passed(self) -> bool:
@@ -113,13 +137,22 @@ class ProbeReport:
 
     def text(self) -> str:
         width = max(len(check.name) for check in self.checks)
+        where = {id(check): _where(check) for check in self.checks}
+        column = max(len(text) for text in where.values())
         lines = [f"probe {self.url}", ""]
         for check in self.checks:
             took = "" if check.ms is None else f"{check.ms:.0f} ms"
-            lines.append(f"{check.result}  {check.name.ljust(width)}  {took:>8}  {check.detail}")
+            placed = f"{where[id(check)].ljust(column)}  " if self.located else ""
+            lines.append(f"{check.result}  {check.name.ljust(width)}  {took:>8}  {placed}{check.detail}")
         counts = self.counts()
         lines += ["", f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped"]
         return "\n".join(lines) + "\n"
+
+
+def _where(check: Check) -> str:
+    if check.backend is not None:
+        return f"backend {check.backend} ({check.why})"
+    return "backend ?" if check.who != BAD_TOKEN else ""
 
 
 # -- the judges (pure) -------------------------------------------------------------------------
@@ -169,6 +202,19 @@ def judge_refused(seen: Seen, token: str) -> Verdict:
     return "PASS", _described_close(seen.close_code, seen.close_reason)
 
 
+def judge_backend(verdict: Verdict, placed: Placed | None, expected: str | None) -> Verdict:
+    """``--expect-backend``: a check that passed fails when its session landed on the other
+    backend, or when nobody could say where it landed."""
+    if expected is None or verdict[0] != "PASS":
+        return verdict
+    if placed is None or placed.backend is None:
+        problem = placed.problem if placed is not None else "the session was over before the admin port was asked"
+        return "FAIL", f"expected backend {expected}, but where it landed is unknown: {problem}"
+    if placed.backend != expected:
+        return "FAIL", f"landed on backend {placed.backend} ({placed.why}), expected {expected}"
+    return verdict
+
+
 def _ending(seen: Seen) -> str:
     if seen.close_code is not None:
         return _described_close(seen.close_code, seen.close_reason)
@@ -211,7 +257,7 @@ def _described(frame: str | bytes) -> str:
 async def run_probe(url: str, tokens: Mapping[str, str], bad_token: str, options: Options) -> ProbeReport:
     """Every check against `url`: each of `tokens` (by who it names) in both styles, then
     `bad_token` in both styles; the sessions run at once, the checks are listed in order."""
-    report = ProbeReport(urlunsplit(urlsplit(url)._replace(query="")))
+    report = ProbeReport(urlunsplit(urlsplit(url)._replace(query="")), located=options.admin is not None)
     async with aiohttp.ClientSession() as http:
         sessions = []
         for who, token in tokens.items():
@@ -224,33 +270,78 @@ async def run_probe(url: str, tokens: Mapping[str, str], bad_token: str, options
 
 async def _message_session(http: aiohttp.ClientSession, url: str, who: str, token: str, options: Options) -> list[Check]:
     started = time.monotonic()
-    ws, error = await _connect(http, url, options.timeout)
+    request_id = _request_id()
+    ws, error = await _connect(http, url, options.timeout, request_id)
     if ws is None:
         seen = Seen(time.monotonic() - started, upgrade_error=error)
-        return _checks(who, "message", ("connected", seen, judge_connected(seen)), options, None)
+        return _checks(who, "message", ("connected", seen, judge_connected(seen)), options, None, None)
     try:
         if await _sent(ws, json.dumps({"type": "authenticate", "token": token})):
             seen = await _wait(ws, started, options.timeout, until_frame=True)
         else:
             seen = Seen(time.monotonic() - started, lost=True)
+        placed = await _placement(http, options, request_id) if seen.still_open else None
         reply = await _exchange(ws, options.send, options.reply_timeout) if options.send is not None and seen.still_open else None
-        return _checks(who, "message", ("connected", seen, judge_connected(seen)), options, reply)
+        return _checks(who, "message", ("connected", seen, judge_connected(seen)), options, reply, placed)
     finally:
         await ws.close()
 
 
 async def _legacy_session(http: aiohttp.ClientSession, url: str, who: str, token: str, options: Options) -> list[Check]:
     started = time.monotonic()
-    ws, error = await _connect(http, _with_token(url, options.query_param, token), options.timeout)
+    request_id = _request_id()
+    ws, error = await _connect(http, _with_token(url, options.query_param, token), options.timeout, request_id)
     if ws is None:
         seen = Seen(time.monotonic() - started, upgrade_error=error)
-        return _checks(who, "legacy", ("held open", seen, judge_held(seen, options.hold)), options, None)
+        return _checks(who, "legacy", ("held open", seen, judge_held(seen, options.hold)), options, None, None)
     try:
         seen = await _wait(ws, time.monotonic(), options.hold, until_frame=False)
+        placed = await _placement(http, options, request_id) if seen.still_open else None
         reply = await _exchange(ws, options.send, options.reply_timeout) if options.send is not None and seen.still_open else None
-        return _checks(who, "legacy", ("held open", seen, judge_held(seen, options.hold)), options, reply)
+        return _checks(who, "legacy", ("held open", seen, judge_held(seen, options.hold)), options, reply, placed)
     finally:
         await ws.close()
+
+
+def _request_id() -> str:
+    """The X-Request-ID of one probe session: the admin port finds the session by it."""
+    return f"probe-{secrets.token_hex(8)}"
+
+
+async def _placement(http: aiohttp.ClientSession, options: Options, request_id: str) -> Placed | None:
+    """Ask the admin port where the session with `request_id` is, while the probe holds it open.
+
+    A legacy session can still be opening its upstream after a short ``--hold`` (and may yet
+    fall back to the old backend): the admin port is asked again until it relays, for at most
+    ``--timeout`` seconds.
+    """
+    if options.admin is None:
+        return None
+    url = f"{options.admin.rstrip('/')}/sessions/{request_id}"
+    deadline = time.monotonic() + options.timeout
+    while True:
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())), http.get(url) as response:
+                if response.status == 404 and response.content_type == "application/json":
+                    return Placed(problem="the admin port knows no open session with its X-Request-ID (another replica's?)")
+                if response.status == 404:
+                    return Placed(problem="the admin port does not answer /sessions (serve --workers N does not yet)")
+                if response.status != 200:
+                    return Placed(problem=f"the admin port answered HTTP {response.status}")
+                body = await response.json()
+        except aiohttp.ClientConnectorError as exc:
+            return Placed(problem=f"admin port: {unreachable(exc.host, exc.port, exc.os_error)}")
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return Placed(problem=f"admin port: {type(exc).__name__}")
+        except TimeoutError:
+            return Placed(problem=f"the admin port did not answer within {options.timeout:g} s")
+        if not isinstance(body, dict):
+            return Placed(problem="the admin port's answer is not a JSON object")
+        if body.get("relaying"):
+            return Placed(backend=body.get("backend"), why=body.get("why"))
+        if time.monotonic() >= deadline:
+            return Placed(problem=f"the gateway had not opened the session's upstream within {options.timeout:g} s")
+        await asyncio.sleep(ADMIN_RETRY_SECONDS)
 
 
 async def _refused(http: aiohttp.ClientSession, url: str, style: str, token: str, options: Options) -> list[Check]:
@@ -270,11 +361,15 @@ async def _refused(http: aiohttp.ClientSession, url: str, style: str, token: str
     return [_check(BAD_TOKEN, style, "refused", seen, judge_refused(seen, token))]
 
 
-def _checks(who: str, style: str, first: tuple[str, Seen, Verdict], options: Options, reply: Seen | None) -> list[Check]:
+def _checks(
+    who: str, style: str, first: tuple[str, Seen, Verdict], options: Options, reply: Seen | None, placed: Placed | None
+) -> list[Check]:
+    """The session's checks; each names the backend the admin port placed the session on."""
     what, seen, verdict = first
-    checks = [_check(who, style, what, seen, verdict)]
+    backend, why = (placed.backend, placed.why) if placed is not None else (None, None)
+    checks = [replace(_check(who, style, what, seen, judge_backend(verdict, placed, options.expect_backend)), backend=backend, why=why)]
     if options.send is not None:
-        checks.append(_check(who, style, "reply", reply, judge_reply(reply)))
+        checks.append(replace(_check(who, style, "reply", reply, judge_reply(reply)), backend=backend, why=why))
     return checks
 
 
@@ -283,17 +378,33 @@ def _check(who: str, style: str, what: str, seen: Seen | None, verdict: Verdict)
     return Check(who, style, what, verdict[0], ms, verdict[1])
 
 
-async def _connect(http: aiohttp.ClientSession, url: str, timeout: float) -> tuple[aiohttp.ClientWebSocketResponse | None, str]:
+async def _connect(
+    http: aiohttp.ClientSession, url: str, timeout: float, request_id: str | None = None
+) -> tuple[aiohttp.ClientWebSocketResponse | None, str]:
     """The open socket, or None and why the upgrade failed (never the URL: it may hold the token)."""
+    headers = {"X-Request-ID": request_id} if request_id is not None else None
     try:
         async with asyncio.timeout(timeout):
-            return await http.ws_connect(url, autoclose=False, autoping=True), ""
+            return await http.ws_connect(url, autoclose=False, autoping=True, headers=headers), ""
     except aiohttp.WSServerHandshakeError as exc:
         return None, f"HTTP {exc.status}"
+    except aiohttp.ClientConnectorError as exc:
+        return None, unreachable(exc.host, exc.port, exc.os_error)
     except (aiohttp.ClientError, OSError) as exc:
         return None, type(exc).__name__
     except TimeoutError:
         return None, f"no answer within {timeout:g} s"
+
+
+def unreachable(host: str, port: int | None, error: OSError) -> str:
+    """What to fix when no TCP connection came about: the address, and the OS's own words."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(error, socket.gaierror):
+        return f"unknown host {host} ({error.strerror or error})"
+    if isinstance(error, ConnectionRefusedError):
+        return f"connection refused to {where}"
+    reason = os.strerror(error.errno) if error.errno else (error.strerror or type(error).__name__)
+    return f"cannot connect to {where}: {reason}"
 
 
 async def _wait(ws: aiohttp.ClientWebSocketResponse, started: float, limit: float, *, until_frame: bool) -> Seen:

@@ -44,6 +44,7 @@ class OpenConnection(Protocol):
     to_client: Flow
     client_ip: str
     connection_id: str
+    request_id: str
 
     @property
     def upstream_dropped(self) -> bool: ...
@@ -348,6 +349,31 @@ class Gateway:
     def _utc(self, at: float) -> str:
         """A time of the monotonic `clock` as the UTC wall time an operator can compare with the log."""
         return _iso(self.wall() - (self.clock() - at))
+
+    def session_placement(self, request_id: str) -> dict[str, Any] | None:
+        """Where the open session with this X-Request-ID is, and why (for ``probe --admin``):
+        a probe learns the backend that served it without the public port telling apps anything.
+
+        ``why`` is ``fallback`` (the new backend failed, the old one took the session),
+        ``forced`` (``rollout.force_new``/``force_old``), ``guard`` (held back by the rollback
+        guard) or ``route`` (the user's bucket against the percentage); ``relaying`` is false
+        while the upstream is still being opened (the backend may yet change by a fallback).
+        """
+        conn = next((c for c in list(self.connections) if c.request_id == request_id), None)
+        if conn is None:
+            return None
+        record = conn.record()
+        if record["backend"] is None:
+            return {"request_id": request_id, "user_id": record["user_id"], "backend": None, "why": None, "relaying": False}
+        route = record["route"]
+        why = "fallback" if record["fell_back"] else "forced" if route in ("force_new", "force_old") else route
+        return {
+            "request_id": request_id,
+            "user_id": record["user_id"],
+            "backend": record["backend"],
+            "why": "route" if why == "bucket" else why,
+            "relaying": record["ready_s"] is not None,
+        }
 
     # -- session outcomes (called by the relay) ----------------------------------------------
 

@@ -31,6 +31,12 @@ PAGE = """<!doctype html>
 </header>
 <p id="banner" hidden></p>
 <section id="tiles" aria-label="now"></section>
+<form id="route-form" aria-label="where does a user go">
+  <label for="route-user">Where does user</label>
+  <input id="route-user" name="user" autocomplete="off" spellcheck="false" required maxlength="256">
+  <button type="submit">go, and why?</button>
+  <output id="route-answer" for="route-user"></output>
+</form>
 <section id="charts" aria-label="the last hour"></section>
 <footer class="muted">
   Sampled in this process every few seconds; the history starts empty after a restart
@@ -73,6 +79,11 @@ svg text { font-size: 10px; fill: var(--muted); }
 .c-old { color: var(--old); } .c-new { color: var(--new); } .c-legacy { color: var(--legacy); }
 .c-message { color: var(--message); } .c-bad { color: var(--bad); } .c-muted { color: var(--muted); }
 footer { margin-top: 16px; font-size: 12px; }
+#route-form { display: flex; align-items: baseline; gap: 8px; flex-wrap: wrap; margin: 0 0 16px; }
+#route-form input { font: inherit; padding: 2px 6px; min-width: 16em; }
+#route-form button { font: inherit; }
+#route-answer { font-weight: 600; }
+#route-answer.bad { color: var(--bad); }
 """
 
 SCRIPT = r"""
@@ -181,11 +192,12 @@ function chart(def, data) {
   const figure = node("figure");
   figure.appendChild(node("figcaption", {}, def.title));
   figure.appendChild(root);
+  // The legend states the tiles' numbers (data.recent: the same window, the same formulas), not
+  // the last 5-second point of the line, which on a few upgrades can say 50 % where the tile says 75 %.
   const legend = node("div", {class: "legend"});
+  legend.appendChild(node("span", {class: "c-muted"}, spanOf(data.recent)));
   for (const [key, label, color] of def.lines) {
-    const values = data.series[key];
-    const last = values.length ? values[values.length - 1] : null;
-    legend.appendChild(node("span", {class: "c-" + color}, `${label}: ${fmt(last, def.unit)}`));
+    legend.appendChild(node("span", {class: "c-" + color}, `${label}: ${fmt(data.recent[key], def.unit)}`));
   }
   if (def.alert) legend.appendChild(node("span", {class: "c-bad"}, `alert at ${fmt(def.alert, def.unit)}`));
   figure.appendChild(legend);
@@ -200,10 +212,14 @@ function tile(title, value, detail, level) {
   return e;
 }
 
+function spanOf(r) {
+  return !(r.seconds > 0) ? "no history yet" :
+    r.seconds >= 120 ? `last ${Math.round(r.seconds / 60)} min` : `last ${Math.round(r.seconds)} s`;
+}
+
 function render(data) {
   const r = data.recent, ro = data.rollout, g = ro.guard || {};
-  const span = !(r.seconds > 0) ? "no history yet" :
-    r.seconds >= 120 ? `last ${Math.round(r.seconds / 60)} min` : `last ${Math.round(r.seconds)} s`;
+  const span = spanOf(r);
   document.getElementById("where").textContent =
     `${ro.config_file || "(no config file)"}, loaded ${ro.config_loaded_at || "?"}` +
     (data.workers ? ` \u00b7 ${data.workers} workers` : "");
@@ -259,6 +275,30 @@ async function refresh() {
     setTimeout(refresh, 5000);
   }
 }
+
+// "Where does user X go, and why": /route answers with the function `ws-gateway route` uses,
+// on the running config, and what a connection made now gets (the rollback guard included).
+async function askRoute(user) {
+  const answer = document.getElementById("route-answer");
+  answer.className = "";
+  answer.textContent = "asking\u2026";
+  try {
+    const response = await fetch("route?user=" + encodeURIComponent(user), {cache: "no-store"});
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(body.error || `HTTP ${response.status}: this admin port cannot answer it`);
+    let text = `${body.user_id}: ${body.line}`;
+    if (body.now.backend !== body.backend || body.now.why !== body.why) text += ` \u00b7 right now: ${body.now.backend} (${body.now.why})`;
+    answer.textContent = text;
+  } catch (error) {
+    answer.className = "bad";
+    answer.textContent = error.message;
+  }
+}
+
+document.getElementById("route-form").addEventListener("submit", event => {
+  event.preventDefault();
+  askRoute(document.getElementById("route-user").value);
+});
 
 refresh();
 """

@@ -16,8 +16,9 @@ Faults for drills and QA (`Faults`) are set at start (``ws-gateway stub-backend
 --fail-handshake PERCENT --reply-delay SECONDS --drop-after SECONDS``) and switched while it
 runs over HTTP on the stub's own port, so a test, the drill or a person with curl can break
 a healthy backend midway and heal it again: ``POST /stub/faults`` with a JSON object (keys
-named like the flags; ``{}`` heals) applies to connections upgraded from then on;
-``GET /stub/faults`` shows what is set.
+named like the flags; ``{}`` heals) applies to connections upgraded from then on, and
+``reply_delay`` and ``drop_after`` also to the sessions already open; ``GET /stub/faults``
+shows what is set.
 """
 
 from __future__ import annotations
@@ -108,22 +109,65 @@ def picked(n: int, percent: float) -> bool:
 
 
 class FaultSwitch:
-    """The faults in force, and whether the next connection's handshake is one that fails."""
+    """The faults in force, and whether the next connection's handshake is one that fails.
+
+    `reply_delay` and `drop_after` are read live by every open session, so a POST heals (or
+    breaks) sessions already open, not only those opened afterwards: `changed` wakes a reply
+    waiting out a delay that was just lowered, and each open session's drop is re-timed from
+    its own upgrade. The other faults are about the upgrade itself and apply from the next one.
+    """
 
     def __init__(self, faults: Faults = Faults()) -> None:
+        self.changed = asyncio.Event()
+        self.sessions: dict[asyncio.Transport, LiveSession] = {}
         self.set(faults)
 
     def set(self, faults: Faults) -> None:
         self.faults = faults
         self.upgrades = 0  # connections seen since `faults` were set: the `fail_handshake` count starts again
+        self.changed.set()
+        self.changed = asyncio.Event()
+        for session in self.sessions.values():
+            session.time_drop(faults.drop_after)
 
     def next(self) -> tuple[Faults, bool]:
         """The faults for the next connection, and whether its handshake fails."""
         n, self.upgrades = self.upgrades, self.upgrades + 1
         return self.faults, picked(n, self.faults.fail_handshake)
 
+    async def reply_delay(self, received: float) -> None:
+        """Wait until `reply_delay` (as it is now, or as it is changed to meanwhile) after `received`."""
+        loop = asyncio.get_running_loop()
+        while (remaining := received + self.faults.reply_delay - loop.time()) > 0:
+            changed = self.changed
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                return
+
     def as_dict(self) -> dict[str, Any]:
-        return {"faults": asdict(self.faults), "upgrades": self.upgrades}
+        return {"faults": asdict(self.faults), "upgrades": self.upgrades, "open_sessions": len(self.sessions)}
+
+
+class LiveSession:
+    """One open echo session's `drop_after` timer, counted from its upgrade."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.upgraded = asyncio.get_running_loop().time()
+        self.drop: asyncio.TimerHandle | None = None
+
+    def time_drop(self, after: float | None) -> None:
+        if self.drop is not None:
+            self.drop.cancel()
+            self.drop = None
+        if after is not None:
+            loop = asyncio.get_running_loop()
+            self.drop = loop.call_at(self.upgraded + after, self.transport.abort)
+
+    def end(self) -> None:
+        if self.drop is not None:
+            self.drop.cancel()
 
 
 def create_stub_app(
@@ -170,14 +214,15 @@ def create_stub_app(
             "query_names": list(request.query.keys()),
             "headers": {h: request.headers[h] for h in FORWARDED_HEADERS if h in request.headers},
         }
-        drop = None
-        if faults.drop_after is not None and request.transport is not None:
-            drop = asyncio.get_running_loop().call_later(faults.drop_after, request.transport.abort)
+        if request.transport is None:
+            return ws
+        live = switch.sessions[request.transport] = LiveSession(request.transport)
+        live.time_drop(faults.drop_after)
         try:
-            await _echo(ws, request, info, faults.reply_delay)
+            await _echo(ws, request, info, switch)
         finally:
-            if drop is not None:
-                drop.cancel()
+            live.end()
+            del switch.sessions[request.transport]
         return ws
 
     async def get_faults(request: web.Request) -> web.Response:
@@ -227,10 +272,11 @@ async def _message_auth(ws: web.WebSocketResponse, verifier: Verifier, greeting:
     return identity
 
 
-async def _echo(ws: web.WebSocketResponse, request: web.Request, info: dict[str, Any], delay: float) -> None:
+async def _echo(ws: web.WebSocketResponse, request: web.Request, info: dict[str, Any], switch: FaultSwitch) -> None:
+    loop = asyncio.get_running_loop()
     async for msg in ws:
-        if delay and msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-            await asyncio.sleep(delay)  # the fault itself: a slow backend
+        if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            await switch.reply_delay(loop.time())  # the fault itself: a slow backend
         if msg.type is WSMsgType.BINARY:
             await ws.send_bytes(msg.data)
             continue

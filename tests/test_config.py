@@ -949,6 +949,7 @@ def test_a_pending_share_larger_than_the_bound_is_refused() -> None:
 def test_a_pending_share_that_is_not_a_positive_integer_is_refused(value: Any) -> None:
     assert problem(limits={"max_pending_handshakes_per_ip": value}).startswith("limits.max_pending_handshakes_per_ip: ")
 
+
 # -- what needs no secret, and the warnings check-config and serve give --------------------
 
 

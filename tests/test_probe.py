@@ -7,28 +7,38 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 import jwt
 import pytest
 import yaml
+from aiohttp import web
 
+from gateway.admin import create_admin_app
 from gateway.config import AuthConfig
 from gateway.probe import (
+    BAD_TOKEN,
     Check,
     Options,
+    Placed,
     ProbeReport,
     Seen,
     forged_token,
+    judge_backend,
     judge_connected,
     judge_held,
     judge_refused,
     judge_reply,
     run_probe,
+    unreachable,
 )
+from gateway.server import start_site
 
 from .helpers import (
     SECRET,
@@ -172,8 +182,62 @@ def test_report_prints_one_line_per_check_with_its_time_and_ends_with_the_counts
     assert not report.passed
     assert report.as_dict()["checks"][1] == {
         "name": "qa-1, legacy style: held open", "who": "qa-1", "style": "legacy", "what": "held open",
-        "result": "FAIL", "ms": 250.0, "detail": "closed 1014 after 0.2 s, before 2 s",
+        "result": "FAIL", "ms": 250.0, "detail": "closed 1014 after 0.2 s, before 2 s", "backend": None, "why": None,
     }
+
+
+def test_report_with_the_admin_port_names_each_sessions_backend_and_why() -> None:
+    report = ProbeReport("ws://gw/ws/chat", [
+        Check("qa-1", "message", "connected", "PASS", 12.4, 'first frame {"type":"connected"}', "new", "forced"),
+        Check("qa-1", "legacy", "held open", "PASS", 200.0, "open for 0.2 s, no gateway-made frame"),
+        Check(BAD_TOKEN, "legacy", "refused", "PASS", 3.0, "closed 1008"),
+    ], located=True)
+    assert report.text().splitlines()[2:5] == [
+        'PASS  qa-1, message style: connected       12 ms  backend new (forced)  first frame {"type":"connected"}',
+        "PASS  qa-1, legacy style: held open       200 ms  backend ?             open for 0.2 s, no gateway-made frame",
+        "PASS  bad token, legacy style: refused      3 ms                        closed 1008",
+    ]
+    assert report.as_dict()["checks"][0]["backend"] == "new" and report.as_dict()["checks"][0]["why"] == "forced"
+
+
+# -- --expect-backend -----------------------------------------------------------------------------
+
+PASSED = ("PASS", 'first frame {"type":"connected"}')
+
+
+def test_a_session_on_the_expected_backend_keeps_its_verdict() -> None:
+    assert judge_backend(PASSED, Placed("new", "route"), "new") == PASSED
+
+
+def test_a_session_the_guard_moved_fails_the_expectation_and_says_why() -> None:
+    assert judge_backend(PASSED, Placed("old", "guard"), "new") == ("FAIL", "landed on backend old (guard), expected new")
+
+
+def test_a_session_nobody_could_place_fails_the_expectation_with_the_problem() -> None:
+    verdict = judge_backend(PASSED, Placed(problem="admin port: connection refused to 127.0.0.1:9"), "old")
+    assert verdict == ("FAIL", "expected backend old, but where it landed is unknown: admin port: connection refused to 127.0.0.1:9")
+
+
+def test_without_an_expectation_or_after_a_failure_the_backend_changes_nothing() -> None:
+    assert judge_backend(PASSED, Placed("old", "guard"), None) == PASSED
+    assert judge_backend(("FAIL", "closed 1014"), Placed(problem="gone"), "new") == ("FAIL", "closed 1014")
+
+
+# -- an unreachable gateway, in the OS's words ---------------------------------------------------
+
+
+def test_a_refused_connection_names_host_and_port() -> None:
+    assert unreachable("127.0.0.1", 8080, ConnectionRefusedError(111, "Connect call failed")) == "connection refused to 127.0.0.1:8080"
+    assert unreachable("::1", 8080, ConnectionRefusedError(111, "x")) == "connection refused to [::1]:8080"
+
+
+def test_an_unknown_host_is_named_with_the_resolvers_message() -> None:
+    error = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    assert unreachable("chat.staging.example", 443, error) == "unknown host chat.staging.example (Name or service not known)"
+
+
+def test_another_connect_error_gives_the_os_message() -> None:
+    assert unreachable("10.0.0.9", 80, OSError(113, "Connect call failed")) == f"cannot connect to 10.0.0.9:80: {os.strerror(113)}"
 
 
 # -- against a gateway with stub backends ------------------------------------------------------------
@@ -262,7 +326,105 @@ async def test_unreachable_gateway_fails_every_check_at_the_upgrade() -> None:
     async with refused_port() as port:
         report = await run_probe(f"ws://127.0.0.1:{port}/ws/chat", qa_tokens(), forged_token(AuthConfig(secret=SECRET)), QUICK)
     assert [c.result for c in report.checks] == ["FAIL"] * 6
-    assert all(c.detail.startswith("upgrade failed: ") for c in report.checks)
+    assert all(c.detail.startswith(f"upgrade failed: connection refused to 127.0.0.1:{port}") for c in report.checks)
+
+
+# -- which backend served each session: the admin port, asked while the probe holds it ----------------
+
+# Pinned users as above, the guard on but never tripped by chance (it trips only when a test says so).
+GUARDED = {**FORCED, "guard": {"enabled": True, "min_samples": 1000}}
+HELD = Options(hold=0.2, timeout=TIMEOUT, reply_timeout=TIMEOUT)
+
+
+@pytest.fixture
+async def guarded(servers: Servers) -> AsyncIterator[tuple[Stack, str]]:
+    """A gateway with a QA user pinned to each backend, and its admin URL."""
+    stack = await servers.stack(rollout=GUARDED)
+    runner, port = await start_site(create_admin_app(stack.gateway), "127.0.0.1", 0)
+    try:
+        yield stack, f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def placements(report: ProbeReport) -> list[tuple[str, str | None, str | None, str]]:
+    return [(check.name, check.backend, check.why, check.result) for check in report.checks]
+
+
+async def test_each_session_is_placed_on_its_backend_with_the_reason(guarded) -> None:
+    stack, admin = guarded
+    tokens = {**qa_tokens(), "someone": make_token("someone")}  # not pinned: the bucket decides (new_percent 0)
+    options = replace(HELD, admin=admin, send="hi")
+    report = await run_probe(stack.url(), tokens, forged_token(AuthConfig(secret=SECRET)), options)
+    assert placements(report) == [
+        ("qa-old-1, message style: connected", "old", "forced", "PASS"),
+        ("qa-old-1, message style: reply", "old", "forced", "PASS"),
+        ("qa-old-1, legacy style: held open", "old", "forced", "PASS"),
+        ("qa-old-1, legacy style: reply", "old", "forced", "PASS"),
+        ("qa-new-1, message style: connected", "new", "forced", "PASS"),
+        ("qa-new-1, message style: reply", "new", "forced", "PASS"),
+        ("qa-new-1, legacy style: held open", "new", "forced", "PASS"),
+        ("qa-new-1, legacy style: reply", "new", "forced", "PASS"),
+        ("someone, message style: connected", "old", "route", "PASS"),
+        ("someone, message style: reply", "old", "route", "PASS"),
+        ("someone, legacy style: held open", "old", "route", "PASS"),
+        ("someone, legacy style: reply", "old", "route", "PASS"),
+        ("bad token, legacy style: refused", None, None, "PASS"),
+        ("bad token, message style: refused", None, None, "PASS"),
+    ], report.text()
+
+
+async def test_a_user_pinned_new_that_the_guard_moved_fails_the_expected_backend(guarded) -> None:
+    stack, admin = guarded
+    stack.gateway.guard.trip(stack.gateway.clock(), "tripped by the test")
+    options = replace(HELD, admin=admin, expect_backend="new")
+    report = await run_probe(stack.url(), {"qa-new-1": make_token("qa-new-1")}, forged_token(AuthConfig(secret=SECRET)), options)
+    assert placements(report)[:2] == [
+        ("qa-new-1, message style: connected", "old", "guard", "FAIL"),
+        ("qa-new-1, legacy style: held open", "old", "guard", "FAIL"),
+    ], report.text()
+    assert {check.detail for check in report.checks[:2]} == {"landed on backend old (guard), expected new"}
+
+
+async def test_a_fallback_is_named_as_the_reason(servers: Servers) -> None:
+    new_port = await servers.stub("new")
+    await break_backend(new_port)
+    new = {"url": f"ws://127.0.0.1:{new_port}/ws/chat", "auth": "message", "handshake_timeout_seconds": 0.2}
+    stack = await servers.stack(new_port=new_port, rollout={**FORCED, "fallback_to_old": True}, backends={"new": new})
+    runner, port = await start_site(create_admin_app(stack.gateway), "127.0.0.1", 0)
+    servers.closing(runner.cleanup)
+    options = replace(HELD, admin=f"http://127.0.0.1:{port}")
+    report = await run_probe(stack.url(), {"qa-new-1": make_token("qa-new-1")}, forged_token(AuthConfig(secret=SECRET)), options)
+    assert placements(report)[:2] == [
+        ("qa-new-1, message style: connected", "old", "fallback", "PASS"),
+        ("qa-new-1, legacy style: held open", "old", "fallback", "PASS"),
+    ], report.text()
+
+
+async def test_an_admin_port_that_does_not_answer_leaves_the_backend_unknown_and_fails_an_expectation(servers: Servers) -> None:
+    stack, _ = await demo_stack(servers)
+    async with refused_port() as port:
+        options = replace(HELD, admin=f"http://127.0.0.1:{port}", expect_backend="old")
+        report = await run_probe(stack.url(), {"qa-old-1": make_token("qa-old-1")}, forged_token(AuthConfig(secret=SECRET)), options)
+    first = report.checks[0]
+    assert (first.result, first.backend) == ("FAIL", None)
+    assert first.detail == f"expected backend old, but where it landed is unknown: admin port: connection refused to 127.0.0.1:{port}"
+
+
+async def test_an_admin_port_without_sessions_is_named_as_such(servers: Servers) -> None:
+    stack, _ = await demo_stack(servers)
+    runner, port = await start_site(web.Application(), "127.0.0.1", 0)  # answers 404 to everything
+    servers.closing(runner.cleanup)
+    options = replace(HELD, admin=f"http://127.0.0.1:{port}", expect_backend="old")
+    report = await run_probe(stack.url(), {"qa-old-1": make_token("qa-old-1")}, forged_token(AuthConfig(secret=SECRET)), options)
+    assert report.checks[0].detail.endswith("unknown: the admin port does not answer /sessions (serve --workers N does not yet)")
+
+
+async def test_admin_sessions_answers_404_for_a_request_id_it_does_not_hold(guarded) -> None:
+    _, admin = guarded
+    async with aiohttp.ClientSession() as http, http.get(f"{admin}/sessions/probe-unknown") as response:
+        assert response.status == 404
+        assert (await response.json())["error"] == "no open session with X-Request-ID 'probe-unknown' in this process"
 
 
 # -- the command --------------------------------------------------------------------------------------
@@ -324,6 +486,36 @@ async def test_command_with_a_wrong_secret_exits_1_with_the_1008_seen(servers: S
     assert wrong not in result.stdout + result.stderr
 
 
+async def test_command_expect_backend_exits_1_for_a_user_the_guard_moved(guarded, tmp_path: Path) -> None:
+    stack, admin = guarded
+    stack.gateway.guard.trip(stack.gateway.clock(), "tripped by the test")
+    args = ("--secret", SECRET, "--user", "qa-new-1", "--hold", "0.2", "--admin", admin, "--expect-backend", "new")
+    result = await probe_cli(stack.url(), *args, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(failed) == 2 and all("backend old (guard)" in line and "landed on backend old (guard), expected new" in line for line in failed)
+    data = json.loads((await probe_cli(stack.url(), *args, "--json", cwd=tmp_path)).stdout)
+    assert [(c["backend"], c["why"], c["result"]) for c in data["checks"][:2]] == [("old", "guard", "FAIL")] * 2
+
+
+async def test_command_expect_backend_passes_a_user_that_landed_there(guarded, tmp_path: Path) -> None:
+    stack, admin = guarded
+    args = ("--secret", SECRET, "--user", "qa-new-1", "--hold", "0.2", "--admin", admin, "--expect-backend", "new", "--json")
+    result = await probe_cli(stack.url(), *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(result.stdout)
+    assert [(c["backend"], c["why"], c["result"]) for c in data["checks"][:2]] == [("new", "forced", "PASS")] * 2
+
+
+async def test_command_says_connection_refused_to_host_and_port(tmp_path: Path) -> None:
+    async with refused_port() as port:
+        result = await probe_cli(f"ws://127.0.0.1:{port}/ws/chat", "--secret", SECRET, "--user", "qa", "--hold", "0.2", cwd=tmp_path)
+    assert result.returncode == 1
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(failed) == 4 and all(f"  upgrade failed: connection refused to 127.0.0.1:{port}" in line for line in failed)
+    assert "ClientConnectorError" not in result.stdout + result.stderr
+
+
 async def test_command_mints_with_the_configs_auth_section(servers: Servers, tmp_path: Path) -> None:
     stack, _ = await demo_stack(servers)
     config = tmp_path / "staging.yaml"
@@ -347,8 +539,16 @@ async def test_command_probes_with_a_given_token(servers: Servers, tmp_path: Pat
     [
         (("--token", "t", "--user", "qa"), "error: --user mints a token; --token brings its own: give one or the other\n"),
         (("--secret", "s"), "error: give --token, or --user (once per user) with --config or --secret to mint tokens\n"),
+        (
+            ("--token", "t", "--expect-backend", "new"),
+            "error: --expect-backend asks the admin port where each session landed: give --admin URL too\n",
+        ),
+        (
+            ("--token", "t", "--admin", "127.0.0.1:9090"),
+            "error: --admin '127.0.0.1:9090' is not an http:// or https:// URL of the admin port, e.g. http://127.0.0.1:9090\n",
+        ),
     ],
-    ids=["token-and-user", "no-user"],
+    ids=["token-and-user", "no-user", "expect-without-admin", "admin-not-a-url"],
 )
 def test_command_refuses_token_sources_that_do_not_fit_together(tmp_path: Path, args: tuple[str, ...], error: str) -> None:
     result = run_cli("probe", "ws://127.0.0.1:1/ws/chat", *args, cwd=tmp_path)

@@ -6,8 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 import aiohttp
 import pytest
@@ -21,7 +26,7 @@ from gateway.runtime import Gateway
 from gateway.server import start_site
 from gateway.status_page import History, Sample, interval, quantile, sample_of, status_json
 
-from .helpers import SECRET, TIMEOUT, Servers, headless_chromium, make_token, open_client
+from .helpers import SECRET, TIMEOUT, Servers, headless_chromium, make_token, open_client, raw_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 INF = float("inf")
@@ -163,6 +168,13 @@ def test_recent_covers_the_last_five_minutes_up_to_a_fresh_sample() -> None:
     assert recent["attempts_per_s"] == pytest.approx(50 / 270)
 
 
+def test_recent_has_every_column_the_charts_draw_so_legend_and_tiles_read_one_window() -> None:
+    history = History(every=5, window=60)
+    history.add(Sample(at=0.0))
+    history.add(Sample(at=5.0))
+    assert set(history.series()) <= set(history.recent(Sample(at=10.0))) | {"t"}
+
+
 def test_recent_without_history_has_no_span() -> None:
     recent = History().recent(Sample(at=10.0, active={"new": 4}))
     assert recent["seconds"] == 0.0 and recent["active_new"] == 4
@@ -173,10 +185,51 @@ def test_recent_without_history_has_no_span() -> None:
 
 @pytest.fixture
 async def admin(servers: Servers) -> AsyncIterator[tuple[Gateway, str, Any]]:
-    stack = await servers.stack(rollout={"new_percent": 30, "force_new": ["nina"]})
+    stack = await servers.stack(rollout=ROUTE_ROLLOUT)
     runner, port = await start_site(create_admin_app(stack.gateway), "127.0.0.1", 0)
     try:
         yield stack.gateway, f"http://127.0.0.1:{port}", stack
+    finally:
+        await runner.cleanup()
+
+
+# A page on the admin app's origin that drives the status page as a person would: opens it (a
+# window, since the page may not be framed), types a user into the route form, submits it, and
+# posts back what the answer says once it is final.
+DRIVE = """<!doctype html><html><body><script>
+const win = window.open("/", "status");
+win.addEventListener("load", () => {
+  const page = win.document, answer = page.getElementById("route-answer");
+  new MutationObserver(() => {
+    if (answer.textContent && !answer.textContent.startsWith("asking")) fetch("/result", {method: "POST", body: answer.textContent});
+  }).observe(answer, {childList: true, characterData: true, subtree: true});
+  page.getElementById("route-user").value = %s;
+  page.getElementById("route-form").requestSubmit();
+});
+</script></body></html>"""
+
+
+async def route_form_answer(gateway: Gateway, user: str) -> str:
+    """What the status page's route form shows for `user`, typed and submitted in headless Chromium."""
+    answered: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def drive(request: web.Request) -> web.Response:
+        return web.Response(text=DRIVE % json.dumps(user), content_type="text/html")
+
+    async def result(request: web.Request) -> web.Response:
+        if not answered.done():
+            answered.set_result(await request.text())
+        return web.Response(text="ok")
+
+    app = create_admin_app(gateway)
+    app.router.add_get("/drive", drive)
+    app.router.add_post("/result", result)
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    assert CHROMIUM is not None
+    try:
+        url = f"http://127.0.0.1:{port}/drive"
+        async with headless_chromium(CHROMIUM, url, "--disable-popup-blocking"), asyncio.timeout(3 * TIMEOUT):
+            return await answered
     finally:
         await runner.cleanup()
 
@@ -247,6 +300,52 @@ async def test_supervisor_serves_the_page_over_every_workers_metrics() -> None:
     assert body["rollout"]["active_connections"] == 6 and len(body["rollout"]["workers"]) == 2
 
 
+# -- "where does user X go, and why" --------------------------------------------------------------------
+
+ROUTE_ROLLOUT = {"new_percent": 30, "force_new": ["nina"], "salt": "test-salt"}
+
+
+def cli_route(user: str, tmp_path: Path) -> str:
+    """What ``ws-gateway route USER`` prints for the stack's rollout (the secret is in the file)."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(raw_config(rollout=ROUTE_ROLLOUT)))
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "route", user, "--config", str(config)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=3 * TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.mark.parametrize("user", ["nina", "user-5", "user-7"])
+async def test_route_answers_what_the_route_command_prints(admin, tmp_path: Path, user: str) -> None:
+    _, base, _ = admin
+    status, _, text = await fetch(f"{base}/route?user={user}")
+    body = json.loads(text)
+    assert status == 200 and body["user_id"] == user
+    assert body["line"] == cli_route(user, tmp_path) == f"{body['backend']} ({body['why']})"
+    assert body["now"] == {"backend": body["backend"], "why": body["why"]}
+
+
+async def test_route_says_when_the_guard_holds_a_user_back_right_now(admin) -> None:
+    gateway, base, _ = admin
+    gateway.guard.trip(gateway.clock(), "tripped by the test")
+    body = json.loads((await fetch(f"{base}/route?user=nina"))[2])
+    assert body["line"] == "new (forced by rollout.force_new)"
+    assert body["now"] == {"backend": "old", "why": "held back by the rollback guard"}
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [("", "give a user id: /route?user=ID"), ("?user=" + "x" * 257, "a user id is at most 256 printable characters, as in a token")],
+    ids=["no-user", "too-long"],
+)
+async def test_route_refuses_a_missing_or_impossible_user_id(admin, query: str, error: str) -> None:
+    _, base, _ = admin
+    status, _, text = await fetch(f"{base}/route{query}")
+    assert (status, json.loads(text)) == (400, {"error": error})
+
+
 # -- the page in a real browser ----------------------------------------------------------------------
 
 
@@ -290,19 +389,20 @@ def eventful_status() -> dict[str, Any]:
     return status_json(history, history.samples[-1], rollout)
 
 
+def static(body: str, content_type: str) -> Any:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text=body, content_type=content_type)
+
+    return handler
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 async def test_browser_draws_every_chart_and_the_tiles_from_status_json() -> None:
-    def serving(body: str, content_type: str) -> Any:
-        async def handler(request: web.Request) -> web.Response:
-            return web.Response(text=body, content_type=content_type)
-
-        return handler
-
     app = web.Application()
-    app.router.add_get("/", serving(status_assets.PAGE, "text/html"))
-    app.router.add_get("/status.js", serving(status_assets.SCRIPT, "text/javascript"))
-    app.router.add_get("/status.css", serving(status_assets.STYLE, "text/css"))
-    app.router.add_get("/status.json", serving(json.dumps(eventful_status()), "application/json"))
+    app.router.add_get("/", static(status_assets.PAGE, "text/html"))
+    app.router.add_get("/status.js", static(status_assets.SCRIPT, "text/javascript"))
+    app.router.add_get("/status.css", static(status_assets.STYLE, "text/css"))
+    app.router.add_get("/status.json", static(json.dumps(eventful_status()), "application/json"))
     runner, port = await start_site(app, "127.0.0.1", 0)
     try:
         dom = await dump_dom(f"http://127.0.0.1:{port}/")
@@ -331,3 +431,44 @@ async def test_browser_shows_a_live_gateway(admin) -> None:
     assert "old 1 · new 0" in dom
     assert "legacy app 1 · current app 0" in dom
     assert "configured 30 %" in dom
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+async def test_browser_route_form_answers_like_the_route_command(servers: Servers, tmp_path: Path) -> None:
+    stack = await servers.stack(rollout=ROUTE_ROLLOUT)
+    assert await route_form_answer(stack.gateway, "user-5") == f"user-5: {cli_route('user-5', tmp_path)}"
+    stack.gateway.guard.trip(stack.gateway.clock(), "tripped by the test")
+    assert await route_form_answer(stack.gateway, "nina") == (
+        "nina: new (forced by rollout.force_new) · right now: old (held back by the rollback guard)"
+    )
+
+
+def success_window_status() -> dict[str, Any]:
+    """Five minutes at 20 upgrades a minute: 100 % success for four, 50 % in the last one (90 % in all)."""
+    history = History(every=60, window=3600)
+    attempts = opened = 0.0
+    for minute in range(6):
+        history.add(Sample(at=60.0 * minute, attempts=attempts, opened={"old": opened}))
+        attempts += 20
+        opened += 20 if minute < 4 else 10
+    return status_json(history, history.samples[-1], {"guard": {"enabled": True, "state": "closed", "trips": 0}})
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+async def test_browser_success_tile_and_its_chart_legend_show_the_same_number() -> None:
+    status = success_window_status()
+    assert status["recent"]["success_percent"] == 90.0 and status["series"]["success_percent"][-1] == 50.0
+    app = web.Application()
+    for path, body, content_type in (
+        ("/", status_assets.PAGE, "text/html"), ("/status.js", status_assets.SCRIPT, "text/javascript"),
+        ("/status.css", status_assets.STYLE, "text/css"), ("/status.json", json.dumps(status), "application/json"),
+    ):
+        app.router.add_get(path, static(body, content_type))
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    try:
+        dom = await dump_dom(f"http://127.0.0.1:{port}/")
+    finally:
+        await runner.cleanup()
+    assert '<h2>Connection success</h2><div class="value">90 %</div><div class="detail">last 5 min' in dom
+    assert '<span class="c-message">success: 90 %</span>' in dom
+    assert "success: 50 %" not in dom

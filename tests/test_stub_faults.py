@@ -4,6 +4,7 @@ stubs, loopback)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.request
@@ -251,6 +252,31 @@ async def test_slow_replies_still_arrive_in_order(servers: Servers) -> None:
     # A lower bound only: the injected delay cannot be skipped, however fast the machine.
     assert time.monotonic() - started >= 0.2
     await ws.close()
+
+
+async def test_healing_a_slow_backend_speeds_up_the_sessions_already_open(servers: Servers) -> None:
+    stack, port = await new_stack(servers)
+    await post_faults(port, {"reply_delay": 300})
+    ws = await open_client(stack, "message", make_token())
+    assert json.loads(await ws.recv())["type"] == "connected"
+    await ws.send("stuck")  # held by the stub for 300 s, unless the fault heals meanwhile
+    status, body = await post_faults(port, {"reply_delay": 0})
+    assert (status, body["open_sessions"]) == (200, 1)
+    async with asyncio.timeout(TIMEOUT):
+        assert await ws.recv() == "stuck"
+        await ws.send("quick")
+        assert await ws.recv() == "quick"
+    await ws.close()
+
+
+async def test_drop_after_set_live_drops_a_session_already_open(servers: Servers) -> None:
+    stack, port = await new_stack(servers)
+    ws = await open_client(stack, "message", make_token())
+    assert json.loads(await ws.recv())["type"] == "connected"
+    await post_faults(port, {"drop_after": 0})  # its upgrade was longer ago than that: dropped at once
+    async with asyncio.timeout(TIMEOUT):
+        assert (await closed(ws))[0] == 1014
+    assert failures(stack, "new", "dropped") == 1
 
 
 async def test_healing_restores_the_backend(servers: Servers) -> None:
