@@ -718,8 +718,9 @@ def _parse_guard(r: _Reader, raw: Any) -> GuardConfig:
 
 
 def _parse_app_version(r: _Reader, raw: Any) -> AppVersionConfig | None:
+    off: AppVersionConfig | None = _default(UsageConfig, "app_version")
     if raw is None:
-        return _default(UsageConfig, "app_version")
+        return off
     p = "usage.app_version"
     a = r.section(raw, p, {"header", "pattern", "max_versions"})
     header = r.string(a, p, "header", _default(AppVersionConfig, "header"))
