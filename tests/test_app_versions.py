@@ -5,21 +5,35 @@ report and the status page. The config rules are in test_config.py."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
+import yaml
+from aiohttp import web
 
+import gateway as gateway_package
+from gateway import status_assets
+from gateway.admin import create_admin_app
 from gateway.appversion import app_version
 from gateway.config import AppVersionConfig
 from gateway.metrics import Metrics
+from gateway.runtime import Gateway
+from gateway.server import start_site
+from gateway.status_page import History, Sample, status_json
 from gateway.store import MemoryStore, RedisStore, SqliteStore, Store, StoreUnavailable, VersionUsage, utc_day
 
-from .helpers import eventually
+from .helpers import TIMEOUT, eventually, headless_chromium, make_config, raw_config
 from .redis_server import RedisServer, redis_server  # noqa: F401 - fixture
 
 PATTERN = "WealthCoach/(?P<version>[0-9.]+)"
@@ -242,7 +256,12 @@ async def test_the_sqlite_file_keeps_digests_never_user_ids(stores, tmp_path: Pa
 
 
 def label_values(metrics: Metrics) -> set[str]:
-    return {s.labels["app_version"] for family in metrics.registry.collect() for s in family.samples if "app_version" in s.labels}
+    return {
+        s.labels["app_version"]
+        for family in metrics.registry.collect()
+        for s in family.samples
+        if s.name == "ws_gateway_app_version_sessions_total"
+    }
 
 
 def test_the_metric_never_takes_more_than_max_versions_plus_two_values() -> None:
@@ -255,3 +274,176 @@ def test_the_metric_never_takes_more_than_max_versions_plus_two_values() -> None
     assert metrics.registry.get_sample_value(
         "ws_gateway_app_version_sessions_total", {"app_version": "other", "auth_style": "legacy"}
     ) == 17
+
+
+# -- the gateway ----------------------------------------------------------------------------------
+
+APP_VERSION = {"app_version": {"pattern": PATTERN, "max_versions": 2}}
+
+
+async def test_a_ready_session_is_counted_under_the_version_its_headers_name() -> None:
+    gateway = Gateway(make_config(usage=APP_VERSION))
+    gateway.pending = 4  # what the listener counted for the four sessions
+    for user, agent in (("u1", "WealthCoach/2.3.1 (iOS)"), ("u2", "WealthCoach/2.2.0"), ("u3", "WealthCoach/1.0"), ("u4", "curl/8")):
+        gateway.session_ready("legacy", "old", user, 0.01, [("User-Agent", agent)])
+
+    async def counted() -> bool:
+        return len(await gateway.store.app_versions(1)) == 4
+
+    assert await eventually(counted)
+    assert rows(await gateway.store.app_versions(1)) == {"2.3.1": (1, 1), "2.2.0": (1, 1), "other": (1, 1), "unknown": (1, 1)}
+    sessions = {
+        s.labels["app_version"]: s.value
+        for family in gateway.metrics.registry.collect()
+        for s in family.samples
+        if s.name == "ws_gateway_app_version_sessions_total"
+    }
+    assert sessions == {"2.3.1": 1, "2.2.0": 1, "other": 1, "unknown": 1}
+
+
+async def test_without_usage_app_version_nothing_is_counted_by_version() -> None:
+    gateway = Gateway(make_config())
+    gateway.pending = 1
+    gateway.session_ready("legacy", "old", "u1", 0.01, [("User-Agent", "WealthCoach/2.3.1")])
+    await gateway.stop()  # waits for the background store work
+    assert await gateway.store.app_versions(1) == []
+    assert gateway.rollout_status()["app_versions"] is None
+
+
+# -- the status page --------------------------------------------------------------------------------
+
+
+async def fetch_json(url: str) -> Any:
+    async with aiohttp.ClientSession() as http, http.get(url) as response:
+        assert response.status == 200
+        return await response.json()
+
+
+async def test_status_json_and_rollout_show_todays_table_per_version() -> None:
+    gateway = Gateway(make_config(usage=APP_VERSION))
+    now = time.time()
+    for version, style, user in (("2.3.1", "message", "u1"), ("2.3.1", "legacy", "u2"), ("2.2.0", "legacy", "u3")):
+        await gateway.store.count_app_version(now, version, style, user, 2)
+    runner, port = await start_site(create_admin_app(gateway), "127.0.0.1", 0)
+    try:
+        async def table() -> Any:
+            return (await fetch_json(f"http://127.0.0.1:{port}/status.json"))["rollout"]["app_versions"]
+
+        async def shown() -> bool:
+            return (await table()) is not None  # the first request starts the read from the store
+
+        assert await eventually(shown)
+        body = await table()
+        rollout = await fetch_json(f"http://127.0.0.1:{port}/rollout")
+    finally:
+        await runner.cleanup()
+    assert body["day"] == utc_day(now)
+    assert [(v["version"], v["users"], v["users_legacy"], v["legacy_share_percent"]) for v in body["versions"]] == [
+        ("2.3.1", 2, 1, 50.0),
+        ("2.2.0", 1, 1, 100.0),
+    ]
+    assert body["versions"][0]["last_seen"] == pytest.approx(now)
+    assert rollout["app_versions"]["versions"] == body["versions"]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+async def test_browser_draws_the_table_per_version_as_text() -> None:
+    history = History(every=60, window=3600)
+    history.add(Sample(at=0.0))
+    history.add(Sample(at=60.0))
+    table = {
+        "day": "2026-11-18", "read_at": "2026-11-18T14:05:00Z",
+        "versions": [
+            {"version": "2.3.1", "users": 900, "users_legacy": 0, "legacy_share_percent": 0.0, "last_seen": NOON},
+            {"version": "<b>2.2</b>", "users": 80, "users_legacy": 30, "legacy_share_percent": 37.5, "last_seen": NOON},
+        ],
+    }
+    body = status_json(history, history.samples[-1], {"guard": {}, "app_versions": table})
+
+    def serving(text: str, content_type: str) -> Any:
+        async def handler(request: web.Request) -> web.Response:
+            return web.Response(text=text, content_type=content_type)
+
+        return handler
+
+    app = web.Application()
+    app.router.add_get("/", serving(status_assets.PAGE, "text/html"))
+    app.router.add_get("/status.js", serving(status_assets.SCRIPT, "text/javascript"))
+    app.router.add_get("/status.css", serving(status_assets.STYLE, "text/css"))
+    app.router.add_get("/status.json", serving(json.dumps(body), "application/json"))
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    try:
+        assert CHROMIUM is not None
+        async with headless_chromium(
+            CHROMIUM, f"http://127.0.0.1:{port}/", "--virtual-time-budget=3000", "--dump-dom", stdout=asyncio.subprocess.PIPE
+        ) as browser, asyncio.timeout(3 * TIMEOUT):
+            out, _ = await browser.communicate()
+    finally:
+        await runner.cleanup()
+    dom = out.decode()
+    assert '<section id="versions" aria-label="usage by app version">' in dom  # no longer hidden
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(NOON))
+    assert f'<tr data-version="2.3.1"><td>2.3.1</td><td>900</td><td>0</td><td>0.00 %</td><td>{when}</td></tr>' in dom
+    assert '<td>&lt;b&gt;2.2&lt;/b&gt;</td><td>80</td><td>30</td><td class="bad">37.50 %</td>' in dom
+
+
+# -- ws-gateway report ------------------------------------------------------------------------------
+
+
+def run_report(config_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`ws-gateway report` as ops run it, on the same gateway package this test imported."""
+    root = str(Path(gateway_package.__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "report", "--config", str(config_file), *args],
+        cwd=config_file.parent, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )
+
+
+DEPRECATED_DAYS_AGO = 40
+
+
+@pytest.mark.parametrize("kind", ["redis", "sqlite"])
+async def test_report_shows_each_version_and_the_plan(stores, redis_server: RedisServer, tmp_path: Path, kind: str) -> None:
+    store = await stores(kind)
+    now = time.time()
+    today = utc_day(now)
+    for version, style, user in (
+        ("2.3.1", "message", "u1"), ("2.3.1", "message", "u2"), ("2.3.1", "legacy", "u3"), ("2.2.0", "legacy", "u4"),
+    ):
+        await store.count_app_version(now, version, style, user, 50)
+        await store.count_session(today, style, "old", user)
+    await store.close()  # a SqliteStore writes its file
+    if utc_day() != today:
+        pytest.skip("the UTC day changed while counting")
+    where = {"redis": {"url": redis_server.url}} if kind == "redis" else {}
+    usage = {"path": str(tmp_path / "usage.db")} if kind == "sqlite" else {}
+    auth = {"legacy": "deprecate", "legacy_deprecated_at": int(now) - DEPRECATED_DAYS_AGO * 86400}
+    config_file = tmp_path / "gateway.yaml"
+    config_file.write_text(yaml.safe_dump(raw_config(usage={**usage, **APP_VERSION}, auth=auth, **where)))
+
+    text = await asyncio.to_thread(run_report, config_file, "--days", "7")
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.rstrip("\n").splitlines()
+    assert lines[7].split()[:6] == [today, "2", "2", "2", "2", "50.00%"]
+    assert lines[9].split()[:4] == ["app", "version", "users", "legacy"]
+    assert lines[10].split()[:4] == ["2.3.1", "3", "1", "33.33%"]
+    assert lines[11].split()[:4] == ["2.2.0", "1", "1", "100.00%"]
+    assert lines[10].split()[4] == today
+    assert lines[-1].endswith(
+        f"the plan: {DEPRECATED_DAYS_AGO} of 90 days since auth.legacy_deprecated_at; legacy share 50.00% of 1% on {today}, "
+        "held up by 2.2.0 (1 of its 1 users), 2.3.1 (1 of its 3 users)"
+    )
+
+    as_json = await asyncio.to_thread(run_report, config_file, "--days", "7", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert [(v["version"], v["users"], v["users_legacy"]) for v in data["versions"]] == [("2.3.1", 3, 1), ("2.2.0", 1, 1)]
+    assert data["versions"][0]["last_seen"] == pytest.approx(now)
+    assert data["plan"]["days_since_deprecated"] == DEPRECATED_DAYS_AGO
+    assert [v["version"] for v in data["plan"]["held_up_by"]] == ["2.2.0", "2.3.1"]
+    assert "verdict: " + data["verdict"] == lines[-1]
