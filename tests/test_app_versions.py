@@ -33,7 +33,7 @@ from gateway.server import start_site
 from gateway.status_page import History, Sample, status_json
 from gateway.store import MemoryStore, RedisStore, SqliteStore, Store, StoreUnavailable, VersionUsage, utc_day
 
-from .helpers import TIMEOUT, eventually, headless_chromium, make_config, raw_config
+from .helpers import TIMEOUT, Servers, eventually, headless_chromium, make_config, make_token, open_client, raw_config
 from .redis_server import RedisServer, redis_server  # noqa: F401 - fixture
 
 PATTERN = "WealthCoach/(?P<version>[0-9.]+)"
@@ -447,3 +447,27 @@ async def test_report_shows_each_version_and_the_plan(stores, redis_server: Redi
     assert data["plan"]["days_since_deprecated"] == DEPRECATED_DAYS_AGO
     assert [v["version"] for v in data["plan"]["held_up_by"]] == ["2.2.0", "2.3.1"]
     assert "verdict: " + data["verdict"] == lines[-1]
+
+
+# -- over real sockets ------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="gateway/connection.py does not pass the upgrade request's headers to Gateway.session_ready yet "
+    "(every session counts as unknown); remove this mark with that change",
+)
+async def test_sessions_over_real_sockets_are_counted_under_their_user_agents_version(servers: Servers) -> None:
+    stack = await servers.stack(usage=APP_VERSION)
+    agents = {"u1": "WealthCoach/2.3.1 (iPhone)", "u2": "WealthCoach/2.2.0 (Android)", "u3": "okhttp/4.12"}
+    for (user, agent), style in zip(agents.items(), ("message", "legacy", "legacy")):
+        ws = await open_client(stack, style, make_token(user), early=["hi"], user_agent_header=agent)
+        while await ws.recv() != "hi":
+            pass
+        await ws.close()
+
+    async def counted() -> bool:
+        return sum(v.users for v in await stack.gateway.store.app_versions(1)) == 3
+
+    assert await eventually(counted)
+    assert rows(await stack.gateway.store.app_versions(1)) == {"2.3.1": (1, 0), "2.2.0": (1, 1), "unknown": (1, 1)}
