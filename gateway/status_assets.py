@@ -276,7 +276,11 @@ function renderVersions(table) {
     }
     return tr;
   });
-  if (!rows.length) rows.push(node("tr", {}, "no sessions counted yet today"));
+  if (!rows.length) {
+    const empty = node("tr");
+    empty.appendChild(node("td", {colspan: "5"}, "no sessions counted yet today"));
+    rows.push(empty);
+  }
   document.getElementById("versions-rows").replaceChildren(...rows);
 }
 
