@@ -189,6 +189,16 @@ async def test_count_app_version_refuses_bad_labels(stores, kind: str, version: 
         await store.count_app_version(NOON, version, style, "alice", cap)
 
 
+async def test_versions_share_the_memory_bound_of_the_usage_book() -> None:
+    store = MemoryStore(max_usage_users=3)
+    await store.count_session(DAY, "legacy", "old", "u1")  # one entry
+    assert await count(store, ("1.0", "legacy", "u1"), ("1.0", "legacy", "u2"), ("1.0", "legacy", "u3")) == ["1.0"] * 3
+    assert rows(await store.app_versions(1, DAY)) == {"1.0": (2, 2)}  # the third user did not fit
+    taken = store.take_usage_day(DAY)
+    store.put_back_usage_day(DAY, taken)
+    assert rows(await store.app_versions(1, DAY)) == {"1.0": (2, 2)}
+
+
 async def test_redis_keys_hold_user_digests_and_expire_with_the_usage(redis_server: RedisServer) -> None:
     store = RedisStore(redis_server.url, timeout_seconds=1.0, retention_days=3)
     raw = aioredis.Redis.from_url(redis_server.url)
