@@ -18,11 +18,11 @@ from datetime import date, timedelta
 from typing import Any
 
 from .base import (
+    AUTH_STYLES,
     AUTH_WINDOW_SECONDS,
     GUARD_TTL_SECONDS,
     MAX_AUTH_IPS,
     MAX_USAGE_USERS,
-    AUTH_STYLES,
     OTHER_VERSION,
     RETENTION_DAYS,
     UNKNOWN_VERSION,
