@@ -36,7 +36,7 @@ from .logs import setup_logging
 from .probe import Options as ProbeOptions
 from .probe import forged_token, run_probe
 from .reload import Reloader, fingerprint
-from .report import collect_report, format_report, report_json
+from .report import collect_report, collect_versions, format_report, report_json
 from .store import RedisStore, SqliteStore, Store, StoreUnavailable
 from .routing import choose_backend
 from .runtime import Gateway
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help=config_help)
     p.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds")
 
-    p = command("report", "legacy vs message auth usage per UTC day (Redis or usage.path), and a verdict")
+    p = command("report", "legacy vs message auth usage per UTC day and per app version (Redis or usage.path), and a verdict")
     p.add_argument("--config", help=config_help)
     p.add_argument("--days", type=_days, default=14, help="days to show, newest last (7 or more for a verdict)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -373,10 +373,16 @@ async def print_report(config: Config, days: int, as_json: bool) -> int:
         store = SqliteStore(config.usage.path)  # not started: it only reads the file, never creates it
     try:
         usage = await collect_report(store, days)
+        versions = await collect_versions(store, days, usage[-1].day)
     finally:
         await store.close()
     threshold = config.usage.legacy_threshold_percent
-    print(report_json(usage, threshold) if as_json else format_report(usage, threshold))
+    deprecated_at = config.auth.legacy_deprecated_at
+    print(
+        report_json(usage, threshold, versions, deprecated_at)
+        if as_json
+        else format_report(usage, threshold, versions, deprecated_at)
+    )
     return 0
 
 

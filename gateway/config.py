@@ -162,12 +162,22 @@ class RedisConfig:
 
 
 @dataclass(frozen=True)
+class AppVersionConfig:
+    """Which app version a session comes from: `pattern`'s group ``version`` in header `header`."""
+
+    pattern: str
+    header: str = "User-Agent"
+    max_versions: int = 50  # per UTC day; versions past it count as "other"
+
+
+@dataclass(frozen=True)
 class UsageConfig:
     retention_days: int = 120
     legacy_threshold_percent: float = 1.0
     # SQLite file for usage without Redis, so `ws-gateway report` has data to read; None
     # keeps usage in memory only. Relative to the config file's directory (load_config).
     path: str | None = None
+    app_version: AppVersionConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -475,7 +485,7 @@ def parse_config(
                 low=0, high=30, low_inclusive=False,
             ),
         )
-    usage_raw = r.section(top.get("usage"), "usage", {"retention_days", "legacy_threshold_percent", "path"})
+    usage_raw = r.section(top.get("usage"), "usage", {"retention_days", "legacy_threshold_percent", "path", "app_version"})
     usage_path = r.string(usage_raw, "usage", "path", _default(UsageConfig, "path"))
     if usage_path is not None and not usage_path.strip():
         r.error("usage.path", "must not be empty (omit it to keep usage in memory)")
@@ -489,6 +499,7 @@ def parse_config(
             usage_raw, "usage", "legacy_threshold_percent", _default(UsageConfig, "legacy_threshold_percent"), low=0, high=100
         ),
         path=usage_path,
+        app_version=_parse_app_version(r, usage_raw.get("app_version")),
     )
     proxies = _default(Config, "trusted_proxies")
     if top.get("trusted_proxies") is not None:
@@ -749,6 +760,33 @@ def _parse_guard(r: _Reader, raw: Any) -> GuardConfig:
         recovery_steps=steps,
         spare_forced=r.boolean(g, p, "spare_forced", _default(GuardConfig, "spare_forced")),
     )
+
+
+def _parse_app_version(r: _Reader, raw: Any) -> AppVersionConfig | None:
+    off: AppVersionConfig | None = _default(UsageConfig, "app_version")
+    if raw is None:
+        return off
+    p = "usage.app_version"
+    a = r.section(raw, p, {"header", "pattern", "max_versions"})
+    header = r.string(a, p, "header", _default(AppVersionConfig, "header"))
+    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", header):
+        r.error(f"{p}.header", f"{header!r} is not an HTTP header name")
+    pattern = r.string(a, p, "pattern", None)
+    if pattern is None:
+        r.error(f"{p}.pattern", "required: a regular expression with a group (?P<version>...)")
+        pattern = ""
+    else:
+        try:
+            groups = re.compile(pattern).groupindex
+        except re.error as exc:
+            r.error(f"{p}.pattern", f"{pattern!r} is not a regular expression: {exc}")
+        else:
+            if "version" not in groups:
+                r.error(f"{p}.pattern", f"{pattern!r} has no group named version: write it as (?P<version>...)")
+    max_versions = r.number(
+        a, p, "max_versions", _default(AppVersionConfig, "max_versions"), low=1, high=1000, integer=True
+    )
+    return AppVersionConfig(pattern=pattern, header=header, max_versions=max_versions)
 
 
 def _parse_sentinel(r: _Reader, raw: Any) -> SentinelConfig | None:

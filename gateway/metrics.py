@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .store.base import OTHER_VERSION, UNKNOWN_VERSION
+
 PREFIX = "ws_gateway"
 REPLY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -119,6 +121,14 @@ class Metrics:
         )
         self.store_up = Gauge(f"{PREFIX}_store_up", "1 while Redis answers (always 1 without Redis).", registry=r)
         self.store_up.set(1)
+        self.app_version_sessions = Counter(
+            f"{PREFIX}_app_version_sessions",
+            "Sessions that started relaying, by app version (usage.app_version: at most max_versions "
+            "versions, then unknown and other) and auth style.",
+            ["app_version", "auth_style"],
+            registry=r,
+        )
+        self._app_versions: set[str] = set()
         # Children looked up once: `labels()` validates and locks on every call, and these
         # are touched several times per session.
         self.reply_by_backend = {backend: self.reply_seconds.labels(backend).observe for backend in ("old", "new")}
@@ -134,6 +144,18 @@ class Metrics:
         }
         for result in ("success", "invalid", "restart_required"):
             self.reloads.labels(result)
+
+    def count_app_version(self, version: str, auth_style: str, max_versions: int) -> None:
+        """Count a session under its app version. The first `max_versions` versions this
+        process sees keep their own label and later ones count as ``other`` (the store's cap
+        is per day, a process lives longer), so the label never takes more than
+        ``max_versions + 2`` values."""
+        if version not in (UNKNOWN_VERSION, OTHER_VERSION) and version not in self._app_versions:
+            if len(self._app_versions) < max_versions:
+                self._app_versions.add(version)
+            else:
+                version = OTHER_VERSION
+        self.app_version_sessions.labels(version, auth_style).inc()
 
     def add_flow_collector(self, flows: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
         """Expose messages/bytes totals; `flows` yields (direction, frames, bytes) at scrape time."""

@@ -13,13 +13,14 @@ import os
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, Protocol
 
 from . import closecodes
+from .appversion import app_version
 from .auth import REASONS as AUTH_REASONS
 from .auth import Verifier
-from .config import Config, ConfigError, keep_restart_keys, restart_required
+from .config import AppVersionConfig, Config, ConfigError, keep_restart_keys, restart_required
 from .connector import Connector, target_of
 from .guard import STATE_VALUES, Guard, GuardState, Transition
 from .handshake import UpgradeRefused
@@ -28,11 +29,12 @@ from .metrics import Metrics
 from .rebalance import Move, Schedule, due, plan
 from .relay import Flow
 from .routing import Route, choose_backend, held_back
-from .store import Store, open_store, utc_day
+from .store import Store, StoreUnavailable, open_store, utc_day
 
 log = logging.getLogger("gateway")
 GUARD_SYNC_SECONDS = 1.0
 REBALANCE_TICK_SECONDS = 0.25
+APP_VERSIONS_REFRESH_SECONDS = 5.0  # the status page's sampling interval
 # Refusals that say nothing about whether the client guessed a token: not counted per IP.
 NOT_THE_CLIENTS_FAULT = frozenset({"rate_limited", "too_many_sessions", "legacy_denied"})
 
@@ -112,6 +114,8 @@ class Gateway:
         self.rebalance: Schedule | None = None
         self._rebalance_why = ""
         self._rebalancer: asyncio.Task[None] | None = None
+        self._app_versions: dict[str, Any] | None = None  # today's usage by app version, as last read
+        self._app_versions_read_at: float | None = None
         self.apply(config)
 
     # -- config ----------------------------------------------------------------------------
@@ -344,6 +348,7 @@ class Gateway:
             "tasks": len(asyncio.all_tasks()),
             "rebalance": self._rebalance_status(self.rebalance),
             "last_upstream_error": {backend: self.upstream_errors.get(backend) for backend in ("old", "new")},
+            "app_versions": self._app_versions_today(),
         }
 
     def _utc(self, at: float) -> str:
@@ -373,6 +378,30 @@ class Gateway:
             "backend": record["backend"],
             "why": "route" if why == "bucket" else why,
             "relaying": record["ready_s"] is not None,
+        }
+
+    def _app_versions_today(self) -> dict[str, Any] | None:
+        """Today's usage by app version as last read from the store (None when
+        ``usage.app_version`` is off). This answers at once and the store does not, so a
+        fresh read starts in the background at most every `APP_VERSIONS_REFRESH_SECONDS`."""
+        if self.config.usage.app_version is None:
+            return None
+        read_at, now = self._app_versions_read_at, self.clock()
+        if read_at is None or now - read_at >= APP_VERSIONS_REFRESH_SECONDS:
+            self._app_versions_read_at = now
+            self._spawn(self._read_app_versions())
+        return self._app_versions
+
+    async def _read_app_versions(self) -> None:
+        day = utc_day(self.wall())
+        try:
+            rows = await self.store.app_versions(1, day)
+        except StoreUnavailable:
+            return  # keep the last table; the store's outage is logged and counted already
+        self._app_versions = {
+            "day": day,
+            "read_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.wall())),
+            "versions": [row.as_dict() for row in rows],
         }
 
     # -- session outcomes (called by the relay) ----------------------------------------------
@@ -409,13 +438,23 @@ class Gateway:
     def fell_back(self) -> None:
         self.metrics.fallbacks.inc()
 
-    def session_ready(self, auth_style: str, backend: str, user_id: str, seconds: float) -> None:
+    def session_ready(
+        self, auth_style: str, backend: str, user_id: str, seconds: float, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """`headers`: the upgrade request's, where ``usage.app_version`` finds the app version."""
         self.pending -= 1
         children = self.metrics.session_by_route[auth_style, backend]
         children.opened.inc()
         children.active.inc()
         children.ready_seconds.observe(seconds)
         self._spawn(self.store.count_session(utc_day(self.wall()), auth_style, backend, user_id))
+        settings = self.config.usage.app_version
+        if settings is not None:
+            self._spawn(self._count_app_version(settings, app_version(settings, headers), auth_style, user_id))
+
+    async def _count_app_version(self, settings: AppVersionConfig, version: str, auth_style: str, user_id: str) -> None:
+        row = await self.store.count_app_version(self.wall(), version, auth_style, user_id, settings.max_versions)
+        self.metrics.count_app_version(row, auth_style, settings.max_versions)
 
     def upgrade_attempted(self, auth_style: str) -> None:
         self.metrics.attempts_by_style[auth_style].inc()

@@ -38,6 +38,14 @@ PAGE = """<!doctype html>
   <output id="route-answer" for="route-user"></output>
 </form>
 <section id="charts" aria-label="the last hour"></section>
+<section id="versions" aria-label="usage by app version" hidden>
+  <h2>Who is still on the old method</h2>
+  <p id="versions-when" class="muted"></p>
+  <table>
+    <thead><tr><th>app version</th><th>users</th><th>legacy users</th><th>legacy share</th><th>last seen (UTC)</th></tr></thead>
+    <tbody id="versions-rows"></tbody>
+  </table>
+</section>
 <footer class="muted">
   Sampled in this process every few seconds; the history starts empty after a restart
   (Prometheus keeps the long view). Raw data: <a href="status.json">status.json</a>,
@@ -84,6 +92,13 @@ footer { margin-top: 16px; font-size: 12px; }
 #route-form button { font: inherit; }
 #route-answer { font-weight: 600; }
 #route-answer.bad { color: var(--bad); }
+#versions { background: #fff; border: 1px solid var(--grid); border-radius: 6px; padding: 8px 10px; margin-top: 12px; }
+#versions h2 { font-size: 14px; margin: 0 0 4px; }
+#versions p { margin: 0 0 6px; font-size: 12px; }
+#versions table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
+#versions th, #versions td { text-align: right; padding: 3px 8px; border-bottom: 1px solid var(--grid); }
+#versions th:first-child, #versions td:first-child { text-align: left; }
+#versions td.bad { color: var(--bad); font-weight: 600; }
 """
 
 SCRIPT = r"""
@@ -261,6 +276,33 @@ function render(data) {
 
   const charts = document.getElementById("charts");
   charts.replaceChildren(...CHARTS.map(def => chart(def, data)));
+  renderVersions(ro.app_versions);
+}
+
+// Today's users per app version (usage.app_version), as the gateway last read them from its store.
+function renderVersions(table) {
+  const section = document.getElementById("versions");
+  section.hidden = !table;
+  if (!table) return;
+  document.getElementById("versions-when").textContent =
+    `${table.day} (UTC), read ${table.read_at}: users of each app version today, and how many of them ` +
+    `still send the token in the URL. Most users first.`;
+  const rows = table.versions.map(v => {
+    const tr = node("tr", {"data-version": v.version});
+    const share = v.legacy_share_percent;
+    const when = new Date(v.last_seen * 1000).toISOString().slice(0, 16).replace("T", " ");
+    for (const [text, cls] of [[v.version], [String(v.users)], [String(v.users_legacy)],
+                               [share === null ? "\u2013" : share.toFixed(2) + " %", v.users_legacy > 0 ? "bad" : ""], [when]]) {
+      tr.appendChild(node("td", cls ? {class: cls} : {}, text));
+    }
+    return tr;
+  });
+  if (!rows.length) {
+    const empty = node("tr");
+    empty.appendChild(node("td", {colspan: "5"}, "no sessions counted yet today"));
+    rows.push(empty);
+  }
+  document.getElementById("versions-rows").replaceChildren(...rows);
 }
 
 async function refresh() {

@@ -995,3 +995,59 @@ def test_a_per_ip_limit_behind_trusted_proxies_and_a_32_byte_secret_are_fine() -
 def test_no_warning_ever_shows_the_secret() -> None:
     secret = "short-secret"
     assert secret not in " ".join(config_warnings(parse_config(raw_config(auth={"secret": secret}))))
+
+
+# -- usage.app_version ---------------------------------------------------------------------------
+
+APP_PATTERN = "WealthCoach/(?P<version>[0-9.]+)"
+
+
+def test_usage_by_app_version_is_off_by_default() -> None:
+    assert parse().usage.app_version is None
+
+
+def test_usage_by_app_version_defaults_to_the_user_agent_and_50_versions() -> None:
+    settings = parse(usage={"app_version": {"pattern": APP_PATTERN}}).usage.app_version
+    assert settings is not None
+    assert (settings.header, settings.pattern, settings.max_versions) == ("User-Agent", APP_PATTERN, 50)
+
+
+def test_usage_by_app_version_takes_another_header_and_cap() -> None:
+    settings = parse(usage={"app_version": {"pattern": APP_PATTERN, "header": "X-App-Version", "max_versions": 5}}).usage.app_version
+    assert settings is not None and (settings.header, settings.max_versions) == ("X-App-Version", 5)
+
+
+def test_usage_by_app_version_needs_a_pattern() -> None:
+    assert problem(usage={"app_version": {}}) == (
+        "usage.app_version.pattern: required: a regular expression with a group (?P<version>...)"
+    )
+
+
+def test_an_app_version_pattern_that_does_not_compile_is_refused() -> None:
+    assert problem(usage={"app_version": {"pattern": "WealthCoach/(?P<version>[0-9."}}).startswith(
+        "usage.app_version.pattern: 'WealthCoach/(?P<version>[0-9.' is not a regular expression: "
+    )
+
+
+def test_an_app_version_pattern_without_the_version_group_is_refused() -> None:
+    assert problem(usage={"app_version": {"pattern": "WealthCoach/([0-9.]+)"}}) == (
+        "usage.app_version.pattern: 'WealthCoach/([0-9.]+)' has no group named version: write it as (?P<version>...)"
+    )
+
+
+def test_an_app_version_header_must_be_a_header_name() -> None:
+    assert problem(usage={"app_version": {"pattern": APP_PATTERN, "header": "User Agent"}}) == (
+        "usage.app_version.header: 'User Agent' is not an HTTP header name"
+    )
+
+
+def test_app_version_max_versions_must_be_a_positive_integer() -> None:
+    assert problem(usage={"app_version": {"pattern": APP_PATTERN, "max_versions": 0}}) == (
+        "usage.app_version.max_versions: 0 is out of range [1, 1000]"
+    )
+
+
+def test_an_unknown_app_version_key_names_its_path() -> None:
+    assert problem(usage={"app_version": {"pattern": APP_PATTERN, "cap": 3}}).startswith(
+        "usage.app_version.cap: unknown key (allowed: header, max_versions, pattern)"
+    )

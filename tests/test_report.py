@@ -1,9 +1,19 @@
 import json
 from dataclasses import replace
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 
-from gateway.report import VERDICT_DAYS, collect_report, format_report, report_data, report_json, verdict
-from gateway.store import DayUsage, MemoryStore
+from gateway.report import (
+    PLAN_DAYS,
+    VERDICT_DAYS,
+    collect_report,
+    collect_versions,
+    format_report,
+    plan_criteria,
+    report_data,
+    report_json,
+    verdict,
+)
+from gateway.store import DayUsage, MemoryStore, VersionUsage
 
 END = date(2025, 11, 26)
 
@@ -128,3 +138,70 @@ async def test_collect_report_reads_the_store():
     assert [d.day for d in days] == ["2025-11-25", "2025-11-26"]
     assert days[1].users == 2 and days[1].legacy_share_percent == 50.0
     assert not days[0].has_data
+
+
+# -- per app version, and the plan's two criteria ----------------------------------------------------
+
+LAST_SEEN = datetime(2025, 11, 26, 14, 3, tzinfo=timezone.utc).timestamp()
+VERSIONS = [
+    VersionUsage("2.3.1", users=900, users_legacy=0, last_seen=LAST_SEEN),
+    VersionUsage("2.2.0", users=80, users_legacy=30, last_seen=LAST_SEEN - 3600),
+    VersionUsage("unknown", users=15, users_legacy=5, last_seen=LAST_SEEN - 7200),
+    VersionUsage("other", users=5, users_legacy=1, last_seen=LAST_SEEN - 60),
+]
+DEPRECATED_AT = int(datetime(2025, 10, 1, 9, 30, tzinfo=timezone.utc).timestamp())  # 56 days before END
+
+
+def test_report_shows_a_row_per_app_version_between_the_days_and_the_verdict():
+    lines = format_report(week(), 1.0, VERSIONS, DEPRECATED_AT).splitlines()
+    assert lines[8] == ""
+    assert lines[9].split() == ["app", "version", "users", "legacy", "users", "legacy", "share", "last", "seen", "(UTC)"]
+    assert lines[10].split() == ["2.3.1", "900", "0", "0.00%", "2025-11-26", "14:03"]
+    assert lines[11].split() == ["2.2.0", "80", "30", "37.50%", "2025-11-26", "13:03"]
+    assert [line.split()[0] for line in lines[12:14]] == ["unknown", "other"]
+    assert len({len(line) for line in lines[9:14]}) == 1  # columns line up
+    assert lines[-1].startswith("verdict: safe to deny legacy auth")
+
+
+def test_the_verdict_names_both_criteria_of_the_plan_and_the_versions_holding_the_share_up():
+    text = format_report(week(d0=day(0, legacy_users=36)), 1.0, VERSIONS, DEPRECATED_AT).splitlines()[-1]
+    assert text.startswith("verdict: not yet: legacy share at or above 1% on 2025-11-26")
+    assert f"the plan: 56 of {PLAN_DAYS} days since auth.legacy_deprecated_at; legacy share 3.60% of 1% on 2025-11-26" in text
+    assert text.endswith("held up by 2.2.0 (30 of its 80 users), unknown (5 of its 15 users), other (1 of its 5 users)")
+
+
+def test_without_a_deprecation_date_or_versions_the_plan_says_so():
+    text = format_report(week(), 1.0).splitlines()[-1]
+    assert text.endswith("the plan: auth.legacy_deprecated_at not set; legacy share 0.10% of 1% on 2025-11-26")
+    assert len(format_report(week(), 1.0).splitlines()) == VERDICT_DAYS + 3  # no version table
+
+
+def test_the_plan_names_the_newest_day_with_users_and_at_most_five_versions():
+    many = [VersionUsage(f"1.{n}", users=10, users_legacy=n + 1, last_seen=LAST_SEEN) for n in range(7)]
+    criteria = plan_criteria(week(d0=DayUsage("2025-11-26")), many, 1.0, DEPRECATED_AT)
+    assert criteria["legacy_share_day"] == "2025-11-25" and criteria["days_since_deprecated"] == 56
+    assert [v["version"] for v in criteria["held_up_by"]] == [f"1.{n}" for n in range(6, -1, -1)]
+    text = format_report(week(d0=DayUsage("2025-11-26")), 1.0, many, DEPRECATED_AT).splitlines()[-1]
+    assert text.endswith("held up by 1.6 (7 of its 10 users), 1.5 (6 of its 10 users), 1.4 (5 of its 10 users), "
+                         "1.3 (4 of its 10 users), 1.2 (3 of its 10 users) and 2 more")
+
+
+def test_json_report_carries_each_version_and_the_plan():
+    data = json.loads(report_json(week(), 1.0, VERSIONS, DEPRECATED_AT))
+    assert [v["version"] for v in data["versions"]] == ["2.3.1", "2.2.0", "unknown", "other"]
+    assert data["versions"][1] == {
+        "version": "2.2.0", "users": 80, "users_legacy": 30, "legacy_share_percent": 37.5, "last_seen": LAST_SEEN - 3600
+    }
+    plan = data["plan"]
+    assert (plan["days_since_deprecated"], plan["deprecated_days_required"]) == (56, PLAN_DAYS)
+    assert (plan["legacy_share_percent"], plan["legacy_share_day"], plan["threshold_percent"]) == (0.1, "2025-11-26", 1.0)
+    assert [v["version"] for v in plan["held_up_by"]] == ["2.2.0", "unknown", "other"]
+    assert data["verdict"] == format_report(week(), 1.0, VERSIONS, DEPRECATED_AT).splitlines()[-1].removeprefix("verdict: ")
+
+
+async def test_collect_versions_reads_the_store():
+    store = MemoryStore()
+    await store.count_app_version(LAST_SEEN, "2.2.0", "legacy", "u1", 50)
+    await store.count_app_version(LAST_SEEN, "2.3.1", "message", "u2", 50)
+    versions = await collect_versions(store, 2, today="2025-11-26")
+    assert [(v.version, v.users, v.users_legacy) for v in versions] == [("2.2.0", 1, 1), ("2.3.1", 1, 0)]

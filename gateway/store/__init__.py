@@ -3,7 +3,7 @@
 One interface, two implementations; `open_store(config)` picks one from the config:
 
 * `base` — the `Store` interface and what each operation promises; `DayUsage`,
-  `StoreUnavailable`, `utc_day` and the limits' constants.
+  `VersionUsage`, `StoreUnavailable`, `utc_day` and the limits' constants.
 * `memory` — `MemoryStore`: in-process state. The embedded default when the config has no
   ``redis:`` section, and the fallback inside `RedisStore`.
 * `redis_store` — `RedisStore`: state every replica shares through Redis, its key
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import DayUsage, Store, StoreUnavailable, utc_day
+from .base import OTHER_VERSION, UNKNOWN_VERSION, DayUsage, Store, StoreUnavailable, VersionUsage, utc_day
 from .memory import MemoryStore
 from .redis_store import RedisStore
 from .sqlite import SqliteStore
@@ -25,7 +25,10 @@ from .sqlite import SqliteStore
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["DayUsage", "MemoryStore", "RedisStore", "SqliteStore", "Store", "StoreUnavailable", "open_store", "utc_day"]
+__all__ = [
+    "OTHER_VERSION", "UNKNOWN_VERSION", "DayUsage", "MemoryStore", "RedisStore", "SqliteStore", "Store", "StoreUnavailable",
+    "VersionUsage", "open_store", "utc_day",
+]
 
 
 def open_store(config: Config, **kwargs: Any) -> Store:

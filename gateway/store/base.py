@@ -20,6 +20,15 @@ What each operation promises
   most ``max_usage_users`` (default 200,000, about 30 MB) (day, user) entries are held;
   past that sessions are still counted but new users are not recorded (the day's
   distinct-user numbers come out low), and that is logged once.
+* Usage by app version (``usage.app_version``): per UTC day, the exact set of users per
+  version and auth style (user ids kept as BLAKE2b digests outside memory) and when the
+  version was last seen. The first ``max_versions`` distinct versions of a day get their
+  own row, later ones count as ``other``; ``unknown`` (no match) takes no slot. Each store
+  keeps the day's admitted versions where every replica sees them, so the cap holds
+  across replicas approximately: exactly in Redis (one Lua script admits), per process
+  while Redis is down (written as counted when it returns, so a day may then hold a few
+  more), and across processes sharing a SQLite file up to the versions first seen
+  elsewhere within one flush (each process reloads the file's versions after a flush).
 * Guard: one small JSON record, last writer wins, expiring after ``ttl_seconds`` (of the
   ``wall`` clock in `MemoryStore`, of Redis's in `RedisStore`); every replica reads it
   once a second (``runtime.GUARD_SYNC_SECONDS``).
@@ -29,6 +38,7 @@ What each operation promises
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -46,6 +56,9 @@ MAX_USAGE_USERS = 200_000
 MAX_AUTH_IPS = 100_000
 DEFAULT_PREFIX = "wsgw:"
 RETENTION_DAYS = 120
+UNKNOWN_VERSION = "unknown"  # the header is missing or the pattern did not match
+OTHER_VERSION = "other"  # a version past the day's max_versions
+MAX_VERSION_CHARS = 64
 
 
 class StoreUnavailable(Exception):
@@ -111,6 +124,46 @@ class DayUsage:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "sessions": self.sessions, "legacy_share_percent": self.legacy_share_percent}
+
+
+@dataclass(frozen=True)
+class VersionUsage:
+    """One app version over some days: its distinct users, those of them on the legacy
+    auth style (at least once), and the unix time it was last seen."""
+
+    version: str
+    users: int
+    users_legacy: int
+    last_seen: float
+
+    @property
+    def legacy_share_percent(self) -> float | None:
+        if self.users <= 0:
+            return None
+        return min(100.0, 100.0 * self.users_legacy / self.users)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "legacy_share_percent": self.legacy_share_percent}
+
+
+def sorted_versions(versions: Iterable[VersionUsage]) -> list[VersionUsage]:
+    """Most users first (then most legacy users, then by name): the table's order."""
+    return sorted(versions, key=lambda v: (-v.users, -v.users_legacy, v.version))
+
+
+def user_hash(user_id: str) -> bytes:
+    """How a user id is stored outside this process's memory: never in clear."""
+    return hashlib.blake2b(user_id.encode("utf-8"), digest_size=16).digest()
+
+
+def check_version(version: str, auth_style: str, max_versions: int) -> None:
+    """Raise ValueError unless the version label, auth style and cap are usable."""
+    if not version or len(version) > MAX_VERSION_CHARS:
+        raise ValueError(f"version must be 1 to {MAX_VERSION_CHARS} characters, got {len(version)}")
+    if auth_style not in AUTH_STYLES:
+        raise ValueError(f"auth_style must be one of {AUTH_STYLES}, got {auth_style!r}")
+    if max_versions < 1:
+        raise ValueError(f"max_versions must be at least 1, got {max_versions}")
 
 
 def check_usage(day: str, auth_style: str, backend: str) -> None:
@@ -197,6 +250,16 @@ class Store(ABC):
     @abstractmethod
     async def usage_days(self, days: int, today: date | str | None = None) -> list[DayUsage]:
         """The `days` UTC days ending with `today` (default: today, UTC), oldest first; empty days included."""
+
+    @abstractmethod
+    async def count_app_version(self, at: float, version: str, auth_style: str, user_id: str, max_versions: int) -> str:
+        """Count one session of app `version` at unix time `at`; return the row it went to
+        (`version`, or ``other`` once the day holds `max_versions` other versions)."""
+
+    @abstractmethod
+    async def app_versions(self, days: int, today: date | str | None = None) -> list[VersionUsage]:
+        """Each version seen over the `days` UTC days ending with `today`, users counted
+        once over those days, in `sorted_versions` order."""
 
     # the shared guard --------------------------------------------------------------------
 

@@ -18,21 +18,29 @@ from datetime import date, timedelta
 from typing import Any
 
 from .base import (
+    AUTH_STYLES,
     AUTH_WINDOW_SECONDS,
     GUARD_TTL_SECONDS,
     MAX_AUTH_IPS,
     MAX_USAGE_USERS,
+    OTHER_VERSION,
     RETENTION_DAYS,
+    UNKNOWN_VERSION,
     USER_SETS,
     DayUsage,
     Store,
+    VersionUsage,
     check_usage,
+    check_version,
     day_list,
+    sorted_versions,
+    utc_day,
 )
 
 log = logging.getLogger("gateway.store")
 
 _STYLE_BITS = (1 << USER_SETS.index("legacy")) | (1 << USER_SETS.index("message"))
+LEGACY_BIT = 1 << AUTH_STYLES.index("legacy")  # of a user's bits in DayCounts.versions
 
 
 @dataclass
@@ -41,6 +49,13 @@ class DayCounts:
 
     sessions: Counter[str] = field(default_factory=Counter)
     users: dict[str, int] = field(default_factory=dict)  # user id -> bit per USER_SETS entry
+    versions: dict[str, dict[str, int]] = field(default_factory=dict)  # app version -> user id -> bit per AUTH_STYLES entry
+    seen: dict[str, float] = field(default_factory=dict)  # app version -> unix time last seen
+
+    @property
+    def entries(self) -> int:
+        """(user) and (version, user) entries: what the memory bound counts."""
+        return len(self.users) + sum(len(users) for users in self.versions.values())
 
     def user_sets(self) -> dict[str, list[str]]:
         """The user ids in each of `USER_SETS` (a user is in one auth-style set and one backend set, or more)."""
@@ -63,6 +78,23 @@ class DayCounts:
         return DayUsage.from_counts(day, self.sessions, sizes, either_style)
 
 
+def version_usage(days: list[DayCounts]) -> list[VersionUsage]:
+    """The per-version rows of `days`, each user counted once over them."""
+    users: dict[str, dict[str, int]] = {}
+    seen: dict[str, float] = {}
+    for counts in days:
+        for version, members in counts.versions.items():
+            merged = users.setdefault(version, {})
+            for user, bits in members.items():
+                merged[user] = merged.get(user, 0) | bits
+        for version, at in counts.seen.items():
+            seen[version] = max(at, seen.get(version, at))
+    return sorted_versions(
+        VersionUsage(version, len(members), sum(1 for bits in members.values() if bits & LEGACY_BIT), seen.get(version, 0.0))
+        for version, members in users.items()
+    )
+
+
 class _UsageBook:
     """Usage counts in memory, with at most `max_users` (day, user) entries."""
 
@@ -70,21 +102,23 @@ class _UsageBook:
         self.max_users = max_users
         self.retention_days = retention_days
         self.days: dict[str, DayCounts] = {}
+        self.admitted: dict[str, set[str]] = {}  # day -> the app versions with a row of their own
         self.entries = 0
         self.full_logged = False
 
-    def count(self, day: str, auth_style: str, backend: str, user_id: str) -> None:
+    def _day(self, day: str) -> DayCounts:
         book = self.days.get(day)
         if book is None:
             book = self.days[day] = DayCounts()
             self._prune(day)
-        book.sessions[f"{auth_style}:{backend}"] += 1
-        bits = (1 << USER_SETS.index(auth_style)) | (1 << USER_SETS.index(backend))
-        known = book.users.get(user_id)
+        return book
+
+    def _add(self, members: dict[str, int], user_id: str, bits: int) -> None:
+        known = members.get(user_id)
         if known is not None:
-            book.users[user_id] = known | bits
+            members[user_id] = known | bits
         elif self.entries < self.max_users:
-            book.users[user_id] = bits
+            members[user_id] = bits
             self.entries += 1
         elif not self.full_logged:
             self.full_logged = True
@@ -93,9 +127,26 @@ class _UsageBook:
                 extra={"max_users": self.max_users},
             )
 
+    def count(self, day: str, auth_style: str, backend: str, user_id: str) -> None:
+        book = self._day(day)
+        book.sessions[f"{auth_style}:{backend}"] += 1
+        self._add(book.users, user_id, (1 << USER_SETS.index(auth_style)) | (1 << USER_SETS.index(backend)))
+
+    def count_version(self, day: str, at: float, version: str, auth_style: str, user_id: str, max_versions: int) -> str:
+        book = self._day(day)
+        admitted = self.admitted.setdefault(day, set())
+        if version not in (UNKNOWN_VERSION, OTHER_VERSION) and version not in admitted:
+            if len(admitted) < max_versions:
+                admitted.add(version)
+            else:
+                version = OTHER_VERSION
+        self._add(book.versions.setdefault(version, {}), user_id, 1 << AUTH_STYLES.index(auth_style))
+        book.seen[version] = max(at, book.seen.get(version, at))
+        return version
+
     def pop(self, day: str) -> DayCounts:
         book = self.days.pop(day)
-        self.entries -= len(book.users)
+        self.entries -= book.entries
         if not self.days:
             self.full_logged = False
         return book
@@ -104,10 +155,16 @@ class _UsageBook:
         """Put back a day that could not be written (may overshoot the bound by that day)."""
         book = self.days.setdefault(day, DayCounts())
         book.sessions.update(other.sessions)
+        self.entries -= book.entries
         for user, bits in other.users.items():
-            if user not in book.users:
-                self.entries += 1
             book.users[user] = book.users.get(user, 0) | bits
+        for version, members in other.versions.items():
+            mine = book.versions.setdefault(version, {})
+            for user, bits in members.items():
+                mine[user] = mine.get(user, 0) | bits
+        for version, at in other.seen.items():
+            book.seen[version] = max(at, book.seen.get(version, at))
+        self.entries += book.entries
 
     def usage(self, day: str) -> DayUsage:
         book = self.days.get(day)
@@ -117,6 +174,8 @@ class _UsageBook:
         cutoff = (date.fromisoformat(newest) - timedelta(days=self.retention_days)).isoformat()
         for day in [d for d in self.days if d < cutoff]:
             self.pop(day)
+        for day in [d for d in self.admitted if d < cutoff]:
+            del self.admitted[day]
 
 
 class MemoryStore(Store):
@@ -217,6 +276,17 @@ class MemoryStore(Store):
 
     async def usage_days(self, days: int, today: date | str | None = None) -> list[DayUsage]:
         return [self._usage.usage(day) for day in day_list(days, today)]
+
+    async def count_app_version(self, at: float, version: str, auth_style: str, user_id: str, max_versions: int) -> str:
+        check_version(version, auth_style, max_versions)
+        return self._usage.count_version(utc_day(at), at, version, auth_style, user_id, max_versions)
+
+    async def app_versions(self, days: int, today: date | str | None = None) -> list[VersionUsage]:
+        return version_usage([self._usage.days[day] for day in day_list(days, today) if day in self._usage.days])
+
+    def admit_versions(self, day: str, versions: Iterable[str]) -> None:
+        """Versions other processes gave a row of their own on `day` (from a shared file)."""
+        self._usage.admitted.setdefault(day, set()).update(v for v in versions if v not in (UNKNOWN_VERSION, OTHER_VERSION))
 
     def held_usage_days(self) -> list[str]:
         """The UTC days with usage held here, oldest first."""

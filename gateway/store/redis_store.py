@@ -28,6 +28,12 @@ key                                    type         holds                       
                                                     ``{legacy|message}:{old|new}``               ``usage.retention_days``
 ``wsgw:usage:{day}:users:{set}``       HyperLogLog  distinct user ids; set = ``legacy``,         same as above
                                                     ``message``, ``old`` or ``new``
+``wsgw:usage:{day}:appv``              set          app versions with a row of their own that    same as above
+                                                    day (at most ``max_versions``)
+``wsgw:usage:{day}:appv:seen``         sorted set   member = app version, score = unix time      same as above
+                                                    it was last seen
+``wsgw:usage:{day}:appv:{style}:{v}``  set          users of version ``v`` (BLAKE2b digests);    same as above
+                                                    style = ``legacy`` or ``message``
 ``wsgw:guard``                         string       the guard record (JSON) last published       ``ttl_seconds`` of that publish
 =====================================  ===========  ===========================================  ================================
 
@@ -41,6 +47,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -57,15 +64,23 @@ from .base import (
     AUTH_WINDOW_SECONDS,
     DEFAULT_PREFIX,
     GUARD_TTL_SECONDS,
+    AUTH_STYLES,
     MAX_USAGE_USERS,
+    OTHER_VERSION,
     RETENTION_DAYS,
     SESSION_TTL_SECONDS,
+    UNKNOWN_VERSION,
     USER_SETS,
     DayUsage,
     Store,
     StoreUnavailable,
+    VersionUsage,
     check_usage,
+    check_version,
     day_list,
+    sorted_versions,
+    user_hash,
+    utc_day,
 )
 from .memory import DayCounts, MemoryStore
 
@@ -117,6 +132,38 @@ redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 redis.call('PFADD', KEYS[2], ARGV[2])
 redis.call('PFADD', KEYS[3], ARGV[2])
 for i = 1, 3 do redis.call('EXPIREAT', KEYS[i], ARGV[3]) end
+return 1
+"""
+
+# Admit the version while the day has room (else count it as other), add the user, keep the
+# newest time seen. KEYS = the day's admitted versions, its last-seen sorted set, the users of
+# the version for this style, those of other; ARGV = version, user digest, unix time,
+# expire-at, max_versions, the unknown and other labels.
+_COUNT_VERSION = """
+local version, users = ARGV[1], KEYS[3]
+if version ~= ARGV[6] and version ~= ARGV[7] and redis.call('SISMEMBER', KEYS[1], version) == 0 then
+  if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[5]) then
+    redis.call('SADD', KEYS[1], version)
+    redis.call('EXPIREAT', KEYS[1], ARGV[4])
+  else
+    version, users = ARGV[7], KEYS[4]
+  end
+end
+redis.call('SADD', users, ARGV[2])
+redis.call('EXPIREAT', users, ARGV[4])
+local seen = redis.call('ZSCORE', KEYS[2], version)
+if not seen or tonumber(seen) < tonumber(ARGV[3]) then redis.call('ZADD', KEYS[2], ARGV[3], version) end
+redis.call('EXPIREAT', KEYS[2], ARGV[4])
+return version
+"""
+
+# KEYS[1] = a day's last-seen sorted set; ARGV = expire-at, then (version, unix time) pairs.
+_SEEN = """
+for i = 2, #ARGV, 2 do
+  local seen = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if not seen or tonumber(seen) < tonumber(ARGV[i + 1]) then redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i]) end
+end
+redis.call('EXPIREAT', KEYS[1], ARGV[1])
 return 1
 """
 
@@ -222,6 +269,8 @@ class RedisStore(Store):
         self._acquire_script = self._redis.register_script(_ACQUIRE)
         self._refresh_script = self._redis.register_script(_REFRESH)
         self._count_script = self._redis.register_script(_COUNT)
+        self._version_script = self._redis.register_script(_COUNT_VERSION)
+        self._seen_script = self._redis.register_script(_SEEN)
 
     @classmethod
     def from_config(cls, config: Config, **kwargs: Any) -> RedisStore:
@@ -543,6 +592,28 @@ class RedisStore(Store):
                 pipe.hincrby(key, name, count)
             pipe.expireat(key, expire_at)
             await pipe.execute()
+        await self._write_versions(day, pending, expire_at)
+
+    async def _write_versions(self, day: str, pending: DayCounts, expire_at: int) -> None:
+        """The day's usage by app version: admitted without the cap (the outage may have let a
+        few more in), users per style, then the newest times seen."""
+        admitted = [v for v in pending.versions if v not in (UNKNOWN_VERSION, OTHER_VERSION)]
+        if admitted:
+            key = self._usage_key(day, "appv")
+            await self._redis.sadd(key, *admitted)
+            await self._redis.expireat(key, expire_at)
+        for version, members in pending.versions.items():
+            for index, style in enumerate(AUTH_STYLES):
+                users = [user_hash(user) for user, bits in members.items() if bits & (1 << index)]
+                key = self._usage_key(day, "appv", style, version)
+                for start in range(0, len(users), 1000):
+                    pipe = self._redis.pipeline(transaction=False)
+                    pipe.sadd(key, *users[start : start + 1000])
+                    pipe.expireat(key, expire_at)
+                    await pipe.execute()
+        if pending.seen:
+            pairs = [item for version, at in pending.seen.items() for item in (version, at)]
+            await self._seen_script(keys=[self._usage_key(day, "appv", "seen")], args=[expire_at, *pairs])
 
     async def usage_days(self, days: int, today: date | str | None = None) -> list[DayUsage]:
         """Read from Redis (never from memory); raises StoreUnavailable when Redis cannot answer."""
@@ -568,6 +639,63 @@ class RedisStore(Store):
             counts = {name: int(count) for name, count in sessions.items()}
             result.append(DayUsage.from_counts(day, counts, dict(zip(USER_SETS, map(int, sets))), int(either)))
         return result
+
+    async def count_app_version(self, at: float, version: str, auth_style: str, user_id: str, max_versions: int) -> str:
+        check_version(version, auth_style, max_versions)
+        day = utc_day(at)
+        keys = [
+            self._usage_key(day, "appv"),
+            self._usage_key(day, "appv", "seen"),
+            self._usage_key(day, "appv", auth_style, version),
+            self._usage_key(day, "appv", auth_style, OTHER_VERSION),
+        ]
+        args: list[str | bytes | float] = [version, user_hash(user_id), at, self._expire_at(day), max_versions, UNKNOWN_VERSION, OTHER_VERSION]
+
+        async def remote() -> str:
+            return str(await self._version_script(keys=keys, args=args))
+
+        async def fallback() -> str:
+            return await self.memory.count_app_version(at, version, auth_style, user_id, max_versions)
+
+        return await self._run("count_app_version", remote, fallback)
+
+    async def app_versions(self, days: int, today: date | str | None = None) -> list[VersionUsage]:
+        """Read from Redis (never from memory); raises StoreUnavailable when Redis cannot answer.
+
+        Users are counted once over the days with SUNIONSTORE into keys that live only
+        inside one MULTI, so nothing but the counts crosses the network.
+        """
+        days_asked = day_list(days, today)
+        try:
+            async with asyncio.timeout(self.bulk_timeout):
+                pipe = self._redis.pipeline(transaction=False)
+                for day in days_asked:
+                    pipe.zrange(self._usage_key(day, "appv", "seen"), 0, -1, withscores=True)
+                seen: dict[str, float] = {}
+                for pairs in await pipe.execute():
+                    for version, at in pairs:
+                        seen[version] = max(float(at), seen.get(version, 0.0))
+                versions = sorted(seen)
+                counts: list[int] = []
+                if versions:
+                    scratch = [self._key("usage", "scratch", uuid.uuid4().hex, part) for part in ("all", "legacy")]
+                    pipe = self._redis.pipeline(transaction=True)
+                    for version in versions:
+                        legacy = [self._usage_key(day, "appv", "legacy", version) for day in days_asked]
+                        message = [self._usage_key(day, "appv", "message", version) for day in days_asked]
+                        pipe.sunionstore(scratch[0], legacy + message)
+                        pipe.sunionstore(scratch[1], legacy)
+                    pipe.delete(*scratch)
+                    counts = await pipe.execute()
+        except _FAILURES as exc:
+            self._failed("app_versions", exc)
+            raise StoreUnavailable(f"redis at {redact_url(self.url)} did not answer: {self._describe(exc)}") from None
+        if not self._up:
+            self._recovered()
+        return sorted_versions(
+            VersionUsage(version, int(counts[2 * index]), int(counts[2 * index + 1]), seen[version])
+            for index, version in enumerate(versions)
+        )
 
     # -- the shared guard ------------------------------------------------------------------
 

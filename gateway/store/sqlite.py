@@ -11,13 +11,15 @@ once.
 Several processes may share one file (the workers of ``serve --workers N`` on one host):
 sessions are added up and users are merged per day with upserts, so the distinct-user
 counts are exact across them. User ids are stored as BLAKE2b digests, never in clear.
-Days older than ``usage.retention_days`` are deleted as new ones are written.
+Days older than ``usage.retention_days`` are deleted as new ones are written. Usage by app
+version goes to two more tables the same way; after each write a process takes the day's
+versions from the file, so the ``max_versions`` cap holds across the processes sharing it
+(see `base`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import sqlite3
 import time
@@ -25,8 +27,8 @@ from collections.abc import Callable
 from datetime import date, timedelta
 from pathlib import Path
 
-from .base import USER_SETS, DayUsage, StoreUnavailable, day_list, utc_day
-from .memory import DayCounts, MemoryStore
+from .base import USER_SETS, DayUsage, StoreUnavailable, VersionUsage, day_list, sorted_versions, user_hash, utc_day
+from .memory import LEGACY_BIT, DayCounts, MemoryStore
 
 log = logging.getLogger("gateway.store")
 FLUSH_SECONDS = 5.0
@@ -39,18 +41,23 @@ CREATE TABLE IF NOT EXISTS usage_sessions (
 CREATE TABLE IF NOT EXISTS usage_users (
     day TEXT NOT NULL, user_hash BLOB NOT NULL, sets INTEGER NOT NULL, PRIMARY KEY (day, user_hash)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage_version_users (
+    day TEXT NOT NULL, version TEXT NOT NULL, user_hash BLOB NOT NULL, styles INTEGER NOT NULL,
+    PRIMARY KEY (day, version, user_hash)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage_version_seen (
+    day TEXT NOT NULL, version TEXT NOT NULL, last_seen REAL NOT NULL, PRIMARY KEY (day, version)
+) WITHOUT ROWID;
 """
+_TABLES = ("usage_sessions", "usage_users", "usage_version_users", "usage_version_seen")
 # `sets` holds one bit per USER_SETS entry (legacy, message, old, new), as in memory.
 _STYLE_BITS = (1 << USER_SETS.index("legacy")) | (1 << USER_SETS.index("message"))
 _COUNT_SETS = ", ".join(f"coalesce(sum(sets & {1 << index} != 0), 0)" for index in range(len(USER_SETS)))
 
 
-def user_hash(user_id: str) -> bytes:
-    return hashlib.blake2b(user_id.encode("utf-8"), digest_size=16).digest()
-
-
-def write_days(db: sqlite3.Connection, days: dict[str, DayCounts], cutoff: str) -> None:
-    """Add `days` to the file in one transaction and delete days before `cutoff`."""
+def write_days(db: sqlite3.Connection, days: dict[str, DayCounts], cutoff: str) -> dict[str, list[str]]:
+    """Add `days` to the file in one transaction and delete days before `cutoff`; return
+    the app versions the file holds for each of `days`."""
     with db:
         db.execute("BEGIN IMMEDIATE")
         for day, counts in days.items():
@@ -64,8 +71,26 @@ def write_days(db: sqlite3.Connection, days: dict[str, DayCounts], cutoff: str) 
                 " ON CONFLICT (day, user_hash) DO UPDATE SET sets = sets | excluded.sets",
                 [(day, user_hash(user), bits) for user, bits in counts.users.items()],
             )
-        db.execute("DELETE FROM usage_sessions WHERE day < ?", (cutoff,))
-        db.execute("DELETE FROM usage_users WHERE day < ?", (cutoff,))
+            db.executemany(
+                "INSERT INTO usage_version_users VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (day, version, user_hash) DO UPDATE SET styles = styles | excluded.styles",
+                [
+                    (day, version, user_hash(user), bits)
+                    for version, members in counts.versions.items()
+                    for user, bits in members.items()
+                ],
+            )
+            db.executemany(
+                "INSERT INTO usage_version_seen VALUES (?, ?, ?)"
+                " ON CONFLICT (day, version) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)",
+                [(day, version, at) for version, at in counts.seen.items()],
+            )
+        for table in _TABLES:
+            db.execute(f"DELETE FROM {table} WHERE day < ?", (cutoff,))
+        return {
+            day: [version for (version,) in db.execute("SELECT version FROM usage_version_seen WHERE day = ?", (day,))]
+            for day in days
+        }
 
 
 def read_days(path: str, days: list[str]) -> list[DayUsage]:
@@ -88,6 +113,31 @@ def read_days(path: str, days: list[str]) -> list[DayUsage]:
         raise StoreUnavailable(f"cannot read usage from {path}: {exc}") from None
     finally:
         db.close()
+
+
+def read_versions(path: str, days: list[str]) -> list[VersionUsage]:
+    """The per-version rows of `days` from the file at `path`, opened read-only; none from a
+    file written before usage by app version existed."""
+    try:
+        db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_SECONDS)
+    except sqlite3.Error:
+        raise StoreUnavailable(f"cannot read usage from {path}: no such file (has a gateway with usage.path run yet?)") from None
+    marks = ", ".join("?" * len(days))
+    try:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'usage_version_seen'").fetchone() is None:
+            return []
+        seen = dict(db.execute(f"SELECT version, max(last_seen) FROM usage_version_seen WHERE day IN ({marks}) GROUP BY version", days))
+        rows = db.execute(
+            "SELECT version, count(*), sum(legacy) FROM"
+            f" (SELECT version, max(styles & ? != 0) AS legacy FROM usage_version_users WHERE day IN ({marks})"
+            " GROUP BY version, user_hash) GROUP BY version",
+            (LEGACY_BIT, *days),
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"cannot read usage from {path}: {exc}") from None
+    finally:
+        db.close()
+    return sorted_versions(VersionUsage(version, users, legacy, seen.get(version, 0.0)) for version, users, legacy in rows)
 
 
 def _open(path: str) -> sqlite3.Connection:
@@ -152,7 +202,7 @@ class SqliteStore(MemoryStore):
             newest = max(days)
             cutoff = (date.fromisoformat(max(newest, utc_day(self.wall()))) - timedelta(days=self.retention_days)).isoformat()
             try:
-                await asyncio.to_thread(write_days, db, days, cutoff)
+                in_file = await asyncio.to_thread(write_days, db, days, cutoff)
             except sqlite3.Error as exc:
                 for day, counts in days.items():
                     self.put_back_usage_day(day, counts)
@@ -163,6 +213,8 @@ class SqliteStore(MemoryStore):
                         extra={"path": self.path, "error": str(exc)},
                     )
                 return
+        for day, versions in in_file.items():
+            self.admit_versions(day, versions)
         if self._failing:
             self._failing = False
             log.warning("usage file is written again", extra={"path": self.path})
@@ -176,3 +228,8 @@ class SqliteStore(MemoryStore):
         """The report's rows, read from the file after writing what is still in memory."""
         await self.flush()
         return await asyncio.to_thread(read_days, self.path, day_list(days, today))
+
+    async def app_versions(self, days: int, today: date | str | None = None) -> list[VersionUsage]:
+        """The report's per-version rows, read from the file after writing what is still in memory."""
+        await self.flush()
+        return await asyncio.to_thread(read_versions, self.path, day_list(days, today))
