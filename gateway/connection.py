@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from . import closecodes, deflate
@@ -105,7 +105,12 @@ class GatewayServices(Protocol):
 
     def fell_back(self) -> None: ...
 
-    def session_ready(self, auth_style: str, backend: str, user_id: str, seconds: float) -> None: ...
+    def session_ready(
+        self, auth_style: str, backend: str, user_id: str, seconds: float, headers: Sequence[tuple[str, str]] = ()
+    ) -> None: ...
+
+    def auth_failed(self, ip: str, failure: str) -> Awaitable[bool] | None:
+        """Count a refused client's failure against its address; None when it does not count."""
 
     def connection_finished(self, conn: Connection) -> None: ...
 
@@ -231,7 +236,11 @@ class Connection:
                 self._connecting = self._spawn(self._open(action))
             elif kind is CloseClient:
                 assert isinstance(action, CloseClient)
-                self.close_leg(self.client, action.code, action.reason)
+                counting = self.services.auth_failed(self.client_ip, session.failure) if session.failure else None
+                if counting is None:
+                    self.close_leg(self.client, action.code, action.reason)
+                else:  # counted on every replica before the client can see its 1008 and retry
+                    self._spawn(self._close_when_counted(counting, action))
             elif kind is CloseUpstream:
                 assert isinstance(action, CloseUpstream)
                 if self.upstream is not None:
@@ -244,6 +253,12 @@ class Connection:
             elif kind is TokenRefreshed:
                 assert isinstance(action, TokenRefreshed)
                 self.services.token_refreshed(action.result)
+
+    async def _close_when_counted(self, counting: Awaitable[bool], action: CloseClient) -> None:
+        try:
+            await counting
+        finally:
+            self.close_leg(self.client, action.code, action.reason)
 
     async def _admit(self, user_id: str) -> None:
         allowed = await self.services.acquire_slot(user_id, self.connection_id)
@@ -481,7 +496,9 @@ class Connection:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
-        self.services.session_ready(session.auth_style, session.backend, session.identity.user_id, self.ready_at - self.started)
+        self.services.session_ready(
+            session.auth_style, session.backend, session.identity.user_id, self.ready_at - self.started, self._upstream_headers
+        )
         client.peer, upstream.peer = upstream, client
         reply = self.reply = Reply(self.services.reply_observer(session.backend))
         reply.asked_at = self._asked_at

@@ -125,8 +125,6 @@ class Gateway:
         self.config = config
         self.verifier = Verifier(config.auth, self.keys)
         self.loaded_at = self.wall()
-        if config.auth.secret is not None and len(config.auth.secret.encode()) < 32:
-            log.warning("auth.secret is shorter than 32 bytes: weak for HMAC; rotate it when the old backend allows")
         self._observe(self.guard.configure(config.rollout.guard))
         self.store.retention_days = config.usage.retention_days
         self.refresh_gauges()
@@ -463,6 +461,14 @@ class Gateway:
         """`conn` was upgraded; it stays in `pending` (counted by the listener) until it relays or ends."""
         self.connections.add(conn)
 
+    def auth_failed(self, ip: str, failure: str) -> Coroutine[Any, Any, bool] | None:
+        """The count of one refused client against its address (`auth_failures_per_ip_per_minute`),
+        for the connection to await before it sends the 1008; None when the failure does not count."""
+        limit = self.config.limits.auth_failures_per_ip_per_minute
+        if limit is None or failure not in AUTH_REASONS or failure in NOT_THE_CLIENTS_FAULT:
+            return None
+        return self.store.auth_failed(ip, limit)
+
     def connection_finished(self, conn: OpenConnection) -> None:
         """Account for a finished connection, then write its log line (so a test or an operator
         that sees the line sees final metrics)."""
@@ -483,9 +489,6 @@ class Gateway:
         store_work: list[Coroutine[Any, Any, object]] = []
         if failure in AUTH_REASONS:
             self.metrics.auth_failures.labels(failure).inc()
-            limit = self.config.limits.auth_failures_per_ip_per_minute
-            if failure not in NOT_THE_CLIENTS_FAULT and limit is not None:
-                store_work.append(self.store.auth_failed(conn.client_ip, limit))
         if user_id is not None and self.config.limits.max_sessions_per_user is not None:
             store_work.append(self.store.release_session(user_id, conn.connection_id))
         if not store_work:

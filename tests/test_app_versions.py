@@ -462,11 +462,6 @@ async def test_report_shows_each_version_and_the_plan(stores, redis_server: Redi
 # -- over real sockets ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/connection.py does not pass the upgrade request's headers to Gateway.session_ready yet "
-    "(every session counts as unknown); remove this mark with that change",
-)
 async def test_sessions_over_real_sockets_are_counted_under_their_user_agents_version(servers: Servers) -> None:
     stack = await servers.stack(usage=APP_VERSION)
     agents = {"u1": "WealthCoach/2.3.1 (iPhone)", "u2": "WealthCoach/2.2.0 (Android)", "u3": "okhttp/4.12"}

@@ -335,7 +335,7 @@ async def test_admin_listener_serves_health_readiness_metrics_and_rollout_on_its
         assert state["effective_percent"] == 12.5
         assert (state["force_new_count"], state["force_old_count"]) == (2, 1)
         assert state["config_file"] == str(path)
-        assert state["guard"]["state"] == "closed"
+        assert state["guard"]["state"] == "healthy"
         assert SECRET not in body
 
         # The admin routes are not on the public port.

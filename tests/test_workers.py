@@ -416,10 +416,6 @@ async def test_sighup_reloads_the_config_in_every_worker(tmp_path: Path, backend
         assert gw.service.proc.returncode is None
 
 
-@pytest.mark.xfail(
-    reason="gateway/runtime.py (not in this change) still warns in Gateway.apply, i.e. per worker and per reload",
-    strict=True,
-)
 async def test_a_short_secret_is_warned_about_once_per_start_not_per_worker_or_reload(tmp_path: Path, backends: Backends) -> None:
     short = "only-31-bytes-long-secret-value"
     path = write_config(tmp_path, gateway_config(backends, 10))
