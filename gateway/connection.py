@@ -163,6 +163,7 @@ class Connection:
         self._asked_at: float | None = None  # the first chat frame read before it
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connecting: asyncio.Task[None] | None = None
+        self._client_failed: tuple[int, str] | None = None  # its close, held until the backend's handshake ends
         client.owner = self
 
     # -- the start ------------------------------------------------------------------------------
@@ -561,6 +562,8 @@ class Connection:
         """`leg`'s peer closed during the relay: echo it, and pass the close on (mapped for the wire)."""
         leg.close_arrived()
         if leg.close_sent:
+            if not leg.is_client:
+                self._fail_client()
             return  # the answer to a close the gateway sent
         flow = self.to_upstream if leg.is_client else self.to_client
         flow.close_code, flow.close_reason = code, reason
@@ -575,13 +578,23 @@ class Connection:
         flow = self.to_upstream if leg.is_client else self.to_client
         flow.lost = True
         flow.close_code = error.code
-        self.close_leg(leg, error.code, error.reason)
-        leg.fail()
         to = Side.UPSTREAM if leg.is_client else Side.CLIENT
         if error.code == closecodes.MESSAGE_TOO_BIG:
             passed_on = closecodes.oversize(to)
         else:
             passed_on = closecodes.forward(closecodes.ABNORMAL, "", to)
+        upstream = self.upstream
+        if self.session.phase is Phase.RELAYING and leg.is_client and upstream is not None and not upstream.close_sent:
+            # What the backend sent in answer to the client's last good frames still reaches the
+            # client, as it would from the backend alone; the client's close follows the backend's
+            # closing handshake (bounded by close_timeout, like every close the gateway starts).
+            self._client_failed = (error.code, error.reason)
+            self.close_leg(upstream, *passed_on)
+            if upstream.deferred:
+                upstream.abort()  # the client's half-relayed frame will never end: no close can follow it
+            return
+        self.close_leg(leg, error.code, error.reason)
+        leg.fail()
         if self.session.phase is Phase.RELAYING:
             other = self.upstream if leg.is_client else self.client
             if other is not None:
@@ -595,8 +608,17 @@ class Connection:
 
     # -- losing a socket, and the teardown ----------------------------------------------------------
 
+    def _fail_client(self) -> None:
+        """Send a client that broke the protocol its close, now that the backend's leg is done."""
+        failed, self._client_failed = self._client_failed, None
+        if failed is not None:
+            self.close_leg(self.client, *failed)
+            self.client.fail()
+
     def leg_lost(self, leg: Leg) -> None:
         """`leg`'s socket is gone. Without a close frame first, its peer vanished."""
+        if leg is self.upstream:
+            self._fail_client()
         vanished = not leg.close_received and not leg.close_sent
         if leg is self.client:
             if vanished:

@@ -17,6 +17,7 @@ hold a token), so they are mapped by class to fixed messages and never passed on
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -123,6 +124,9 @@ class _NoFlow:
 
 
 _NO_FLOW = cast(BaseProtocol, _NoFlow())
+# The parser makes a reader for a body (which an upgrade is refused for) on this loop; with
+# none it would look one up, and outside a running loop find none. Nothing ever reads it.
+_NO_LOOP = asyncio.AbstractEventLoop()
 
 
 def _too_large(head: bytes | bytearray, limit: int) -> HttpError:
@@ -143,10 +147,9 @@ class RequestReader:
         self.limit = limit
         self._head = bytearray()
         # The byte bound is ours (414/431 by where it is hit); the parser's own line, field
-        # and count limits are set so that ours is always reached first. No loop: it serves a
-        # body's reader, and the parser is never fed past the head.
+        # and count limits are set so that ours is always reached first.
         self._parser = HttpRequestParser(
-            _NO_FLOW, None, limit, max_line_size=limit + 4, max_field_size=limit + 4, max_headers=limit
+            _NO_FLOW, _NO_LOOP, limit, max_line_size=limit + 4, max_field_size=limit + 4, max_headers=limit
         )
 
     def feed(self, data: bytes) -> tuple[Request, bytes] | None:
