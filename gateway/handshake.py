@@ -126,7 +126,7 @@ class _NoFlow:
 _NO_FLOW = cast(BaseProtocol, _NoFlow())
 # The parser makes a reader for a body (which an upgrade is refused for) on this loop; with
 # none it would look one up, and outside a running loop find none. Nothing ever reads it.
-_NO_LOOP = asyncio.AbstractEventLoop()
+_NO_LOOP = cast(asyncio.AbstractEventLoop, object())
 
 
 def _too_large(head: bytes | bytearray, limit: int) -> HttpError:
