@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
@@ -220,6 +221,8 @@ class Workers(Protocol):
 
     async def worker_rollouts(self) -> list[dict[str, Any]]: ...
 
+    async def worker_answers(self, path: str, params: Mapping[str, str] | None = None) -> list[tuple[int, Any]]: ...
+
 
 def create_supervisor_admin_app(workers: Workers) -> web.Application:
     """The admin port of ``serve --workers N``: the same routes, answered for all workers.
@@ -232,6 +235,10 @@ def create_supervisor_admin_app(workers: Workers) -> web.Application:
       ``draining`` true when the supervisor or any worker drains, ``last_upstream_error``
       the newest of any worker per backend, and ``workers``: every worker's own answer, with
       its ``worker`` number and ``pid``.
+    * ``/sessions/ID``: the worker that holds that session answers (the kernel chose which
+      one did); 404 when none does.
+    * ``/route?user=ID``: the first worker's answer (they run the same config; each has its
+      own rollback guard unless they share Redis).
     * ``/`` and ``/status.json``: the status page over the merged metrics and ``/rollout``.
     """
 
@@ -268,6 +275,24 @@ def create_supervisor_admin_app(workers: Workers) -> web.Application:
             return web.json_response({"status": "no worker answered"}, status=503)
         return web.json_response(merged)
 
+    async def route(request: web.Request) -> web.Response:
+        user_id = request.query.get("user", "")
+        problem = _user_problem(user_id)
+        if problem is not None:
+            return web.json_response({"error": problem}, status=400)
+        answers = await workers.worker_answers("/route", {"user": user_id})
+        if not answers:
+            return web.json_response({"status": "no worker answered"}, status=503)
+        status, body = answers[0]
+        return web.json_response(body, status=status)
+
+    async def session(request: web.Request) -> web.Response:
+        request_id = request.match_info["request_id"]
+        for status, body in await workers.worker_answers(f"/sessions/{quote(request_id, safe='')}"):
+            if status == 200:
+                return web.json_response(body)
+        return web.json_response({"error": f"no open session with X-Request-ID {request_id!r} in any worker"}, status=404)
+
     async def sample() -> Sample:
         return sample_of(merge_metrics(await workers.worker_metrics()), time.time())
 
@@ -280,6 +305,8 @@ def create_supervisor_admin_app(workers: Workers) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/rollout", rollout)
+    app.router.add_get("/route", route)
+    app.router.add_get("/sessions/{request_id}", session)
     add_status_page(app, sample, status)
     return app
 

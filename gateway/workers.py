@@ -48,7 +48,7 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -253,6 +253,17 @@ class Worker:
             response.raise_for_status()
             return await response.text()
 
+    async def ask(self, path: str, params: Mapping[str, str] | None = None) -> tuple[int, Any]:
+        """GET `path` from the worker's admin app: its status and JSON body, a 404 included
+        (for ``/sessions/ID`` that is an answer: "not in this worker")."""
+        timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
+        connector = aiohttp.UnixConnector(path=self.admin_path)
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as http,
+            http.get(f"http://worker{path}", params=params) as response,
+        ):
+            return response.status, await response.json()
+
 
 def parse_openmetrics(text: str) -> list[Metric]:
     parse: Callable[[str], Iterable[Metric]] = openmetrics.text_string_to_metric_families
@@ -381,6 +392,12 @@ class Supervisor:
             for worker, body in zip(live, bodies)
             if isinstance(body, str)
         ]
+
+    async def worker_answers(self, path: str, params: Mapping[str, str] | None = None) -> list[tuple[int, Any]]:
+        """Each live worker's answer to GET `path` (status, JSON body), in worker order;
+        workers that do not answer, or not in JSON, are left out."""
+        answers = await asyncio.gather(*(worker.ask(path, params) for worker in self._live()), return_exceptions=True)
+        return [answer for answer in answers if isinstance(answer, tuple)]
 
     # -- running --------------------------------------------------------------------------
 

@@ -283,6 +283,50 @@ async def test_admin_metrics_add_up_every_worker_and_keep_shared_gauges_as_they_
             close_quietly(sockets)
 
 
+async def test_admin_sessions_and_route_answer_for_every_worker_and_probe_admin_tells_the_backend(
+    tmp_path: Path, backends: Backends
+) -> None:
+    path = write_config(tmp_path, gateway_config(backends, 0, rollout={"new_percent": 0, "salt": "cli-test", "force_new": ["qa-new-1"]}))
+    async with supervisor(path, tmp_path) as gw:
+        sockets: list[ClientConnection] = []
+        try:
+            # Sessions with their own X-Request-ID until every worker holds one, so that
+            # some of them can only be found by asking a worker other than the first.
+            while not ((states := await workers_of(gw)) and len(states) == WORKERS and all(s["active_connections"] for s in states)):
+                assert len(sockets) < MAX_SESSIONS, "a worker without sessions"
+                n = len(sockets)
+                ws = await websockets.connect(
+                    f"{gw.url}?token={make_token(f'user-{n}')}",
+                    additional_headers={"X-Request-ID": f"req-{n}"},
+                    open_timeout=TIMEOUT,
+                    ping_interval=None,
+                )
+                sockets.append(ws)
+                assert await echoes(ws, f"hello {n}")
+            for n in range(len(sockets)):
+                status, _, body = await admin_get(gw.admin, f"/sessions/req-{n}")
+                assert status == 200, body
+                placed = json.loads(body)
+                assert (placed["user_id"], placed["backend"], placed["why"], placed["relaying"]) == (f"user-{n}", "old", "route", True)
+        finally:
+            close_quietly(sockets)
+
+        status, _, body = await admin_get(gw.admin, "/sessions/req-unknown")
+        assert status == 404 and json.loads(body)["error"] == "no open session with X-Request-ID 'req-unknown' in any worker"
+
+        status, _, body = await admin_get(gw.admin, "/route?user=qa-new-1")
+        cli = await asyncio.to_thread(run_cli, "route", "qa-new-1", "--config", str(path), cwd=tmp_path)
+        assert status == 200 and json.loads(body)["line"] == cli.stdout.strip(), (body, cli.stdout)
+        status, _, body = await admin_get(gw.admin, "/route?user=")
+        assert status == 400 and json.loads(body)["error"] == "give a user id: /route?user=ID"
+
+        args = ("--secret", SECRET, "--user", "qa-new-1", "--hold", "0.2", "--admin", gw.admin, "--expect-backend", "new", "--json")
+        probe = await asyncio.to_thread(run_cli, "probe", gw.url, *args, cwd=tmp_path)
+        assert probe.returncode == 0, probe.stdout + probe.stderr
+        checks = json.loads(probe.stdout)["checks"]
+        assert [(c["backend"], c["why"], c["result"]) for c in checks[:2]] == [("new", "forced", "PASS")] * 2
+
+
 def test_merge_adds_counts_up_takes_the_earliest_created_and_one_value_of_shared_gauges() -> None:
     one, two = Metrics(), Metrics()
     for metrics, opened, percent, store_up in ((one, 3, 10.0, 1), (two, 4, 20.0, 0)):
