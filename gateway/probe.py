@@ -325,7 +325,7 @@ async def _placement(http: aiohttp.ClientSession, options: Options, request_id: 
                 if response.status == 404 and response.content_type == "application/json":
                     return Placed(problem="the admin port knows no open session with its X-Request-ID (another replica's?)")
                 if response.status == 404:
-                    return Placed(problem="the admin port does not answer /sessions (serve --workers N does not yet)")
+                    return Placed(problem="the admin port does not answer /sessions (a gateway older than the probe?)")
                 if response.status != 200:
                     return Placed(problem=f"the admin port answered HTTP {response.status}")
                 body = await response.json()

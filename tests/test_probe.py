@@ -417,7 +417,7 @@ async def test_an_admin_port_without_sessions_is_named_as_such(servers: Servers)
     servers.closing(runner.cleanup)
     options = replace(HELD, admin=f"http://127.0.0.1:{port}", expect_backend="old")
     report = await run_probe(stack.url(), {"qa-old-1": make_token("qa-old-1")}, forged_token(AuthConfig(secret=SECRET)), options)
-    assert report.checks[0].detail.endswith("unknown: the admin port does not answer /sessions (serve --workers N does not yet)")
+    assert report.checks[0].detail.endswith("unknown: the admin port does not answer /sessions (a gateway older than the probe?)")
 
 
 async def test_admin_sessions_answers_404_for_a_request_id_it_does_not_hold(guarded) -> None:
