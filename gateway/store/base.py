@@ -118,12 +118,18 @@ class DayUsage:
     @property
     def legacy_share_percent(self) -> float | None:
         """Legacy users as a percentage of all users that day; None when no user was recorded."""
-        if self.users <= 0:
-            return None
-        return min(100.0, 100.0 * self.users_legacy / self.users)
+        return legacy_share(self.users_legacy, self.users)
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "sessions": self.sessions, "legacy_share_percent": self.legacy_share_percent}
+
+
+def legacy_share(legacy: int, users: int) -> float | None:
+    """Legacy users as a percentage of `users`, capped at 100 (distinct counts are estimates
+    on Redis); None without users."""
+    if users <= 0:
+        return None
+    return min(100.0, 100.0 * legacy / users)
 
 
 @dataclass(frozen=True)
@@ -138,9 +144,7 @@ class VersionUsage:
 
     @property
     def legacy_share_percent(self) -> float | None:
-        if self.users <= 0:
-            return None
-        return min(100.0, 100.0 * self.users_legacy / self.users)
+        return legacy_share(self.users_legacy, self.users)
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "legacy_share_percent": self.legacy_share_percent}
