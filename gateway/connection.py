@@ -336,9 +336,6 @@ class Connection:
         if flow.delivered is None:
             flow.delivered = (code, reason)
         leg.send_close(code, reason, self.services.close_timeout)
-        feeder = leg.feeder
-        if leg.deferred and feeder is not None and feeder.src.done:
-            leg.abort()  # the rest of a half-relayed frame will never come, so no close frame can follow it
 
     def _count(self, flow: Flow, data: str | bytes) -> None:
         flow.frames += 1

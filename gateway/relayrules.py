@@ -18,12 +18,13 @@ Rules:
   (to the backend). A client that does so while the backend's leg is open first sees the
   backend's leg closed (1001), then gets its own close once that handshake ends or that leg
   is lost: what the backend answered before still reaches it, as from the backend alone.
-* A leg lost without a close frame vanished: the other leg hears so (1014 / 1001). A client
-  gone while the backend's leg is open never leaves it half-open (1001).
-* A frame half-relayed into a leg whose source stopped will never end, so a close that
-  waits behind it cannot be sent: `AbandonFrame` drops that socket instead.
+* A leg lost without a close frame vanished: the other leg hears so (1014 / 1001). Every
+  way a leg ends closes the other, so nothing stays half-open.
+* A frame half-relayed into a leg whose source is gone or no longer read will never end,
+  so a close that waits behind it cannot be sent: `AbandonFrame` drops that socket instead.
 * Once a verdict (expiry, refused refresh) closed both legs, a leg's error or loss only
   ends that leg.
+* News from a leg whose socket is gone is stale: no actions.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class RelayRules:
     def control(self, side: Side, opcode: int, payload: bytes) -> list[Action]:
         """A control frame from `side`'s peer (a pong needs nothing)."""
         if opcode == PING:
-            return [Pong(side, payload)]
+            return [] if self.legs[side].gone else [Pong(side, payload)]
         if opcode != CLOSE:
             return []
         try:
@@ -170,6 +171,8 @@ class RelayRules:
 
     def peer_closed(self, side: Side, code: int | None, reason: str) -> list[Action]:
         leg = self.legs[side]
+        if leg.gone:
+            return []
         leg.received = True
         actions: list[Action] = [CloseRead(side)]
         if leg.sent:
@@ -183,6 +186,8 @@ class RelayRules:
 
     def protocol_error(self, side: Side, code: int, reason: str) -> list[Action]:
         """`side`'s peer broke the protocol or a limit (1009: a message over the size limit)."""
+        if self.legs[side].gone:
+            return []
         self.legs[side].noted = True
         actions: list[Action] = [StopReading(side), Ended(side, code, "", lost=True)]
         to = other(side)
@@ -198,17 +203,16 @@ class RelayRules:
     def leg_lost(self, side: Side) -> list[Action]:
         """`side`'s socket is gone; without a close frame first, its peer vanished."""
         leg = self.legs[side]
+        if leg.gone:
+            return []
+        leg.gone = True
         actions: list[Action] = self._release_client() if side is Side.UPSTREAM else []
         vanished = not leg.received and not leg.sent
-        leg.gone = True
-        if vanished:
-            actions.append(Ended(side, None if leg.noted else closecodes.ABNORMAL, "", lost=not self.over))
+        if vanished:  # never after a verdict: it closed both legs
+            actions.append(Ended(side, None if leg.noted else closecodes.ABNORMAL, "", lost=True))
             leg.noted = True
-            if not self.over:
-                to = other(side)
-                actions += self._close(to, *closecodes.forward(closecodes.ABNORMAL, "", to))
-        if side is Side.CLIENT:  # nothing may stay half-open
-            actions += self._close(Side.UPSTREAM, closecodes.GOING_AWAY, "client closed")
+            to = other(side)
+            actions += self._close(to, *closecodes.forward(closecodes.ABNORMAL, "", to))
         return actions
 
     # -- the gateway's and the session's own reasons to close ----------------------------------
@@ -222,6 +226,8 @@ class RelayRules:
 
     def refresh(self, data: str) -> list[Action]:
         """A client frame that may be an in-band ``authenticate`` (`Session.client_refresh`)."""
+        if self.legs[Side.CLIENT].gone:
+            return []
         return self._verdict(self.session.client_refresh(data))
 
     def expired(self) -> list[Action]:
@@ -230,18 +236,25 @@ class RelayRules:
     # -- internals ----------------------------------------------------------------------------------
 
     def _verdict(self, actions: list[SessionAction]) -> list[Action]:
-        """The session's actions, as they are; the closes among them end the relay."""
+        """The session's actions; its closes end the relay (a leg that has its close already gets none)."""
+        kept: list[Action] = []
         for action in actions:
             if isinstance(action, (CloseClient, CloseUpstream)):
                 self.over = True
-                self.legs[Side.CLIENT if isinstance(action, CloseClient) else Side.UPSTREAM].sent = True
-        return list(actions)
+                leg = self.legs[Side.CLIENT if isinstance(action, CloseClient) else Side.UPSTREAM]
+                if leg.sent or leg.gone:
+                    continue
+                leg.sent = True
+            kept.append(action)
+        return kept
 
     def _close(self, side: Side, code: int, reason: str) -> list[Action]:
         leg = self.legs[side]
         if leg.sent or leg.gone:
             return []
         leg.sent = True
+        if self.legs[other(side)].gone:  # what it was relaying into `side` will never go on
+            return [CloseLeg(side, code, reason), AbandonFrame(side)]
         return [CloseLeg(side, code, reason)]
 
     def _release_client(self) -> list[Action]:
