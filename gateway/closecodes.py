@@ -75,6 +75,13 @@ def oversize(to: Leg) -> tuple[int, str]:
     return GOING_AWAY, "client sent a message over the size limit"
 
 
+def passed_on(code: int, to: Leg) -> tuple[int, str]:
+    """What leg `to` gets when the other leg's peer broke the protocol and was closed with `code`."""
+    if code == MESSAGE_TOO_BIG:
+        return oversize(to)
+    return forward(ABNORMAL, "", to)
+
+
 def sendable(code: int, reason: str) -> tuple[int, str]:
     """Make a close the gateway itself originates safe for the wire."""
     if code not in SENDABLE:

@@ -8,7 +8,8 @@ before later ones. Waiting happens only where something must be awaited — the 
 and per-IP limits when a store holds them, and opening the upstream — each in a short
 task that feeds the session when it is done. Then the legs get their pumps
 (`relay.BytePump`, `relay.FramePump`) and this object only hears about control frames,
-protocol errors and lost sockets, which all end in the same teardown.
+protocol errors and lost sockets: it feeds them to the relay machine (`relayrules.RelayRules`)
+and performs what it answers (`act`), which all ends in the same teardown.
 """
 
 from __future__ import annotations
@@ -24,20 +25,7 @@ from .auth import might_be_authenticate
 from .closecodes import Leg as Side
 from .connector import Connector, HeadReader
 from .deflate import Deflate, Inflater, NegotiationError
-from .frames import (
-    CLOSE,
-    PING,
-    PONG,
-    Close,
-    Event,
-    Forwarder,
-    Message,
-    MessageReader,
-    Ping,
-    ProtocolError,
-    encode,
-    parse_close,
-)
+from .frames import PONG, Close, Event, Forwarder, Message, MessageReader, Ping, ProtocolError, encode
 from .handshake import UpgradeRefused
 from .protocol import (
     Action,
@@ -56,6 +44,22 @@ from .protocol import (
     UpstreamResult,
 )
 from .relay import BytePump, Flow, FramePump, Leg, Reply
+from .relayrules import (
+    AbandonFrame,
+    AbortLeg,
+    CloseLeg,
+    CloseRead,
+    EchoClose,
+    Ended,
+    FailLeg,
+    Pong,
+    RelayRules,
+    StopReading,
+    gateway_close,
+    keepalive,
+)
+from .relayrules import Action as RelayAction
+from .relayrules import Ping as PingLeg
 from .routing import Route
 
 log = logging.getLogger("gateway.connection")
@@ -163,7 +167,7 @@ class Connection:
         self._asked_at: float | None = None  # the first chat frame read before it
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connecting: asyncio.Task[None] | None = None
-        self._client_failed: tuple[int, str] | None = None  # its close, held until the backend's handshake ends
+        self.relay: RelayRules | None = None  # from the switch to the relay
         client.owner = self
 
     # -- the start ------------------------------------------------------------------------------
@@ -255,6 +259,61 @@ class Connection:
                 assert isinstance(action, TokenRefreshed)
                 self.services.token_refreshed(action.result)
 
+    def act(self, actions: Sequence[RelayAction]) -> None:
+        """Perform the relay machine's actions in order; the session's among them go to `perform`."""
+        for action in actions:
+            kind = type(action)
+            if kind is CloseLeg:
+                assert isinstance(action, CloseLeg)
+                self.close_leg(self._leg(action.side), action.code, action.reason)
+            elif kind is CloseRead:
+                assert isinstance(action, CloseRead)
+                self._leg(action.side).close_arrived()
+            elif kind is EchoClose:
+                assert isinstance(action, EchoClose)
+                self._leg(action.side).send_close(action.code, "", self.services.close_timeout)
+            elif kind is Ended:
+                assert isinstance(action, Ended)
+                flow = self.to_upstream if action.side is Side.CLIENT else self.to_client
+                if action.code is not None:
+                    flow.close_code, flow.close_reason = action.code, action.reason
+                if action.lost:
+                    flow.lost = True
+            elif kind is FailLeg:
+                assert isinstance(action, FailLeg)
+                self._leg(action.side).fail()
+            elif kind is StopReading:
+                assert isinstance(action, StopReading)
+                self._leg(action.side).receive = _ignore
+            elif kind is AbandonFrame:
+                assert isinstance(action, AbandonFrame)
+                leg = self._leg(action.side)
+                if leg.deferred:
+                    leg.abort()
+            elif kind is AbortLeg:
+                assert isinstance(action, AbortLeg)
+                self._leg(action.side).abort()
+            elif kind is Pong:
+                assert isinstance(action, Pong)
+                leg = self._leg(action.side)
+                leg.send_own(encode(PONG, action.payload, mask=leg.masks))
+            elif kind is PingLeg:
+                assert isinstance(action, PingLeg)
+                self._leg(action.side).ping(action.at)
+            else:
+                self.perform([action])  # type: ignore[list-item]
+
+    def _leg(self, side: Side) -> Leg:
+        leg = self.client if side is Side.CLIENT else self.upstream
+        assert leg is not None
+        return leg
+
+    def _side(self, leg: Leg) -> Side | None:
+        """The side `leg` is on; None for an upstream given up on (fallback)."""
+        if leg is self.client:
+            return Side.CLIENT
+        return Side.UPSTREAM if leg is self.upstream else None
+
     async def _close_when_counted(self, counting: Awaitable[bool], action: CloseClient) -> None:
         try:
             await counting
@@ -277,9 +336,6 @@ class Connection:
         if flow.delivered is None:
             flow.delivered = (code, reason)
         leg.send_close(code, reason, self.services.close_timeout)
-        feeder = leg.feeder
-        if leg.deferred and feeder is not None and feeder.src.done:
-            leg.abort()  # the rest of a half-relayed frame will never come, so no close frame can follow it
 
     def _count(self, flow: Flow, data: str | bytes) -> None:
         flow.frames += 1
@@ -321,9 +377,10 @@ class Connection:
             self._timers.append(self._expiry)
 
     def _expired(self) -> None:
+        assert self.relay is not None  # the deadline is armed from the switch to the relay on
         self.services.session_expired()
         log.info("token expired: closing the session", extra={"request_id": self.request_id})
-        self.perform(self.session.expired())
+        self.act(self.relay.expired())
 
     async def _fetch_keys(self) -> None:
         await self.services.refresh_keys()
@@ -441,7 +498,7 @@ class Connection:
             for event in events:
                 if leg.close_received:
                     break
-                if self.session.phase is Phase.RELAYING:
+                if self.relay is not None:
                     self._relay_event(leg, event)
                 else:
                     before_relay(event)
@@ -454,12 +511,14 @@ class Connection:
             leg.receive(carried)
 
     def _relay_event(self, leg: Leg, event: Event) -> None:
+        relay, side = self.relay, self._side(leg)
+        assert relay is not None and side is not None
         if type(event) is Message:
             self.relay_message(leg, event.data)
         elif type(event) is Close:
-            self.relay_close(leg, event.code, event.reason)
+            self.act(relay.peer_closed(side, event.code, event.reason))
         elif type(event) is Ping:
-            leg.send_own(encode(PONG, event.payload, mask=leg.masks))
+            self.act([Pong(side, event.payload)])
 
     # -- deadlines ---------------------------------------------------------------------------------
 
@@ -478,14 +537,10 @@ class Connection:
         interval = self.session.config.limits.ping_interval_seconds
         if not interval:
             return
-        for leg in (self.client, self.upstream):
+        for side, leg in ((Side.CLIENT, self.client), (Side.UPSTREAM, self.upstream)):
             if leg is None or leg.done or leg.close_sent:
                 continue
-            if leg.ping_sent_at is not None and leg.last_read < leg.ping_sent_at:
-                if now - leg.ping_sent_at >= interval / 2:
-                    leg.abort()  # a dead peer counts as vanished
-            elif now - leg.last_read >= interval:
-                leg.ping(now)
+            self.act(keepalive(side, now, interval, leg.last_read, leg.ping_sent_at))
 
     # -- the relay -----------------------------------------------------------------------------------
 
@@ -493,6 +548,7 @@ class Connection:
         session = self.session
         client, upstream = self.client, self.upstream
         assert upstream is not None and session.backend is not None and session.identity is not None
+        self.relay = RelayRules(session)
         self.ready_at = self.clock()
         for timer in self._timers:
             timer.cancel()
@@ -542,100 +598,49 @@ class Connection:
         if self.reply is not None:
             self.reply.seen(leg)
         if leg.is_client and self._expiry is not None and type(data) is str and might_be_authenticate(data):
-            self.perform(self.session.client_refresh(data))
+            assert self.relay is not None
+            self.act(self.relay.refresh(data))
             return
         other.send_message(data)
         self._count(self.to_upstream if leg.is_client else self.to_client, data)
 
     def control(self, leg: Leg, opcode: int, payload: bytes) -> None:
-        if opcode == PING:
-            leg.send_own(encode(PONG, payload, mask=leg.masks))
-        elif opcode == CLOSE:
-            try:
-                code, reason = parse_close(payload)
-            except ProtocolError as exc:
-                self.protocol_error(leg, exc)
-                return
-            self.relay_close(leg, code, reason)
-
-    def relay_close(self, leg: Leg, code: int | None, reason: str) -> None:
-        """`leg`'s peer closed during the relay: echo it, and pass the close on (mapped for the wire)."""
-        leg.close_arrived()
-        if leg.close_sent:
-            if not leg.is_client:
-                self._fail_client()
-            return  # the answer to a close the gateway sent
-        flow = self.to_upstream if leg.is_client else self.to_client
-        flow.close_code, flow.close_reason = code, reason
-        leg.send_close(closecodes.echo(code), "", self.services.close_timeout)
-        other = self.upstream if leg.is_client else self.client
-        if other is not None:
-            self.close_leg(other, *closecodes.forward(code, reason, Side.UPSTREAM if leg.is_client else Side.CLIENT))
+        assert self.relay is not None
+        side = self._side(leg)
+        assert side is not None
+        self.act(self.relay.control(side, opcode, payload))
 
     def protocol_error(self, leg: Leg, error: ProtocolError) -> None:
         """`leg`'s peer broke the protocol or a limit: close it with the code that says how."""
+        side = self._side(leg)
+        assert side is not None
+        if self.relay is not None:
+            self.act(self.relay.protocol_error(side, error.code, error.reason))
+            return
         leg.receive = _ignore
         flow = self.to_upstream if leg.is_client else self.to_client
         flow.lost = True
         flow.close_code = error.code
-        to = Side.UPSTREAM if leg.is_client else Side.CLIENT
-        if error.code == closecodes.MESSAGE_TOO_BIG:
-            passed_on = closecodes.oversize(to)
-        else:
-            passed_on = closecodes.forward(closecodes.ABNORMAL, "", to)
-        upstream = self.upstream
-        if self.session.phase is Phase.RELAYING and leg.is_client and upstream is not None and not upstream.close_sent:
-            # What the backend sent in answer to the client's last good frames still reaches the
-            # client, as it would from the backend alone; the client's close follows the backend's
-            # closing handshake (bounded by close_timeout, like every close the gateway starts).
-            self._client_failed = (error.code, error.reason)
-            self.close_leg(upstream, *passed_on)
-            if upstream.deferred:
-                upstream.abort()  # the client's half-relayed frame will never end: no close can follow it
-            return
         self.close_leg(leg, error.code, error.reason)
         leg.fail()
-        if self.session.phase is Phase.RELAYING:
-            other = self.upstream if leg.is_client else self.client
-            if other is not None:
-                self.close_leg(other, *passed_on)
-                if other.deferred and other.feeder is not None and other.feeder.src is leg:
-                    other.abort()  # the half-relayed frame from `leg` will never end: no close can follow it
-        elif leg.is_client:
-            self.perform(self.session.client_closed(*passed_on))
+        if leg.is_client:
+            self.perform(self.session.client_closed(*closecodes.passed_on(error.code, Side.UPSTREAM)))
         else:
             self.perform(self.session.upstream_closed(closecodes.ABNORMAL, ""))
 
     # -- losing a socket, and the teardown ----------------------------------------------------------
 
-    def _fail_client(self) -> None:
-        """Send a client that broke the protocol its close, now that the backend's leg is done."""
-        failed, self._client_failed = self._client_failed, None
-        if failed is not None:
-            self.close_leg(self.client, *failed)
-            self.client.fail()
-
     def leg_lost(self, leg: Leg) -> None:
         """`leg`'s socket is gone. Without a close frame first, its peer vanished."""
-        if leg is self.upstream:
-            self._fail_client()
-        vanished = not leg.close_received and not leg.close_sent
-        if leg is self.client:
-            if vanished:
-                if self.to_upstream.close_code is None:
-                    self.to_upstream.close_code = closecodes.ABNORMAL
-                if self.session.phase is Phase.RELAYING:
-                    self.to_upstream.lost = True
-                    if self.upstream is not None:
-                        self.close_leg(self.upstream, *closecodes.forward(closecodes.ABNORMAL, "", Side.UPSTREAM))
-                else:
-                    self.perform(self.session.client_closed(closecodes.ABNORMAL, ""))
-        elif leg is self.upstream and vanished:
-            if self.to_client.close_code is None:
-                self.to_client.close_code = closecodes.ABNORMAL
-            if self.session.phase is Phase.RELAYING:
-                self.to_client.lost = True
-                self.close_leg(self.client, *closecodes.forward(closecodes.ABNORMAL, "", Side.CLIENT))
+        side = self._side(leg)
+        if self.relay is not None and side is not None:
+            self.act(self.relay.leg_lost(side))
+        elif side is not None and not leg.close_received and not leg.close_sent:
+            flow = self.to_upstream if side is Side.CLIENT else self.to_client
+            if flow.close_code is None:
+                flow.close_code = closecodes.ABNORMAL
+            if side is Side.CLIENT:
+                self.perform(self.session.client_closed(closecodes.ABNORMAL, ""))
             else:
                 self.perform(self.session.upstream_closed(closecodes.ABNORMAL, ""))
         self._maybe_finish()
@@ -647,7 +652,7 @@ class Connection:
         if upstream is not None and not upstream.done:
             # The client is gone: nothing may stay half-open, unless the session still owes the
             # backend frames the client sent before it left (it closes the upstream itself then).
-            if not upstream.close_sent and self.session.phase in (Phase.RELAYING, Phase.CLOSED):
+            if not upstream.close_sent and self.relay is None and self.session.phase is Phase.CLOSED:
                 self.close_leg(upstream, closecodes.GOING_AWAY, "client closed")
             return
         self.finished = True
@@ -659,9 +664,12 @@ class Connection:
 
     async def close(self, code: int, reason: str, upstream_reason: str = "gateway shutting down") -> None:
         """Close the client with (`code`, `reason`) and the upstream as going away (drain, shutdown, rebalance)."""
-        self.close_leg(self.client, code, reason)
-        if self.upstream is not None:
-            self.close_leg(self.upstream, closecodes.GOING_AWAY, upstream_reason)
+        if self.relay is not None:
+            self.act(self.relay.close(code, reason, upstream_reason))
+            return
+        for close in gateway_close(code, reason, upstream_reason):
+            if close.side is Side.CLIENT or self.upstream is not None:
+                self.close_leg(self._leg(close.side), close.code, close.reason)
 
     def placement(self) -> Placement | None:
         """Where this session is, while it relays (for rebalancing)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.closecodes import MAX_REASON_BYTES, SENDABLE, Leg, cut_reason, forward, sendable
+from gateway.closecodes import MAX_REASON_BYTES, SENDABLE, Leg, cut_reason, echo, forward, passed_on, sendable
 
 RESERVED = {0, 1004, 1005, 1006, 1015}
 LEGAL = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999]
@@ -94,3 +94,18 @@ def test_reason_is_cut_on_a_character_boundary_as_long_as_possible(char: str, pr
 def test_multibyte_character_straddling_byte_123_is_dropped_whole() -> None:
     reason = "a" * 122 + "€" + "tail"  # "€" occupies bytes 123..125
     assert cut_reason(reason) == "a" * 122
+
+
+@pytest.mark.parametrize(("code", "answer"), [(1000, 1000), (4000, 4000), (None, 1000), (1005, 1000), (1006, 1000)])
+def test_a_peers_close_is_answered_with_its_own_code_when_legal_on_the_wire(code: int | None, answer: int) -> None:
+    assert echo(code) == answer
+
+
+@pytest.mark.parametrize(("code", "to", "expected"), [
+    (1002, Leg.CLIENT, (1014, "upstream connection lost")),
+    (1007, Leg.UPSTREAM, (1001, "client connection lost")),
+    (1009, Leg.CLIENT, (1014, "backend sent a message over the size limit")),
+    (1009, Leg.UPSTREAM, (1001, "client sent a message over the size limit")),
+])
+def test_a_leg_that_broke_the_protocol_reads_as_lost_to_the_other_and_an_oversize_says_so(code, to, expected) -> None:
+    assert passed_on(code, to) == expected
