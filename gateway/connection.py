@@ -25,7 +25,8 @@ from .auth import might_be_authenticate
 from .closecodes import Leg as Side
 from .connector import Connector, HeadReader
 from .deflate import Deflate, Inflater, NegotiationError
-from .frames import PONG, Close, Event, Forwarder, Message, MessageReader, Ping, ProtocolError, encode
+from .forwarder import Forwarder
+from .frames import PONG, Close, Event, Message, MessageReader, Ping, ProtocolError, encode
 from .handshake import UpgradeRefused
 from .protocol import (
     Action,

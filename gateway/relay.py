@@ -6,7 +6,7 @@ coroutine, only two small objects and the transports. Until the session machine 
 each direction gets a pump:
 
 * `BytePump` (the default): frames are not reassembled into messages; a
-  `frames.Forwarder` checks each one (size, masking, fragments, UTF-8), re-masks what goes
+  `forwarder.Forwarder` checks each one (size, masking, fragments, UTF-8), re-masks what goes
   to a backend, stores small frames until whole, and takes out the control frames the
   gateway answers itself (ping, pong) or maps (close). A write that fills the destination's
   buffer pauses reading from the source until it drains, so a slow reader holds back its
@@ -33,18 +33,16 @@ from .frames import (
     PONG,
     TEXT,
     Close,
-    Counts,
     Event,
-    Forwarder,
     Message,
     MessageReader,
-    Piece,
     Ping,
     Pong,
     ProtocolError,
     encode,
     encode_close,
 )
+from .forwarder import Counts, Forwarder, Piece
 
 
 class Flow(Counts):

@@ -14,6 +14,7 @@ import zlib
 import pytest
 
 from gateway.deflate import Inflater
+from gateway.forwarder import Counts, Forwarder
 from gateway.frames import (
     BINARY,
     CLOSE,
@@ -22,8 +23,6 @@ from gateway.frames import (
     PONG,
     TEXT,
     Close,
-    Counts,
-    Forwarder,
     Message,
     MessageReader,
     Ping,
