@@ -30,7 +30,7 @@ SENDABLE = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozens
 MAX_REASON_BYTES = 123
 
 
-class Leg(Enum):
+class Side(Enum):
     """The leg a close is sent *to*."""
 
     CLIENT = "client"
@@ -45,7 +45,7 @@ def cut_reason(reason: str) -> str:
     return encoded[:MAX_REASON_BYTES].decode("utf-8", errors="ignore")
 
 
-def forward(code: int | None, reason: str, to: Leg) -> tuple[int, str]:
+def forward(code: int | None, reason: str, to: Side) -> tuple[int, str]:
     """The close to send on leg `to` after the other leg closed with (`code`, `reason`).
 
     Legal codes and their reasons pass through unchanged. A close frame without a code
@@ -57,7 +57,7 @@ def forward(code: int | None, reason: str, to: Leg) -> tuple[int, str]:
     if code in (None, 0, NO_STATUS):
         return NORMAL, ""
     if code in (ABNORMAL, TLS_FAILURE):
-        if to is Leg.CLIENT:
+        if to is Side.CLIENT:
             return BAD_GATEWAY, "upstream connection lost"
         return GOING_AWAY, "client connection lost"
     return PROTOCOL_ERROR, "invalid close code"
@@ -68,14 +68,14 @@ def echo(code: int | None) -> int:
     return code if code is not None and code in SENDABLE else NORMAL
 
 
-def oversize(to: Leg) -> tuple[int, str]:
+def oversize(to: Side) -> tuple[int, str]:
     """What the other leg gets when one leg sent a frame over the size limit (and got 1009)."""
-    if to is Leg.CLIENT:
+    if to is Side.CLIENT:
         return BAD_GATEWAY, "backend sent a message over the size limit"
     return GOING_AWAY, "client sent a message over the size limit"
 
 
-def passed_on(code: int, to: Leg) -> tuple[int, str]:
+def passed_on(code: int, to: Side) -> tuple[int, str]:
     """What leg `to` gets when the other leg's peer broke the protocol and was closed with `code`."""
     if code == MESSAGE_TOO_BIG:
         return oversize(to)

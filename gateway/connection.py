@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, Protocol
 
 from . import closecodes, deflate
 from .auth import might_be_authenticate
-from .closecodes import Leg as Side
+from .closecodes import Side
 from .connector import Connector, HeadReader
 from .deflate import Deflate, Inflater, NegotiationError
 from .forwarder import Forwarder

@@ -120,7 +120,7 @@ class PendingShares:
             self.held[key] = held
 
 
-class Request(asyncio.Protocol):
+class RequestPhase(asyncio.Protocol):
     """A fresh TCP connection until its request is answered or upgraded.
 
     It is the socket's protocol only until then: an upgrade hands the transport to a
@@ -340,7 +340,7 @@ async def listen(gateway: Front, host: str, port: int, *, reuse_port: bool = Fal
     shares = PendingShares()
     try:
         server = await loop.create_server(
-            lambda: Request(gateway, gateway.clock, shares), host, port, reuse_port=reuse_port or None, backlog=4096
+            lambda: RequestPhase(gateway, gateway.clock, shares), host, port, reuse_port=reuse_port or None, backlog=4096
         )
     except OSError as exc:
         await gateway.stop()

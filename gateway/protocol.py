@@ -436,7 +436,7 @@ class Session:
         Frames it sent first are still owed to the backend: the session carries on until
         the upstream is ready, delivers them, then passes the client's close on.
         """
-        forwarded = closecodes.forward(code, reason, closecodes.Leg.UPSTREAM)
+        forwarded = closecodes.forward(code, reason, closecodes.Side.UPSTREAM)
         if self._held and self.phase in _UPSTREAM_PENDING:
             self.client_close = forwarded
             return []

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from . import closecodes
-from .closecodes import Leg as Side
+from .closecodes import Side
 from .frames import CLOSE, PING, ProtocolError, parse_close
 from .protocol import Action as SessionAction
 from .protocol import CloseClient, CloseUpstream, Session

@@ -1,4 +1,4 @@
-"""Running an aiohttp application until a signal: the one place that owns the event loop."""
+"""Running one gateway process until a signal, then draining it: the one place that owns the event loop."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.closecodes import MAX_REASON_BYTES, SENDABLE, Leg, cut_reason, echo, forward, passed_on, sendable
+from gateway.closecodes import MAX_REASON_BYTES, SENDABLE, Side, cut_reason, echo, forward, passed_on, sendable
 
 RESERVED = {0, 1004, 1005, 1006, 1015}
 LEGAL = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999]
@@ -15,35 +15,35 @@ def test_sendable_codes_are_exactly_the_rfc_6455_and_iana_ones() -> None:
     assert SENDABLE == expected
 
 
-@pytest.mark.parametrize("to", list(Leg))
+@pytest.mark.parametrize("to", list(Side))
 @pytest.mark.parametrize("code", LEGAL)
-def test_legal_code_and_reason_pass_through_unchanged(code: int, to: Leg) -> None:
+def test_legal_code_and_reason_pass_through_unchanged(code: int, to: Side) -> None:
     assert forward(code, "bye", to) == (code, "bye")
 
 
-@pytest.mark.parametrize("to", list(Leg))
+@pytest.mark.parametrize("to", list(Side))
 @pytest.mark.parametrize("code", [None, 0, 1005])
-def test_close_without_a_code_becomes_a_plain_1000(code: int | None, to: Leg) -> None:
+def test_close_without_a_code_becomes_a_plain_1000(code: int | None, to: Side) -> None:
     assert forward(code, "ignored", to) == (1000, "")
 
 
 @pytest.mark.parametrize("code", [1006, 1015])
 def test_vanished_upstream_reads_as_bad_gateway_to_the_client(code: int) -> None:
-    assert forward(code, "", Leg.CLIENT)[0] == 1014
+    assert forward(code, "", Side.CLIENT)[0] == 1014
 
 
 @pytest.mark.parametrize("code", [1006, 1015])
 def test_vanished_client_reads_as_going_away_to_the_backend(code: int) -> None:
-    assert forward(code, "", Leg.UPSTREAM)[0] == 1001
+    assert forward(code, "", Side.UPSTREAM)[0] == 1001
 
 
 @pytest.mark.parametrize("code", [1, 999, 1004, 1016, 2000, 2999, 5000])
 def test_code_outside_the_registry_becomes_a_protocol_error(code: int) -> None:
-    assert forward(code, "whatever", Leg.CLIENT) == (1002, "invalid close code")
+    assert forward(code, "whatever", Side.CLIENT) == (1002, "invalid close code")
 
 
-@pytest.mark.parametrize("to", list(Leg))
-def test_no_input_code_ever_produces_a_reserved_or_unsendable_code(to: Leg) -> None:
+@pytest.mark.parametrize("to", list(Side))
+def test_no_input_code_ever_produces_a_reserved_or_unsendable_code(to: Side) -> None:
     for code in range(0, 5001):
         out, reason = forward(code, "r" * 200, to)
         assert out in SENDABLE and out not in RESERVED, (code, out)
@@ -61,7 +61,7 @@ def test_gateway_made_close_keeps_a_legal_code_and_cuts_its_reason() -> None:
 
 
 def test_forwarded_reason_is_cut_to_123_bytes() -> None:
-    assert forward(4000, "x" * 500, Leg.CLIENT) == (4000, "x" * 123)
+    assert forward(4000, "x" * 500, Side.CLIENT) == (4000, "x" * 123)
 
 
 # -- reasons -------------------------------------------------------------------------------
@@ -102,10 +102,10 @@ def test_a_peers_close_is_answered_with_its_own_code_when_legal_on_the_wire(code
 
 
 @pytest.mark.parametrize(("code", "to", "expected"), [
-    (1002, Leg.CLIENT, (1014, "upstream connection lost")),
-    (1007, Leg.UPSTREAM, (1001, "client connection lost")),
-    (1009, Leg.CLIENT, (1014, "backend sent a message over the size limit")),
-    (1009, Leg.UPSTREAM, (1001, "client sent a message over the size limit")),
+    (1002, Side.CLIENT, (1014, "upstream connection lost")),
+    (1007, Side.UPSTREAM, (1001, "client connection lost")),
+    (1009, Side.CLIENT, (1014, "backend sent a message over the size limit")),
+    (1009, Side.UPSTREAM, (1001, "client sent a message over the size limit")),
 ])
 def test_a_leg_that_broke_the_protocol_reads_as_lost_to_the_other_and_an_oversize_says_so(code, to, expected) -> None:
     assert passed_on(code, to) == expected

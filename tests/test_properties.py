@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from gateway import closecodes
 from gateway.auth import MAX_AUTH_FRAME_BYTES, AuthError, parse_authenticate_frame
-from gateway.closecodes import SENDABLE, Leg
+from gateway.closecodes import SENDABLE, Side
 from gateway.config import ConfigError, RolloutConfig, parse_config
 from gateway.routing import choose_backend, held_back
 
@@ -63,8 +63,8 @@ def test_deep_nesting_is_a_bad_frame_not_a_crash(depth: int):
 # -- close codes ------------------------------------------------------------------------------------
 
 
-@given(st.none() | st.integers(min_value=-(2**16), max_value=2**16), st.text(max_size=300), st.sampled_from(list(Leg)))
-def test_every_forwarded_close_is_legal_on_the_wire(code: int | None, reason: str, to: Leg):
+@given(st.none() | st.integers(min_value=-(2**16), max_value=2**16), st.text(max_size=300), st.sampled_from(list(Side)))
+def test_every_forwarded_close_is_legal_on_the_wire(code: int | None, reason: str, to: Side):
     sent, sent_reason = closecodes.forward(code, reason, to)
     assert sent in SENDABLE
     assert len(sent_reason.encode("utf-8")) <= closecodes.MAX_REASON_BYTES

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.auth import Verifier
 from gateway.closecodes import SENDABLE
-from gateway.closecodes import Leg as Side
+from gateway.closecodes import Side
 from gateway.frames import CLOSE, PING, PONG
 from gateway.protocol import CloseClient, CloseUpstream, ExpireAt, Phase, RouteUser, SendUpstream, Session, TokenRefreshed
 from gateway.relayrules import (
