@@ -1,9 +1,10 @@
 """The admin listener: health, readiness, metrics, rollout state and the status page, never
 on the public port.
 
-`create_admin_app` serves one gateway process. With ``serve --workers N`` the supervisor
-serves `create_supervisor_admin_app` on the configured admin port instead, and reads each
-worker's own admin app (on a private unix socket) to answer.
+One route table (`admin_app`), two sources of answers: `create_admin_app` serves one gateway
+process (`GatewayAnswers`). With ``serve --workers N`` the supervisor serves
+`create_supervisor_admin_app` on the configured admin port instead (`WorkersAnswers`), and
+reads each worker's own admin app (on a private unix socket) to answer.
 """
 
 from __future__ import annotations
@@ -27,47 +28,53 @@ from .runtime import Gateway
 from .status_page import History, Sample, sample_of, status_json
 
 
-def create_admin_app(gateway: Gateway) -> web.Application:
+class Answers(Protocol):
+    """What the admin port answers, whoever knows it: one gateway process (`GatewayAnswers`)
+    or the supervisor of ``serve --workers N`` asking its workers (`WorkersAnswers`). The
+    routes and the checks of what a request gives are `admin_app`'s, once for both."""
+
+    async def healthz(self) -> web.Response: ...
+
+    async def readyz(self) -> web.Response: ...
+
+    async def metrics(self, accept: str) -> web.Response: ...
+
+    async def rollout(self) -> web.Response: ...
+
+    async def route(self, user_id: str) -> web.Response: ...
+
+    async def session(self, request_id: str) -> web.Response: ...
+
+    async def sample(self) -> Sample: ...
+
+    async def status(self, history: History) -> dict[str, Any]: ...
+
+
+def admin_app(answers: Answers) -> web.Application:
+    """The admin routes, answered by `answers`."""
+
     async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "alive"})
+        return await answers.healthz()
 
     async def readyz(request: web.Request) -> web.Response:
-        if gateway.draining:
-            return web.json_response({"status": "draining"}, status=503)
-        if not gateway.ready:
-            return web.json_response({"status": "no signing keys yet (auth.jwks_url)"}, status=503)
-        return web.json_response({"status": "ready"})
+        return await answers.readyz()
 
     async def metrics(request: web.Request) -> web.Response:
         """Prometheus text (0.0.4 unless the scraper asks for newer) or OpenMetrics, by Accept."""
-        gateway.refresh_gauges()
-        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
-        return web.Response(body=encode(gateway.metrics.registry), headers={"Content-Type": content_type})
+        return await answers.metrics(request.headers.get("Accept", ""))
 
     async def rollout(request: web.Request) -> web.Response:
-        return web.json_response(gateway.rollout_status())
-
-    async def sample() -> Sample:
-        gateway.refresh_gauges()
-        return sample_of(gateway.metrics.registry.collect(), gateway.wall())
-
-    async def status(history: History) -> dict[str, Any]:
-        rollout = gateway.rollout_status()  # refreshes the gauges the sample reads
-        return status_json(history, sample_of(gateway.metrics.registry.collect(), gateway.wall()), rollout)
+        return await answers.rollout()
 
     async def route(request: web.Request) -> web.Response:
         user_id = request.query.get("user", "")
         problem = _user_problem(user_id)
         if problem is not None:
             return web.json_response({"error": problem}, status=400)
-        return web.json_response(route_answer(user_id, choose_backend(user_id, gateway.config.rollout), gateway.route(user_id)))
+        return await answers.route(user_id)
 
     async def session(request: web.Request) -> web.Response:
-        request_id = request.match_info["request_id"]
-        placed = gateway.session_placement(request_id)
-        if placed is None:
-            return web.json_response({"error": f"no open session with X-Request-ID {request_id!r} in this process"}, status=404)
-        return web.json_response(placed)
+        return await answers.session(request.match_info["request_id"])
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
@@ -76,8 +83,58 @@ def create_admin_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/rollout", rollout)
     app.router.add_get("/route", route)
     app.router.add_get("/sessions/{request_id}", session)
-    add_status_page(app, sample, status)
+    add_status_page(app, answers.sample, answers.status)
     return app
+
+
+def create_admin_app(gateway: Gateway) -> web.Application:
+    return admin_app(GatewayAnswers(gateway))
+
+
+class GatewayAnswers:
+    """The answers of one gateway process."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def healthz(self) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(self) -> web.Response:
+        gateway = self.gateway
+        if gateway.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        if not gateway.ready:
+            return web.json_response({"status": "no signing keys yet (auth.jwks_url)"}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def metrics(self, accept: str) -> web.Response:
+        self.gateway.refresh_gauges()
+        encode, content_type = choose_encoder(accept)
+        return web.Response(body=encode(self.gateway.metrics.registry), headers={"Content-Type": content_type})
+
+    async def rollout(self) -> web.Response:
+        return web.json_response(self.gateway.rollout_status())
+
+    async def route(self, user_id: str) -> web.Response:
+        gateway = self.gateway
+        return web.json_response(route_answer(user_id, choose_backend(user_id, gateway.config.rollout), gateway.route(user_id)))
+
+    async def session(self, request_id: str) -> web.Response:
+        placed = self.gateway.session_placement(request_id)
+        if placed is None:
+            return web.json_response({"error": f"no open session with X-Request-ID {request_id!r} in this process"}, status=404)
+        return web.json_response(placed)
+
+    async def sample(self) -> Sample:
+        gateway = self.gateway
+        gateway.refresh_gauges()
+        return sample_of(gateway.metrics.registry.collect(), gateway.wall())
+
+    async def status(self, history: History) -> dict[str, Any]:
+        gateway = self.gateway
+        rollout = gateway.rollout_status()  # refreshes the gauges the sample reads
+        return status_json(history, sample_of(gateway.metrics.registry.collect(), gateway.wall()), rollout)
 
 
 def _user_problem(user_id: str) -> str | None:
@@ -225,6 +282,10 @@ class Workers(Protocol):
 
 
 def create_supervisor_admin_app(workers: Workers) -> web.Application:
+    return admin_app(WorkersAnswers(workers))
+
+
+class WorkersAnswers:
     """The admin port of ``serve --workers N``: the same routes, answered for all workers.
 
     * ``/healthz``: 200 while the supervisor is alive.
@@ -242,23 +303,27 @@ def create_supervisor_admin_app(workers: Workers) -> web.Application:
     * ``/`` and ``/status.json``: the status page over the merged metrics and ``/rollout``.
     """
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "alive", "workers": workers.workers_ready()})
+    def __init__(self, workers: Workers) -> None:
+        self.workers = workers
 
-    async def readyz(request: web.Request) -> web.Response:
-        if workers.draining:
+    async def healthz(self) -> web.Response:
+        return web.json_response({"status": "alive", "workers": self.workers.workers_ready()})
+
+    async def readyz(self) -> web.Response:
+        if self.workers.draining:
             return web.json_response({"status": "draining"}, status=503)
-        ready = workers.workers_ready()
+        ready = self.workers.workers_ready()
         if not ready:
             return web.json_response({"status": "no worker listening", "workers": 0}, status=503)
         return web.json_response({"status": "ready", "workers": ready})
 
-    async def metrics(request: web.Request) -> web.Response:
-        families = merge_metrics(await workers.worker_metrics()) + workers.own_metrics()
-        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    async def metrics(self, accept: str) -> web.Response:
+        families = merge_metrics(await self.workers.worker_metrics()) + self.workers.own_metrics()
+        encode, content_type = choose_encoder(accept)
         return web.Response(body=encode(_Families(families)), headers={"Content-Type": content_type})
 
-    async def merged_rollout() -> dict[str, Any] | None:
+    async def _merged_rollout(self) -> dict[str, Any] | None:
+        workers = self.workers
         states = await workers.worker_rollouts()
         if not states:
             return None
@@ -269,46 +334,31 @@ def create_supervisor_admin_app(workers: Workers) -> web.Application:
         first["workers"] = states
         return first
 
-    async def rollout(request: web.Request) -> web.Response:
-        merged = await merged_rollout()
+    async def rollout(self) -> web.Response:
+        merged = await self._merged_rollout()
         if merged is None:
             return web.json_response({"status": "no worker answered"}, status=503)
         return web.json_response(merged)
 
-    async def route(request: web.Request) -> web.Response:
-        user_id = request.query.get("user", "")
-        problem = _user_problem(user_id)
-        if problem is not None:
-            return web.json_response({"error": problem}, status=400)
-        answers = await workers.worker_answers("/route", {"user": user_id})
+    async def route(self, user_id: str) -> web.Response:
+        answers = await self.workers.worker_answers("/route", {"user": user_id})
         if not answers:
             return web.json_response({"status": "no worker answered"}, status=503)
         status, body = answers[0]
         return web.json_response(body, status=status)
 
-    async def session(request: web.Request) -> web.Response:
-        request_id = request.match_info["request_id"]
-        for status, body in await workers.worker_answers(f"/sessions/{quote(request_id, safe='')}"):
+    async def session(self, request_id: str) -> web.Response:
+        for status, body in await self.workers.worker_answers(f"/sessions/{quote(request_id, safe='')}"):
             if status == 200:
                 return web.json_response(body)
         return web.json_response({"error": f"no open session with X-Request-ID {request_id!r} in any worker"}, status=404)
 
-    async def sample() -> Sample:
-        return sample_of(merge_metrics(await workers.worker_metrics()), time.time())
+    async def sample(self) -> Sample:
+        return sample_of(merge_metrics(await self.workers.worker_metrics()), time.time())
 
-    async def status(history: History) -> dict[str, Any]:
-        rollout_state = await merged_rollout() or {"draining": workers.draining}
-        return status_json(history, await sample(), rollout_state, workers=workers.workers_ready())
-
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/rollout", rollout)
-    app.router.add_get("/route", route)
-    app.router.add_get("/sessions/{request_id}", session)
-    add_status_page(app, sample, status)
-    return app
+    async def status(self, history: History) -> dict[str, Any]:
+        rollout_state = await self._merged_rollout() or {"draining": self.workers.draining}
+        return status_json(history, await self.sample(), rollout_state, workers=self.workers.workers_ready())
 
 
 def _latest_upstream_errors(states: list[dict[str, Any]]) -> dict[str, Any]:

@@ -18,16 +18,16 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 from . import closecodes, deflate
 from .auth import might_be_authenticate
 from .closecodes import Side
-from .connector import Connector, HeadReader
-from .deflate import Deflate, Inflater, NegotiationError
+from .connector import HeadReader
+from .connlog import record
+from .deflate import Deflate, Inflater
 from .forwarder import Forwarder
 from .frames import PONG, Close, Event, Message, MessageReader, Ping, ProtocolError, encode
-from .handshake import UpgradeRefused
 from .protocol import (
     Action,
     CloseClient,
@@ -61,63 +61,10 @@ from .relayrules import (
 )
 from .relayrules import Action as RelayAction
 from .relayrules import Ping as PingLeg
-from .routing import Route
+from .services import GatewayServices, Placement
+from .upstream import REFUSED, Opened, open_upstream
 
 log = logging.getLogger("gateway.connection")
-
-# Upgrade refusals caused by the client's own request (its URL or headers are too big or
-# malformed for the backend): answered with 1014, never counted against the backend.
-CLIENT_FAULT_STATUSES = frozenset({400, 414, 431})
-
-
-class Placement(NamedTuple):
-    user_id: str
-    routed: str  # the backend the route chose at connect, before any fallback
-    backend: str  # the backend the session is on
-    last_frame: float  # clock() of the last frame read from either side
-
-
-class GatewayServices(Protocol):
-    """What a connection needs from the gateway it belongs to (`runtime.Gateway` in production).
-
-    Calls take and return plain values: the gateway never reads or writes a connection's
-    fields, so a connection can be driven against a small fake.
-    """
-
-    close_timeout: float
-    connector: Connector
-    wall: Callable[[], float]  # the injected wall clock: token times are wall-clock times
-
-    async def ip_blocked(self, ip: str) -> bool: ...
-
-    async def acquire_slot(self, user_id: str, connection_id: str) -> bool: ...
-
-    async def refresh_keys(self) -> None: ...
-
-    def token_refreshed(self, result: str) -> None: ...
-
-    def session_expired(self) -> None: ...
-
-    def reply_observer(self, backend: str) -> Callable[[float], None]: ...
-
-    def route(self, user_id: str) -> Route: ...
-
-    def upstream_connected(self, backend: str, seconds: float) -> None: ...
-
-    def upstream_result(self, backend: str, result: str) -> None: ...
-
-    def upstream_error(self, backend: str, url: str, error: BaseException) -> dict[str, Any]: ...
-
-    def fell_back(self) -> None: ...
-
-    def session_ready(
-        self, auth_style: str, backend: str, user_id: str, seconds: float, headers: Sequence[tuple[str, str]] = ()
-    ) -> None: ...
-
-    def auth_failed(self, ip: str, failure: str) -> Awaitable[bool] | None:
-        """Count a refused client's failure against its address; None when it does not count."""
-
-    def connection_finished(self, conn: Connection) -> None: ...
 
 
 class Connection:
@@ -392,55 +339,24 @@ class Connection:
     async def _open(self, action: OpenUpstream) -> None:
         session = self.session
         started = self.clock()
-        headers = list(self._upstream_headers)
-        offer = None
-        if action.config.compress and self._client_deflate is not None:
-            offer = deflate.upstream_offer(self._client_deflate)
-            headers.append(("Sec-WebSocket-Extensions", offer))
+        services = self.services
         try:
-            try:
-                async with asyncio.timeout(session.connect_timeout):
-                    transport, reader, response = await self.services.connector.open(action.url, headers, HeadReader)
-            except UpgradeRefused as exc:
-                where = self.services.upstream_error(action.backend, action.url, exc)
-                log.warning(
-                    "upstream refused the upgrade",
-                    extra={"request_id": self.request_id, "backend": action.backend, "status": exc.status, **where},
-                )
-                if exc.status in (401, 403):
+            opened = await open_upstream(
+                services.connector, action, self._upstream_headers, self._client_deflate, session.connect_timeout,
+                self.request_id, services.upstream_error,
+            )
+            if not isinstance(opened, Opened):
+                if opened == REFUSED:
                     self.perform(session.upstream_closed(closecodes.POLICY_VIOLATION, ""))
-                elif exc.status in CLIENT_FAULT_STATUSES:
-                    self.perform(session.upstream_failed("bad_request"))
                 else:
-                    self.perform(session.upstream_failed("connect"))
-                return
-            except (OSError, TimeoutError) as exc:
-                where = self.services.upstream_error(action.backend, action.url, exc)
-                log.warning(
-                    "upstream unreachable",
-                    extra={"request_id": self.request_id, "backend": action.backend, **where},
-                )
-                self.perform(session.upstream_failed("connect"))
-                return
-            try:
-                answer = response.headers.get("Sec-WebSocket-Extensions")
-                if offer is None and answer:
-                    raise NegotiationError("extension not offered")
-                self.upstream_deflate = deflate.accept_answer(answer) if offer else None
-            except NegotiationError as exc:
-                transport.abort()
-                where = self.services.upstream_error(action.backend, action.url, exc)
-                log.warning(
-                    "upstream answered an extension it was not offered",
-                    extra={"request_id": self.request_id, "backend": action.backend, **where},
-                )
-                self.perform(session.upstream_failed("connect"))
+                    self.perform(session.upstream_failed(opened))
                 return
         finally:
             if self._connecting is asyncio.current_task():
                 self._connecting = None
-        self.services.upstream_connected(action.backend, self.clock() - started)
-        self._attach_upstream(transport, reader)
+        self.upstream_deflate = opened.deflate
+        services.upstream_connected(action.backend, self.clock() - started)
+        self._attach_upstream(opened.transport, opened.head)
 
     def _attach_upstream(self, transport: asyncio.Transport, head: HeadReader) -> None:
         leg = Leg(self, is_client=False)
@@ -707,44 +623,12 @@ class Connection:
         finally:
             self._maybe_finish()
 
-    # -- the record -----------------------------------------------------------------------------------
-
     def record(self) -> dict[str, Any]:
-        """The connection log line's fields: who, which path, how it ended. Never the token."""
-        session = self.session
-        median, longest = self.reply.summary() if self.reply is not None else (None, None)
-        return {
-            "request_id": self.request_id,
-            "user_id": session.identity.user_id if session.identity else None,
-            "auth_style": session.auth_style,
-            "backend": session.backend,
-            "route": session.route.reason if session.route else None,
-            "fell_back": session.fell_back,
-            "failure": session.failure,
-            "ready_s": round(self.ready_at - self.started, 4) if self.ready_at is not None else None,
-            "duration_s": round(self.clock() - self.started, 3),
-            "client_frames": self.to_upstream.frames,
-            "client_bytes": self.to_upstream.bytes,
-            "backend_frames": self.to_client.frames,
-            "backend_bytes": self.to_client.bytes,
-            "reply_p50_s": round(median, 4) if median is not None else None,
-            "reply_max_s": round(longest, 4) if longest is not None else None,
-            # what each peer sent (null: it did not close first) ...
-            "client_close_code": self.to_upstream.close_code,
-            "client_close_reason": self.to_upstream.close_reason,
-            "backend_close_code": self.to_client.close_code,
-            "backend_close_reason": self.to_client.close_reason,
-            # ... and what the gateway sent each peer (an echo when that peer closed first)
-            "client_got": _got(self.to_client.delivered, self.to_upstream),
-            "backend_got": _got(self.to_upstream.delivered, self.to_client),
-            **self.access,
-        }
-
-
-def _got(delivered: tuple[int, str] | None, own: Flow) -> list[object] | None:
-    if delivered is not None:
-        return list(delivered)
-    return [own.close_code, ""] if own.close_code is not None else None
+        """The connection log line's fields (`connlog.record`)."""
+        return record(
+            self.session, self.to_upstream, self.to_client, self.reply, request_id=self.request_id,
+            started=self.started, ready_at=self.ready_at, now=self.clock(), access=self.access,
+        )
 
 
 def _ignore(data: bytes) -> None:

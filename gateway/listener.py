@@ -22,7 +22,8 @@ from . import closecodes, deflate, handshake
 from .auth import Verifier
 from .clientip import client_ip, forwarded_proto, share_key
 from .config import Config
-from .connection import Connection, GatewayServices
+from .connection import Connection
+from .services import GatewayServices
 from .frames import ProtocolError
 from .handshake import HttpError
 from .protocol import Session

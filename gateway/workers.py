@@ -15,7 +15,7 @@ A worker is today's single gateway (`server.serve`) with four differences:
 2. It listens on the public port with SO_REUSEPORT: the kernel spreads new connections
    across the workers, nothing is proxied through the supervisor.
 3. Its admin app listens on a unix socket in a private (0700) temporary directory named
-   after the supervisor's pid (`socket_dir`), for the supervisor's admin port to read. A
+   after the supervisor's pid (`reserve.socket_dir`), for the supervisor's admin port to read. A
    worker removes its socket as it exits; a supervisor starting removes the directories of
    supervisors no longer running, so even SIGKILL to the whole group leaves nothing behind.
 4. It says ``ready`` on the socketpair once it listens, and follows the supervisor's
@@ -40,14 +40,12 @@ import json
 import logging
 import os
 import pickle
-import re
 import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +57,7 @@ from prometheus_client.openmetrics import parser as openmetrics
 from .admin import create_supervisor_admin_app, merge_metrics
 from .config import Config
 from .reload import Fingerprint
+from .reserve import reserve_port, socket_dir
 from .server import Signals, run, serve, start_site
 
 log = logging.getLogger("gateway")
@@ -268,66 +267,6 @@ class Worker:
 def parse_openmetrics(text: str) -> list[Metric]:
     parse: Callable[[str], Iterable[Metric]] = openmetrics.text_string_to_metric_families
     return list(parse(text))
-
-
-SOCKET_DIR_PREFIX = "ws-gateway-"
-_SOCKET_DIR = re.compile(re.escape(SOCKET_DIR_PREFIX) + r"(\d+)-")
-
-
-def socket_dir() -> str:
-    """A private (0700) directory for the workers' admin sockets, named after this process,
-    after removing any such directory left by a supervisor that no longer runs (it and its
-    workers were killed together, e.g. SIGKILL to the process group)."""
-    parent = tempfile.gettempdir()
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(parent):
-            match = _SOCKET_DIR.match(entry.name)
-            if match is None or not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
-                continue
-            pid = int(match.group(1))
-            if pid == os.getpid() or not _alive(pid):  # our own pid: a restarted container's PID 1
-                shutil.rmtree(entry.path, ignore_errors=True)
-    return tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-", dir=parent)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def reserve_port(host: str, port: int) -> tuple[list[socket.socket], int]:
-    """Bind host:port with SO_REUSEPORT for every address `host` resolves to, without listening.
-
-    Port 0 becomes one free port, the same for every worker; a port held by another
-    program fails here, once, with the same message as a single gateway gives.
-    """
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    sockets: list[socket.socket] = []
-    seen = set()
-    try:
-        for family, kind, proto, _, address in infos:
-            if (family, address[:2]) in seen:
-                continue
-            seen.add((family, address[:2]))
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio's own listener
-            sock.bind((address[0], port, *address[2:]))
-            port = sock.getsockname()[1]
-    except OSError as exc:
-        for sock in sockets:
-            sock.close()
-        reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
-        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {reason}") from None
-    return sockets, port
 
 
 class Supervisor:
