@@ -19,6 +19,7 @@ from aiohttp._websocket.helpers import websocket_mask
 
 from . import closecodes
 from .frames import (
+    BINARY,
     CLOSE,
     CONTINUATION,
     FIN_BIT,
@@ -43,6 +44,9 @@ class Counts:
         self.frames = 0
         self.bytes = 0
 
+
+_WHOLE_TEXT = FIN_BIT | TEXT  # the first header byte of a message in one frame, no reserved bits
+_WHOLE_BINARY = FIN_BIT | BINARY
 
 Piece = Union[bytes, bytearray, memoryview, tuple[int, bytes]]
 """What `Forwarder.feed` found, in stream order: bytes to write to the other leg as they
@@ -74,7 +78,7 @@ class Forwarder:
 
     __slots__ = (
         "masked", "max_message", "rsv1_allowed", "store_bound", "counts", "error", "_carry", "_skip",
-        "_key_in", "_key_out", "_offset", "_fin", "_in_message", "_message_size", "_text", "_decoder",
+        "_key_in", "_key_out", "_offset", "_fin", "_in_message", "_message_size", "_text", "_decoder", "_small",
     )
 
     def __init__(
@@ -96,6 +100,7 @@ class Forwarder:
         self._message_size = 0
         self._text = False  # the current message is uncompressed text: validate it
         self._decoder: codecs.IncrementalDecoder | None = None  # for text that spans frames or reads
+        self._small = min(125, store_bound, max_message)  # the largest frame `feed` checks inline
 
     @property
     def mid_frame(self) -> bool:
@@ -127,8 +132,47 @@ class Forwarder:
                 size = len(data)
                 position = 0
             run = -1  # where a run of frames that pass as they arrived began
+            masked = self.masked
+            mask_bit = MASK_BIT if masked else 0
+            small = self._small
+            counts = self.counts
             while position < size:
-                header = parse_header(data, position, masked=self.masked)
+                # The common chat frame, checked inline as parse_header and _begin would check it
+                # (a call and a tuple per frame were most of the relay's CPU): a whole text or
+                # binary message in one frame of at most 125 bytes, no reserved bits, masked as
+                # this direction must be.
+                if size - position >= 2 and not self._in_message:
+                    first = data[position]
+                    second = data[position + 1]
+                    length = second & 0x7F
+                    if (first == _WHOLE_TEXT or first == _WHOLE_BINARY) and length <= small and second & MASK_BIT == mask_bit:
+                        start = position + (6 if masked else 2)
+                        end = start + length
+                        if end <= size:
+                            if masked:
+                                buffer = bytearray(data[start:end])
+                                websocket_mask(data[position + 2 : start], buffer)
+                                if first == _WHOLE_TEXT:
+                                    try:
+                                        _utf8_decode(buffer, "strict", True)
+                                    except UnicodeDecodeError:
+                                        raise ProtocolError(closecodes.INVALID_PAYLOAD, "text frame is not UTF-8") from None
+                                key = masking_keys.take()
+                                websocket_mask(key, buffer)
+                                out.append(b"".join((bytes((first, MASK_BIT | length)), key, buffer)))
+                            else:
+                                if first == _WHOLE_TEXT:
+                                    try:
+                                        _utf8_decode(data[start:end], "strict", True)
+                                    except UnicodeDecodeError:
+                                        raise ProtocolError(closecodes.INVALID_PAYLOAD, "text frame is not UTF-8") from None
+                                if run < 0:
+                                    run = position
+                            counts.frames += 1
+                            counts.bytes += length
+                            position = end
+                            continue
+                header = parse_header(data, position, masked=masked)
                 if header is None:
                     break
                 start = position + header.size
