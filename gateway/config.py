@@ -54,12 +54,13 @@ def key(
 ) -> Any:
     """A config key's field: its default and the rules `configparse` reads from its metadata.
 
-    `low`/`high` bound a number (`open_low`: the low bound itself is refused); `choices`
-    are a string's allowed values; `pattern` must match the whole string, else `says` is
-    the error (`{value!r}` in it is the value). `placeholder` stands in for a required key
-    that is missing, so one mistake gives one error. `read` names a hand-written reader
-    ("custom"), a date reader ("timestamp") or "none" for a field that is no key at all.
-    `secret` keeps the value out of the repr.
+    `low`/`high` bound a number (`open_low`: the low bound itself is refused; a number
+    without `low` has no reader); `choices` are a string's allowed values; `pattern` must
+    match the whole string, else `says` is the error (`{value!r}` in it is the value).
+    `placeholder` stands in for a required key that is missing, so one mistake gives one
+    error. `read` is "custom" for a key the parser reads by hand (`configparse._CUSTOM`),
+    "timestamp" for a date, "none" for a field that is no key at all. `secret` keeps the
+    value out of the repr.
     """
     rules: dict[str, Any] = {"high": high, "open_low": open_low, "says": says, "placeholder": placeholder, "read": read}
     if low is not None:
@@ -151,7 +152,7 @@ class LimitsConfig:
     max_message_bytes: int = key(1024 * 1024, low=1, high=2**31)
     store_and_forward_bytes: int = key(64 * 1024, low=0, high=2**31)
     # The parser grows this default to hold at least one largest message.
-    hold_buffer_bytes: int = key(4 * 1024 * 1024, low=1, high=2**33)
+    hold_buffer_bytes: int = key(4 * 1024 * 1024, low=1, high=2**33, read="custom")
     hold_buffer_frames: int = key(1000, low=1, high=10**6)
     ping_interval_seconds: float = key(20.0, low=0, high=3600)
     max_upstream_connections: int = key(10000, low=1, high=10**6)
@@ -159,7 +160,7 @@ class LimitsConfig:
     max_request_header_bytes: int = key(16 * 1024, low=1024, high=1024 * 1024)
     max_pending_handshakes: int = key(10000, low=1, high=10**6)
     # The parser derives this default from the given max_pending_handshakes.
-    max_pending_handshakes_per_ip: int = key(10000 // PENDING_SHARE_DIVISOR, low=1, high=10**6)
+    max_pending_handshakes_per_ip: int = key(10000 // PENDING_SHARE_DIVISOR, low=1, high=10**6, read="custom")
     auth_failures_per_ip_per_minute: int | None = key(None, low=1, high=10**9)
     max_sessions_per_user: int | None = key(None, low=1, high=10**6)
 

@@ -6,7 +6,7 @@ public-key algorithms, a function that returns the key named by `auth.public_key
 It returns a `Config` or raises `ConfigError` listing *every* problem, each with its
 dotted key path and the offending value (secrets are never echoed).
 
-One reader (`_Reader.walk`) reads every section: a field's type says how its key is read,
+One reader (`Reader.walk`) reads every section: a field's type says how its key is read,
 its metadata (`config.key`) its bounds, allowed values and pattern, its default is the
 dataclass default. Hand-written code is left for the rules that join keys (`_CHECKS`), the
 defaults derived from another key, and the few keys with a shape of their own (`_CUSTOM`).
@@ -67,7 +67,7 @@ def parse_config(
     `need_secret` False is for commands that never verify or mint a token (`route`): a
     missing or unset `auth.secret` is then no problem and stays None.
     """
-    r = _Reader(env, read_public_key, need_secret)
+    r = Reader(env, read_public_key, need_secret)
     top = r.section(raw, "", Config)
     if raw is None:
         r.error("<top level>", "the config is empty")
@@ -102,7 +102,7 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-class _Reader:
+class Reader:
     """Walks the raw mapping, converting values and collecting errors by key path."""
 
     def __init__(self, env: Mapping[str, str], read_public_key: PublicKeyReader | None, need_secret: bool) -> None:
@@ -152,10 +152,10 @@ class _Reader:
         """Every key of `cls` read from the section `raw` in field order, then the rules that join them."""
         values: dict[str, Any] = {}
         for f in fields(cls):
-            custom = _CUSTOM.get((cls, f.name))
-            if custom is not None:
-                values[f.name] = custom(self, f, raw, path, values)
-            elif f.metadata.get("read") != "none":
+            read = f.metadata.get("read")
+            if read == "custom":
+                values[f.name] = _CUSTOM[cls, f.name](self, f, raw, path, values)
+            elif read != "none":
                 values[f.name] = self.value(cls, f, raw, path, _default(f))
         check = _CHECKS.get(cls)
         if check is not None:
@@ -172,7 +172,7 @@ class _Reader:
             return self.timestamp(raw, path, key, default)
         if hint is bool:
             return self.boolean(raw, path, key, default)
-        if hint in (int, float, int | None):
+        if hint in (int, float, int | None) and "low" in rules:
             return self.number(
                 raw, path, key, default,
                 low=rules["low"], high=rules["high"], integer=hint is not float, low_inclusive=not rules["open_low"],
@@ -182,7 +182,7 @@ class _Reader:
         if hint == frozenset[str]:
             return frozenset(self.string_list(raw, path, key, default))
         if hint not in (str, str | None):
-            raise TypeError(f"{path or '<top level>'}.{key}: no reader for {hint}; give it one in _CUSTOM")
+            raise TypeError(f"{_join(path, key)}: no reader for {hint}: mark it key(read='custom') and add it to _CUSTOM")
         value = self.string(raw, path, key, default)
         if value is None:
             return value
@@ -295,7 +295,7 @@ def _default(f: Field[Any]) -> Any:
 # -- the keys with a shape of their own -------------------------------------------------------
 
 
-def _algorithms(r: _Reader, f: Field[Any], a: Mapping[str, Any], p: str, values: dict[str, Any]) -> tuple[str, ...]:
+def _algorithms(r: Reader, f: Field[Any], a: Mapping[str, Any], p: str, values: dict[str, Any]) -> tuple[str, ...]:
     algorithms: tuple[str, ...] = r.string_list(a, p, "algorithms", ()) or _default(f)  # [] too
     known = HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS
     for alg in algorithms:
@@ -306,7 +306,7 @@ def _algorithms(r: _Reader, f: Field[Any], a: Mapping[str, Any], p: str, values:
     return algorithms
 
 
-def _secret(r: _Reader, f: Field[Any], a: Mapping[str, Any], p: str, values: dict[str, Any]) -> str | None:
+def _secret(r: Reader, f: Field[Any], a: Mapping[str, Any], p: str, values: dict[str, Any]) -> str | None:
     known_problems = len(r.problems)
     secret: str | None = r.string(a, p, "secret", _default(f))
     if not r.need_secret and len(r.problems) > known_problems:  # e.g. ${JWT_SECRET} unset: unused here
@@ -315,7 +315,7 @@ def _secret(r: _Reader, f: Field[Any], a: Mapping[str, Any], p: str, values: dic
     return secret
 
 
-def _connected_message(r: _Reader, f: Field[Any], a: Mapping[str, Any], p: str, values: dict[str, Any]) -> str:
+def _connected_message(r: Reader, f: Field[Any], a: Mapping[str, Any], p: str, values: dict[str, Any]) -> str:
     connected: str = r.string(a, p, "connected_message", _default(f))
     try:
         decoded = json.loads(connected)
@@ -326,7 +326,7 @@ def _connected_message(r: _Reader, f: Field[Any], a: Mapping[str, Any], p: str, 
     return connected
 
 
-def _recovery_steps(r: _Reader, f: Field[Any], g: Mapping[str, Any], p: str, values: dict[str, Any]) -> tuple[float, ...]:
+def _recovery_steps(r: Reader, f: Field[Any], g: Mapping[str, Any], p: str, values: dict[str, Any]) -> tuple[float, ...]:
     steps: tuple[float, ...] = _default(f)
     value = g.get("recovery_steps")
     if value is None:
@@ -342,19 +342,19 @@ def _recovery_steps(r: _Reader, f: Field[Any], g: Mapping[str, Any], p: str, val
     return steps
 
 
-def _hold_buffer_bytes(r: _Reader, f: Field[Any], s: Mapping[str, Any], p: str, values: dict[str, Any]) -> int:
+def _hold_buffer_bytes(r: Reader, f: Field[Any], s: Mapping[str, Any], p: str, values: dict[str, Any]) -> int:
     # The default hold buffer grows to hold at least one largest frame.
     hold: int = r.value(LimitsConfig, f, s, p, max(_default(f), values["max_message_bytes"]))
     return hold
 
 
-def _pending_share(r: _Reader, f: Field[Any], s: Mapping[str, Any], p: str, values: dict[str, Any]) -> int:
+def _pending_share(r: Reader, f: Field[Any], s: Mapping[str, Any], p: str, values: dict[str, Any]) -> int:
     share: int = r.value(LimitsConfig, f, s, p, max(1, values["max_pending_handshakes"] // PENDING_SHARE_DIVISOR))
     return share
 
 
 def _sentinel_hosts(
-    r: _Reader, f: Field[Any], s: Mapping[str, Any], p: str, values: dict[str, Any]
+    r: Reader, f: Field[Any], s: Mapping[str, Any], p: str, values: dict[str, Any]
 ) -> tuple[tuple[str, int], ...]:
     hosts = []
     for index, entry in enumerate(r.string_list(s, p, "hosts", ())):
@@ -370,7 +370,7 @@ def _sentinel_hosts(
     return tuple(hosts)
 
 
-def _version_pattern(r: _Reader, f: Field[Any], a: Mapping[str, Any], p: str, values: dict[str, Any]) -> str:
+def _version_pattern(r: Reader, f: Field[Any], a: Mapping[str, Any], p: str, values: dict[str, Any]) -> str:
     pattern: str | None = r.string(a, p, "pattern", None)
     if pattern is None:
         r.error(f"{p}.pattern", "required: a regular expression with a group (?P<version>...)")
@@ -385,7 +385,7 @@ def _version_pattern(r: _Reader, f: Field[Any], a: Mapping[str, Any], p: str, va
     return pattern
 
 
-def _auth(r: _Reader, f: Field[Any], top: Mapping[str, Any], p: str, values: dict[str, Any]) -> AuthConfig:
+def _auth(r: Reader, f: Field[Any], top: Mapping[str, Any], p: str, values: dict[str, Any]) -> AuthConfig:
     raw = top.get("auth")
     section = r.section(raw, "auth", AuthConfig)
     if raw is None:
@@ -393,7 +393,7 @@ def _auth(r: _Reader, f: Field[Any], top: Mapping[str, Any], p: str, values: dic
     return AuthConfig(**r.walk(AuthConfig, section, "auth"))
 
 
-def _backends(r: _Reader, f: Field[Any], top: Mapping[str, Any], p: str, values: dict[str, Any]) -> dict[str, BackendConfig]:
+def _backends(r: Reader, f: Field[Any], top: Mapping[str, Any], p: str, values: dict[str, Any]) -> dict[str, BackendConfig]:
     raw = top.get("backends")
     section = r.section(raw, "backends", set(BACKEND_NAMES))
     if raw is None:
@@ -412,7 +412,7 @@ def _backends(r: _Reader, f: Field[Any], top: Mapping[str, Any], p: str, values:
     return backends
 
 
-def _trusted_proxies(r: _Reader, f: Field[Any], top: Mapping[str, Any], p: str, values: dict[str, Any]) -> Any:
+def _trusted_proxies(r: Reader, f: Field[Any], top: Mapping[str, Any], p: str, values: dict[str, Any]) -> Any:
     if top.get("trusted_proxies") is None:
         return _default(f)
     networks = []
@@ -424,7 +424,7 @@ def _trusted_proxies(r: _Reader, f: Field[Any], top: Mapping[str, Any], p: str, 
     return tuple(networks)
 
 
-_CUSTOM: dict[tuple[type, str], Callable[[_Reader, Field[Any], Mapping[str, Any], str, dict[str, Any]], Any]] = {
+_CUSTOM: dict[tuple[type, str], Callable[[Reader, Field[Any], Mapping[str, Any], str, dict[str, Any]], Any]] = {
     (AuthConfig, "algorithms"): _algorithms,
     (AuthConfig, "secret"): _secret,
     (AuthConfig, "connected_message"): _connected_message,
@@ -442,7 +442,7 @@ _CUSTOM: dict[tuple[type, str], Callable[[_Reader, Field[Any], Mapping[str, Any]
 # -- the rules that join keys -----------------------------------------------------------------
 
 
-def _check_auth(r: _Reader, p: str, v: dict[str, Any]) -> None:
+def _check_auth(r: Reader, p: str, v: dict[str, Any]) -> None:
     hmac = [alg for alg in v["algorithms"] if alg in HMAC_ALGORITHMS]
     public = [alg for alg in v["algorithms"] if alg in PUBLIC_KEY_ALGORITHMS]
     secret, key_file, jwks_url = v["secret"], v["public_key_file"], v["jwks_url"]
@@ -472,13 +472,13 @@ def _check_auth(r: _Reader, p: str, v: dict[str, Any]) -> None:
         r.error(f"{p}.legacy_deprecated_at", "required when auth.legacy is deprecate (the date legacy auth was deprecated)")
 
 
-def _check_rollout(r: _Reader, p: str, v: dict[str, Any]) -> None:
+def _check_rollout(r: Reader, p: str, v: dict[str, Any]) -> None:
     both = sorted(v["force_new"] & v["force_old"])
     if both:
         r.error(f"{p}.force_new", f"users in both force_new and force_old: {', '.join(both[:10])}")
 
 
-def _check_limits(r: _Reader, p: str, v: dict[str, Any]) -> None:
+def _check_limits(r: Reader, p: str, v: dict[str, Any]) -> None:
     hold, largest = v["hold_buffer_bytes"], v["max_message_bytes"]
     if hold < largest:
         r.error(f"{p}.hold_buffer_bytes", f"{hold} is smaller than limits.max_message_bytes ({largest})")
@@ -487,11 +487,11 @@ def _check_limits(r: _Reader, p: str, v: dict[str, Any]) -> None:
         r.error(f"{p}.max_pending_handshakes_per_ip", f"{share} is larger than limits.max_pending_handshakes ({pending})")
 
 
-def _check_sentinel(r: _Reader, p: str, v: dict[str, Any]) -> None:
+def _check_sentinel(r: Reader, p: str, v: dict[str, Any]) -> None:
     v["password"] = v["password"] or None
 
 
-def _check_redis(r: _Reader, p: str, v: dict[str, Any]) -> None:
+def _check_redis(r: Reader, p: str, v: dict[str, Any]) -> None:
     url = v["url"]
     if (url is None) == (v["sentinel"] is None):
         r.error(p, "set exactly one of redis.url and redis.sentinel")
@@ -499,7 +499,7 @@ def _check_redis(r: _Reader, p: str, v: dict[str, Any]) -> None:
         r.error(f"{p}.url", "expected a redis://, rediss:// or unix:// URL")
 
 
-def _check_config(r: _Reader, p: str, v: dict[str, Any]) -> None:
+def _check_config(r: Reader, p: str, v: dict[str, Any]) -> None:
     admin, listen = v["admin"], v["listen"]
     if admin is not None and admin.port and admin.port == listen.port:
         r.error("admin.port", f"{admin.port} is the public port; the admin listener needs its own")
@@ -510,7 +510,7 @@ def _check_config(r: _Reader, p: str, v: dict[str, Any]) -> None:
         r.error("usage.path", "not used with redis: usage is counted in Redis; remove one of them")
 
 
-_CHECKS: dict[type, Callable[[_Reader, str, dict[str, Any]], None]] = {
+_CHECKS: dict[type, Callable[[Reader, str, dict[str, Any]], None]] = {
     AuthConfig: _check_auth,
     RolloutConfig: _check_rollout,
     LimitsConfig: _check_limits,
