@@ -104,7 +104,7 @@ class AuthConfig:
 class BackendConfig:
     url: str = key(pattern=r"wss?://[^/?#\s]+(/[^#\s]*)?", says="{value!r} is not a ws:// or wss:// URL", placeholder="")
     # required: the parser reports a missing auth; the placeholder only avoids a second error
-    auth: str = key(choices=UPSTREAM_STYLES, placeholder=UPSTREAM_STYLES[0])
+    auth: str = key(choices=UPSTREAM_STYLES, placeholder=UPSTREAM_STYLES[0], read="custom")
     query_param: str = key("token", pattern=PARAMETER_NAME, says="{value!r} is not a plain URL parameter name")
     connect_timeout_seconds: float = key(10.0, low=0, high=300, open_low=True)
     handshake_timeout_seconds: float = key(10.0, low=0, high=300, open_low=True)
@@ -183,12 +183,12 @@ class RedisConfig:
     timeout_seconds: float = key(0.25, low=0, high=30, open_low=True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AppVersionConfig:
     """Which app version a session comes from: `pattern`'s group ``version`` in header `header`."""
 
-    pattern: str = key(read="custom")
     header: str = key("User-Agent", pattern=r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", says="{value!r} is not an HTTP header name")
+    pattern: str = key(read="custom")
     max_versions: int = key(50, low=1, high=1000)  # per UTC day; versions past it count as "other"
 
 
@@ -214,7 +214,7 @@ class DrainConfig:
     window_seconds: float = key(30.0, low=0, high=3600)
 
 
-# Keyword-only, so its fields can stand in the order they are read and reported.
+# Keyword-only, as AppVersionConfig: its fields stand in the order they are read and reported.
 @dataclass(frozen=True, kw_only=True)
 class Config:
     listen: ListenConfig = ListenConfig()

@@ -406,10 +406,15 @@ def _backends(r: Reader, f: Field[Any], top: Mapping[str, Any], p: str, values: 
                 r.error(path, "missing")
             continue
         backend = r.section(section[name], path, BackendConfig)
-        if "auth" not in backend:
-            r.error(f"{path}.auth", "missing: say which auth style this backend speaks (query or message)")
         backends[name] = BackendConfig(**r.walk(BackendConfig, backend, path))
     return backends
+
+
+def _backend_auth(r: Reader, f: Field[Any], b: Mapping[str, Any], p: str, values: dict[str, Any]) -> str:
+    if "auth" not in b:
+        r.error(f"{p}.auth", "missing: say which auth style this backend speaks (query or message)")
+    style: str = r.value(BackendConfig, f, b, p, _default(f))
+    return style
 
 
 def _trusted_proxies(r: Reader, f: Field[Any], top: Mapping[str, Any], p: str, values: dict[str, Any]) -> Any:
@@ -433,6 +438,7 @@ _CUSTOM: dict[tuple[type, str], Callable[[Reader, Field[Any], Mapping[str, Any],
     (LimitsConfig, "max_pending_handshakes_per_ip"): _pending_share,
     (SentinelConfig, "hosts"): _sentinel_hosts,
     (AppVersionConfig, "pattern"): _version_pattern,
+    (BackendConfig, "auth"): _backend_auth,
     (Config, "auth"): _auth,
     (Config, "backends"): _backends,
     (Config, "trusted_proxies"): _trusted_proxies,
