@@ -1,6 +1,6 @@
 """The gateway's configuration model: frozen dataclasses, one field per key.
 
-Each key is written once, as its field: the default, and in the field's metadata (`key`)
+Each key is written once, as its field: the default, and in the field's metadata (`rules`)
 the rules the parser (`configparse`) checks — bounds, allowed values, a pattern. What a
 field's type is says how it is read (a number, a string, a list, a nested section); rules
 that join two keys are the parser's hand-written part. The model itself does no I/O and
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
@@ -39,8 +39,7 @@ class ConfigError(Exception):
         super().__init__(prefix + "; ".join(problems))
 
 
-def key(
-    default: Any = MISSING,
+def rules(
     *,
     low: float | None = None,
     high: float = math.inf,
@@ -50,26 +49,32 @@ def key(
     says: str = "",
     placeholder: Any = None,
     read: str = "",
-    secret: bool = False,
-) -> Any:
-    """A config key's field: its default and the rules `configparse` reads from its metadata.
+) -> dict[str, Any]:
+    """A key's rules, kept in its field's metadata for `configparse` to check.
 
     `low`/`high` bound a number (`open_low`: the low bound itself is refused; a number
     without `low` has no reader); `choices` are a string's allowed values; `pattern` must
     match the whole string, else `says` is the error (`{value!r}` in it is the value).
     `placeholder` stands in for a required key that is missing, so one mistake gives one
     error. `read` is "custom" for a key the parser reads by hand (`configparse._CUSTOM`),
-    "timestamp" for a date, "none" for a field that is no key at all. `secret` keeps the
-    value out of the repr.
+    "timestamp" for a date, "none" for a field that is no key at all.
     """
-    rules: dict[str, Any] = {"high": high, "open_low": open_low, "says": says, "placeholder": placeholder, "read": read}
+    given: dict[str, Any] = {"high": high, "open_low": open_low, "says": says, "placeholder": placeholder, "read": read}
     if low is not None:
-        rules["low"] = low
+        given["low"] = low
     if choices is not None:
-        rules["choices"] = choices
+        given["choices"] = choices
     if pattern is not None:
-        rules["pattern"] = pattern
-    return field(default=default, repr=not secret, metadata=rules)
+        given["pattern"] = pattern
+    return given
+
+
+def key(default: Any, *, secret: bool = False, **given: Any) -> Any:
+    """A key with a default: the field, its `rules` in the metadata; `secret` keeps it out of the repr.
+
+    A required key is a plain `field(metadata=rules(...))`, which mypy knows has no default.
+    """
+    return field(default=default, repr=not secret, metadata=rules(**given))
 
 
 @dataclass(frozen=True)
@@ -102,9 +107,11 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class BackendConfig:
-    url: str = key(pattern=r"wss?://[^/?#\s]+(/[^#\s]*)?", says="{value!r} is not a ws:// or wss:// URL", placeholder="")
+    url: str = field(
+        metadata=rules(pattern=r"wss?://[^/?#\s]+(/[^#\s]*)?", says="{value!r} is not a ws:// or wss:// URL", placeholder="")
+    )
     # required: the parser reports a missing auth; the placeholder only avoids a second error
-    auth: str = key(choices=UPSTREAM_STYLES, placeholder=UPSTREAM_STYLES[0], read="custom")
+    auth: str = field(metadata=rules(choices=UPSTREAM_STYLES, placeholder=UPSTREAM_STYLES[0], read="custom"))
     query_param: str = key("token", pattern=PARAMETER_NAME, says="{value!r} is not a plain URL parameter name")
     connect_timeout_seconds: float = key(10.0, low=0, high=300, open_low=True)
     handshake_timeout_seconds: float = key(10.0, low=0, high=300, open_low=True)
@@ -169,8 +176,10 @@ class LimitsConfig:
 class SentinelConfig:
     """Redis behind Sentinel: the sentinels to ask, and the name of the master they watch."""
 
-    hosts: tuple[tuple[str, int], ...] = key(read="custom")
-    service_name: str = key(pattern=r"(?s).+", says="required: the master's name the sentinels monitor", placeholder="")
+    hosts: tuple[tuple[str, int], ...] = field(metadata=rules(read="custom"))
+    service_name: str = field(
+        metadata=rules(pattern=r"(?s).+", says="required: the master's name the sentinels monitor", placeholder="")
+    )
     password: str | None = key(None, secret=True)  # the master's (and replicas') password
 
 
@@ -188,7 +197,7 @@ class AppVersionConfig:
     """Which app version a session comes from: `pattern`'s group ``version`` in header `header`."""
 
     header: str = key("User-Agent", pattern=r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", says="{value!r} is not an HTTP header name")
-    pattern: str = key(read="custom")
+    pattern: str = field(metadata=rules(read="custom"))
     max_versions: int = key(50, low=1, high=1000)  # per UTC day; versions past it count as "other"
 
 
@@ -219,8 +228,8 @@ class DrainConfig:
 class Config:
     listen: ListenConfig = ListenConfig()
     path: str = key("/ws/chat", pattern=r"/[^?]*", says="{value!r} must start with / and carry no query string")
-    auth: AuthConfig = key(read="custom")
-    backends: Mapping[str, BackendConfig] = key(read="custom")
+    auth: AuthConfig = field(metadata=rules(read="custom"))
+    backends: Mapping[str, BackendConfig] = field(metadata=rules(read="custom"))
     rollout: RolloutConfig = RolloutConfig()
     limits: LimitsConfig = LimitsConfig()
     admin: AdminConfig | None = None

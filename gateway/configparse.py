@@ -7,7 +7,7 @@ It returns a `Config` or raises `ConfigError` listing *every* problem, each with
 dotted key path and the offending value (secrets are never echoed).
 
 One reader (`Reader.walk`) reads every section: a field's type says how its key is read,
-its metadata (`config.key`) its bounds, allowed values and pattern, its default is the
+its metadata (`config.rules`) its bounds, allowed values and pattern, its default is the
 dataclass default. Hand-written code is left for the rules that join keys (`_CHECKS`), the
 defaults derived from another key, and the few keys with a shape of their own (`_CUSTOM`).
 """
@@ -182,7 +182,7 @@ class Reader:
         if hint == frozenset[str]:
             return frozenset(self.string_list(raw, path, key, default))
         if hint not in (str, str | None):
-            raise TypeError(f"{_join(path, key)}: no reader for {hint}: mark it key(read='custom') and add it to _CUSTOM")
+            raise TypeError(f"{_join(path, key)}: no reader for {hint}: mark it rules(read='custom'), add it to _CUSTOM")
         value = self.string(raw, path, key, default)
         if value is None:
             return value

@@ -6,13 +6,13 @@ with small dataclasses of their own, so each mechanism is seen apart from the mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import pytest
 
 from gateway import config
-from gateway.config import key
+from gateway.config import key, rules
 from gateway.configparse import _CUSTOM, Reader
 
 
@@ -23,7 +23,7 @@ class Inner:
 
 @dataclass(frozen=True)
 class Toy:
-    name: str = key(placeholder="", pattern=r"[a-z]+", says="{value!r} is not lower case")
+    name: str = field(metadata=rules(placeholder="", pattern=r"[a-z]+", says="{value!r} is not lower case"))
     ratio: float = key(0.5, low=0, high=1, open_low=True)
     count: int | None = key(None, low=1, high=10)
     mode: str = key("on", choices=("on", "off"))
@@ -107,7 +107,7 @@ def test_strings_and_numbers_expand_the_environment() -> None:
 
 
 def test_a_type_without_a_reader_is_a_programming_error_naming_the_key() -> None:
-    with pytest.raises(TypeError, match=r"toy\.pairs: no reader for .*key\(read='custom'\)"):
+    with pytest.raises(TypeError, match=r"toy\.pairs: no reader for .*rules\(read='custom'\)"):
         walk({}, Unreadable)
 
 
