@@ -29,7 +29,7 @@ import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.config import parse_config  # noqa: E402
+from gateway.configparse import parse_config  # noqa: E402
 from gateway.listener import listen  # noqa: E402
 from gateway.runtime import Gateway  # noqa: E402
 

@@ -28,7 +28,8 @@ import yaml
 from . import frames
 from .admin import create_admin_app
 from .auth import mint_token
-from .config import BACKEND_NAMES, AuthConfig, Config, ConfigError, config_warnings, load_config
+from .config import BACKEND_NAMES, AuthConfig, Config, ConfigError, config_warnings
+from .configfile import load_config
 from .connector import Connector, HeadReader, target_of
 from .handshake import UpgradeRefused
 from .drill import Plan, parse_steps, run_drill

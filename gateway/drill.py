@@ -42,7 +42,8 @@ from aiohttp import WSMsgType, web
 
 from .admin import create_admin_app
 from .auth import mint_token
-from .config import AuthConfig, Config, load_config
+from .config import AuthConfig, Config
+from .configfile import load_config
 from .guard import GuardState
 from .listener import Listener, listen
 from .reload import Reloader, fingerprint

@@ -14,7 +14,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError
+from .configfile import load_config
 
 log = logging.getLogger("gateway.reload")
 POLL_SECONDS = 1.0

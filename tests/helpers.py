@@ -21,7 +21,8 @@ from aiohttp import WSMsgType, web
 from websockets.asyncio.client import ClientConnection
 
 from gateway.closecodes import SENDABLE
-from gateway.config import Config, parse_config
+from gateway.config import Config
+from gateway.configparse import parse_config
 from gateway.listener import Listener, listen
 from gateway.logs import install_redaction
 from gateway.runtime import Gateway

@@ -26,7 +26,8 @@ from gateway.auth import (
     mint_token,
     parse_authenticate_frame,
 )
-from gateway.config import AuthConfig, parse_config
+from gateway.config import AuthConfig
+from gateway.configparse import parse_config
 
 from .helpers import SECRET, make_config, make_token, raw_config
 

@@ -36,7 +36,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from gateway.cli import build_parser
-from gateway.config import load_config
+from gateway.configfile import load_config
 from gateway.routing import choose_backend
 
 TIMEOUT = 10.0  # the one bound on every wait in this file

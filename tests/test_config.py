@@ -32,10 +32,10 @@ from gateway.config import (
     RedisConfig,
     config_warnings,
     keep_restart_keys,
-    load_config,
-    parse_config,
     restart_required,
 )
+from gateway.configfile import load_config
+from gateway.configparse import parse_config
 
 from .helpers import SECRET, raw_config
 

@@ -33,7 +33,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.admin import create_admin_app
 from gateway.cli import DEFAULT_CONFIG
-from gateway.config import RESTART_KEYS, Config, ConfigError, load_config, parse_config
+from gateway.config import RESTART_KEYS, Config, ConfigError
+from gateway.configfile import load_config
+from gateway.configparse import parse_config
 from gateway.reload import Reloader
 from gateway.runtime import Gateway
 from gateway.server import start_site

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from gateway import closecodes
 from gateway.auth import MAX_AUTH_FRAME_BYTES, AuthError, parse_authenticate_frame
 from gateway.closecodes import SENDABLE, Side
-from gateway.config import ConfigError, RolloutConfig, parse_config
+from gateway.config import ConfigError, RolloutConfig
+from gateway.configparse import parse_config
 from gateway.routing import choose_backend, held_back
 
 from .helpers import raw_config

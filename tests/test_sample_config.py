@@ -15,7 +15,9 @@ import pytest
 import websockets
 import yaml
 
-from gateway.config import AdminConfig, Config, config_warnings, load_config, parse_config
+from gateway.config import AdminConfig, Config, config_warnings
+from gateway.configfile import load_config
+from gateway.configparse import parse_config
 from gateway.listener import listen
 from gateway.runtime import Gateway
 from gateway.server import start_site

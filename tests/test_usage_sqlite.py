@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.config import parse_config
+from gateway.configparse import parse_config
 from gateway.store import MemoryStore, SqliteStore, StoreUnavailable, open_store, utc_day
 from gateway.store.sqlite import read_days
 
