@@ -28,12 +28,10 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import resource
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +40,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common import StartFailed, free_port, start_listening
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -275,18 +275,6 @@ def rss_kib(root: int) -> int:
 # -- the processes under test ----------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 @dataclass
 class Server:
     """One process we start in its own session (so its whole tree is one process group)."""
@@ -302,17 +290,10 @@ class Server:
         return self.workdir / f"{self.name}.log"
 
     def start(self, timeout: float = 30.0) -> Server:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, cwd=self.workdir)
-        deadline = time.monotonic() + timeout
-        while not port_open(self.port):
-            if self.proc.poll() is not None:
-                raise BenchError(f"{self.name} exited with {self.proc.returncode} at start: {self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise BenchError(f"{self.name} did not listen on 127.0.0.1:{self.port} within {timeout:.0f} s: {self.log_tail()}")
-            time.sleep(0.05)
+        try:
+            self.proc = start_listening(self.name, self.argv, self.port, self.log_path, timeout=timeout, cwd=self.workdir)
+        except StartFailed as exc:
+            raise BenchError(f"{exc}: {self.log_tail()}") from None
         return self
 
     @property
