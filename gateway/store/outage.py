@@ -266,7 +266,7 @@ class Resilient(Store):
         if self.clock() < self._retry_at:
             return
         if self._probe_task is None or self._probe_task.done():
-            self._probe_task = asyncio.create_task(self.probe(), name="store-redis-probe")
+            self._probe_task = asyncio.create_task(self.probe(), name="store-probe")
 
     async def probe(self) -> bool:
         """Ping the remote store now (whatever the backoff); returns whether it is available afterwards."""
