@@ -6,6 +6,7 @@ it is, every call raises ConnectionError, as a network store's client would.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -16,7 +17,7 @@ from gateway.store import DayUsage, MemoryStore, StoreUnavailable, VersionUsage,
 from gateway.store.memory import DayCounts
 from gateway.store.outage import Remote, Resilient
 
-from .helpers import Clock
+from .helpers import TIMEOUT, Clock
 
 BACKOFF = (1.0, 4.0)
 DAY = "2026-12-07"
@@ -34,6 +35,7 @@ class Shelf(Remote):
         self.retention_days = 120
         self.down = False
         self.calls = 0
+        self.refreshed = asyncio.Event()
 
     async def _up(self) -> None:
         self.calls += 1
@@ -66,6 +68,7 @@ class Shelf(Remote):
         await self._up()
         for user_id, session_id in pairs:
             self.shared.hold(user_id, session_id)
+        self.refreshed.set()
 
     async def count_session(self, day: str, auth_style: str, backend: str, user_id: str) -> None:
         await self._up()
@@ -222,3 +225,62 @@ async def test_close_with_the_store_down_says_the_pending_usage_is_lost(store_lo
     await store.close()
     lost = [r for r in store_logs.records if "shelf is unreachable at shutdown" in r.getMessage()]
     assert len(lost) == 1 and lost[0].days == [utc_day(AT)]
+
+
+async def test_start_probes_and_refreshes_until_close() -> None:
+    shelf = Shelf()
+    shelf.session_ttl = 0.03  # the refresher runs every ttl / 3
+    store = resilient(shelf, Clock())
+    assert await store.acquire_session("alice", "s1", 1)
+    await shelf.release_session("alice", "s1")  # as if the entry had expired in the shared store
+    await store.start()
+    assert store.available and store._refresh_task is not None
+    await asyncio.wait_for(shelf.refreshed.wait(), TIMEOUT)  # the refresher's first round
+    assert shelf.shared.held_sessions() == [("alice", "s1")]
+    await store.close()
+    assert store._refresh_task is None and shelf.calls > 0
+
+
+async def test_close_with_the_store_up_writes_what_the_outage_left() -> None:
+    shelf = Shelf()
+    store = resilient(shelf, Clock())
+    shelf.down = True
+    await store.count_session(DAY, "legacy", "new", "alice")
+    shelf.down = False
+    assert await store.probe()  # its flush starts in the background; close does not wait for it to run
+    await store.close()
+    assert not store.pending_usage_days
+    assert (await shelf.shared.usage_days(1, DAY))[0].sessions_new == 1
+
+
+async def test_a_failing_callback_is_logged_and_does_not_break_the_call(store_logs: pytest.LogCaptureFixture) -> None:
+    def broken(_: object) -> None:
+        raise RuntimeError("metrics are gone")
+
+    shelf = Shelf()
+    store = resilient(shelf, Clock(), on_error=broken, on_availability=broken)
+    shelf.down = True
+    assert await store.read_guard() is None
+    assert store.errors == 1
+    assert {"store on_error callback failed", "store on_availability callback failed"} <= {r.getMessage() for r in store_logs.records}
+
+
+async def test_calls_without_a_limit_or_a_held_session_never_reach_the_remote_store() -> None:
+    shelf = Shelf()
+    store = resilient(shelf, Clock())
+    assert not await store.auth_failed("203.0.113.9", None)
+    assert not await store.auth_blocked("203.0.113.9", None)
+    assert await store.acquire_session("alice", "s1", None)
+    await store.release_session("alice", "s1")
+    assert shelf.calls == 0
+
+
+async def test_a_refresh_that_fails_takes_the_store_down() -> None:
+    shelf = Shelf()
+    store = resilient(shelf, Clock())
+    assert await store.acquire_session("alice", "s1", 1)
+    shelf.down = True
+    await store.refresh_sessions()
+    assert not store.available and store.errors == 1
+    await store.release_session("alice", "s1")  # down: the shared entry is left to expire
+    assert store.held_sessions() == [] and shelf.shared.held_sessions() == [("alice", "s1")]
