@@ -18,7 +18,6 @@ reused and hide the cost). Prints the median per socket of each row.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import socket
 import statistics
@@ -29,17 +28,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+from common import StartFailed, free_port, start_listening
+
 PARTIAL_HEAD = (
     b"GET /ws/chat?room=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"User-Agent: Mozilla/5.0 (Linux; Android 14) AppleWebKit/537.36 Chrome/131.0 Mobile Safari/537.36\r\n"
 )
 WHOLE_HEAD = PARTIAL_HEAD + b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def config_text(port: int, admin: int) -> str:
@@ -92,16 +87,11 @@ def start_gateway(workdir: Path, python: str) -> tuple[subprocess.Popen[bytes], 
     port, admin = free_port(), free_port()
     config = workdir / "gateway.yaml"
     config.write_text(config_text(port, admin))
-    log = open(workdir / "gateway.log", "ab")
-    proc = subprocess.Popen([python, "-m", "gateway", "serve", "--config", str(config)], stdout=log, stderr=log)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"pending_cost: the gateway exited, see {workdir / 'gateway.log'}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", admin), timeout=1):
-            return proc, port, admin
-        time.sleep(0.05)
-    raise SystemExit("pending_cost: the gateway did not start within 20 s")
+    argv = [python, "-m", "gateway", "serve", "--config", str(config)]
+    try:
+        return start_listening("the gateway", argv, admin, workdir / "gateway.log", timeout=20), port, admin
+    except StartFailed as exc:
+        raise SystemExit(f"pending_cost: {exc}") from None
 
 
 def measure(proc: subprocess.Popen[bytes], port: int, admin: int, count: int, send: bytes) -> tuple[float, float]:

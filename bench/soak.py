@@ -29,7 +29,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,21 +37,16 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import jwt
 import websockets
+
+from common import StartFailed, free_port, start_listening
 
 SECRET = "soak-secret-0123456789abcdefghijklmnopqrstuv"
 ENDINGS = ("clean", "clean", "clean", "backend_close", "client_early_close", "client_drop")
 RSS_SLACK = 1.10  # RSS may end this much above its warmed-up start (allocator noise)
 RSS_SLACK_MIB = 8.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def token(user: str) -> str:
@@ -100,17 +94,10 @@ class Lab:
 
     def start(self, name: str, args: list[str], port: int) -> None:
         """Start a process and wait (bounded) until `port` accepts connections."""
-        log = open(self.workdir / f"{name}.log", "ab")
-        proc = subprocess.Popen(self.cmd + args, stdout=log, stderr=log, start_new_session=True)
-        self.procs[name] = proc
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"soak: {name} exited: see {self.workdir / (name + '.log')}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-            time.sleep(0.05)
-        raise SystemExit(f"soak: {name} did not start within 20 s")
+        try:
+            self.procs[name] = start_listening(name, self.cmd + args, port, self.workdir / f"{name}.log", timeout=20)
+        except StartFailed as exc:
+            raise SystemExit(f"soak: {exc}") from None
 
     def start_all(self, new_percent: float) -> None:
         self.config.write_text(config_text(self.port, self.admin, self.old, self.new, new_percent))

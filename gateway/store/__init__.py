@@ -6,9 +6,12 @@ One interface, two implementations; `open_store(config)` picks one from the conf
   `VersionUsage`, `StoreUnavailable`, `utc_day` and the limits' constants.
 * `memory` — `MemoryStore`: in-process state. The embedded default when the config has no
   ``redis:`` section, and the fallback inside `RedisStore`.
-* `redis_store` — `RedisStore`: state every replica shares through Redis, its key
-  families and Lua scripts, and how it rides out an outage (probe, backoff, recovery,
-  writing the usage counted meanwhile).
+* `outage` — `Resilient`: how a shared store that may be unreachable rides out an outage
+  (answers from memory, probe, backoff, recovery, writing the usage counted meanwhile),
+  around any `outage.Remote`.
+* `redis_store` — `RedisStore`: `Resilient` around `RedisRemote`, state every replica
+  shares through Redis, its key families and Lua scripts.
+* `report_reader` — what the report reads from Redis: usage per day and per app version.
 * `sqlite` — `SqliteStore`: `MemoryStore` with usage also written to the SQLite file
   ``usage.path`` names, so the report works without Redis.
 """

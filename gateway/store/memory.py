@@ -1,9 +1,10 @@
 """`MemoryStore`: the gateway's state in this process, and its bounded usage book.
 
-The embedded default when the config has no ``redis:`` section, and `RedisStore`'s
-fallback while Redis is unreachable: then its usage book holds the counts Redis has not
-seen yet, which `RedisStore` takes out day by day (`take_usage_day`) to write them, and
-puts back (`put_back_usage_day`) when a write fails.
+The embedded default when the config has no ``redis:`` section, and the fallback of
+`outage.Resilient` (`RedisStore`) while its shared store is unreachable: then its usage
+book holds the counts that store has not seen yet, which `Resilient` takes out day by
+day (`take_usage_day`) to write them, and puts back (`put_back_usage_day`) when a write
+fails.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ class _UsageBook:
 
 
 class MemoryStore(Store):
-    """Everything in this process: the embedded default, and RedisStore's fallback.
+    """Everything in this process: the embedded default, and the outage fallback of `Resilient` (RedisStore).
 
     Sessions held here have no expiry (a crash takes them with the process); the auth
     windows track at most `max_auth_ips` IPs per minute (past that, new IPs are not
@@ -249,7 +250,7 @@ class MemoryStore(Store):
         return True
 
     def hold(self, user_id: str, session_id: str) -> None:
-        """Record a session acquired elsewhere (RedisStore keeps its own sessions here)."""
+        """Record a session acquired elsewhere (`Resilient` keeps its own sessions here)."""
         self._sessions.setdefault(user_id, set()).add(session_id)
 
     def holds(self, user_id: str, session_id: str) -> bool:

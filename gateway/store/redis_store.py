@@ -1,15 +1,10 @@
 """`RedisStore`: state every replica shares through Redis, with a `MemoryStore` for outages.
 
-redis-py asyncio, one blocking connection pool, socket timeouts and an ``asyncio.timeout``
-of ``redis.timeout_seconds`` around every call. Redis being slow or down never stalls a
-chat session: a call that fails or runs out of time is answered by an internal
-`MemoryStore`, the outage is logged once (logger ``gateway.store``, the URL without its
-password), every failed round trip is counted (`RedisStore.errors`, and the ``on_error``
-callback), and while Redis is down no call waits for it: the next call after a short
-backoff starts one background probe, and once that succeeds the recovery is logged once,
-shared state resumes and the usage counted in memory meanwhile is written (`flush_pending`:
-distinct users first with PFADD, which is idempotent, then the session counters in one
-MULTI).
+Two parts: `RedisRemote`, the operations on Redis (redis-py asyncio, one blocking
+connection pool, socket timeouts, one atomic Lua script per write), and `outage.Resilient`
+around it, which answers from memory while Redis is slow or down and writes the usage
+counted meanwhile when it returns (distinct users first with PFADD, which is idempotent,
+then the session counters in one MULTI). The report's reads are in `report_reader`.
 
 Time: ``wall`` (unix time, default `time.time`) names the auth-failure minute; ``clock``
 (monotonic, default `time.monotonic`) times the probe backoff and the outage. Session and
@@ -44,13 +39,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from datetime import date, datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -61,35 +54,27 @@ from redis.exceptions import RedisError
 
 from .base import (
     AUTH_KEY_TTL_SECONDS,
+    AUTH_STYLES,
     AUTH_WINDOW_SECONDS,
     DEFAULT_PREFIX,
-    GUARD_TTL_SECONDS,
-    AUTH_STYLES,
     MAX_USAGE_USERS,
     OTHER_VERSION,
     RETENTION_DAYS,
     SESSION_TTL_SECONDS,
     UNKNOWN_VERSION,
-    USER_SETS,
     DayUsage,
-    Store,
-    StoreUnavailable,
     VersionUsage,
     check_usage,
     check_version,
-    day_list,
-    sorted_versions,
     user_hash,
     utc_day,
 )
 from .memory import DayCounts, MemoryStore
+from .outage import Remote, Resilient
+from .report_reader import read_app_versions, read_usage_days
 
 if TYPE_CHECKING:
     from ..config import Config, SentinelConfig
-
-log = logging.getLogger("gateway.store")
-
-T = TypeVar("T")
 
 # Each script is one atomic step, so replicas racing cannot exceed a limit or lose a count.
 # KEYS[1] = the IP's key for this minute; ARGV = its expiry in seconds.
@@ -193,55 +178,32 @@ def _sentinel_name(sentinel: SentinelConfig | None) -> str:
     return f"sentinel://{hosts}/{sentinel.service_name}"
 
 
-class RedisStore(Store):
-    """Shared state in Redis, answered from an internal MemoryStore while Redis is unreachable.
+class RedisRemote(Remote):
+    """The shared operations on Redis; each raises one of `failures` when Redis cannot answer."""
 
-    `errors` counts failed Redis round trips; `on_error(operation)` is called for each (wire
-    a Prometheus counter to it) and `on_availability(up)` on every outage and recovery.
-    `available` is False from a failure until a probe succeeds.
-    """
+    kind = "redis"
+    failures = _FAILURES
 
     def __init__(
         self,
         url: str | None,
         *,
-        sentinel: SentinelConfig | None = None,
-        timeout_seconds: float = 0.25,
-        session_ttl: float = SESSION_TTL_SECONDS,
-        retention_days: int = RETENTION_DAYS,
-        prefix: str = DEFAULT_PREFIX,
-        max_connections: int = 64,
-        max_usage_users: int = MAX_USAGE_USERS,
-        retry_backoff: tuple[float, float] = (0.5, 5.0),
-        on_error: Callable[[str], None] | None = None,
-        on_availability: Callable[[bool], None] | None = None,
-        wall: Callable[[], float] = time.time,
-        clock: Callable[[], float] = time.monotonic,
+        sentinel: SentinelConfig | None,
+        timeout_seconds: float,
+        session_ttl: float,
+        retention_days: int,
+        prefix: str,
+        max_connections: int,
+        wall: Callable[[], float],
     ) -> None:
-        self.url = url or _sentinel_name(sentinel)  # for log lines: no password
+        self.url = url or _sentinel_name(sentinel)  # may hold the password: log `location` instead
+        self.location = redact_url(self.url)
         self._password = urlsplit(url).password if url else sentinel.password if sentinel else None
-        self.timeout = timeout_seconds
         self.bulk_timeout = max(2.0, 10 * timeout_seconds)
         self.session_ttl = session_ttl
+        self.retention_days = retention_days
         self.prefix = prefix
         self.wall = wall
-        self.clock = clock
-        self.on_error = on_error
-        self.on_availability = on_availability
-        self.errors = 0
-        # The outage state machine: up -> (a call fails) down -> (backoff passes, a call
-        # starts a probe) probing -> up, or down again with the backoff doubled.
-        self._backoff_min, self._backoff_max = retry_backoff
-        self._backoff = self._backoff_min
-        self._retry_at = 0.0  # clock() time
-        self._up = True
-        self._down_since: float | None = None  # clock() time
-        self._probe_task: asyncio.Task[bool] | None = None
-        self._refresh_task: asyncio.Task[None] | None = None
-        self._flush_lock = asyncio.Lock()
-        self._flush_task: asyncio.Task[bool] | None = None
-        self._closed = False
-        self.memory = MemoryStore(retention_days=retention_days, max_usage_users=max_usage_users, wall=wall)
         options: dict[str, Any] = {
             "max_connections": max_connections,
             "socket_timeout": timeout_seconds,
@@ -272,263 +234,20 @@ class RedisStore(Store):
         self._version_script = self._redis.register_script(_COUNT_VERSION)
         self._seen_script = self._redis.register_script(_SEEN)
 
-    @classmethod
-    def from_config(cls, config: Config, **kwargs: Any) -> RedisStore:
-        assert config.redis is not None
-        return cls(
-            config.redis.url,
-            sentinel=config.redis.sentinel,
-            timeout_seconds=config.redis.timeout_seconds,
-            retention_days=config.usage.retention_days,
-            **kwargs,
-        )
-
-    @property
-    def available(self) -> bool:
-        return self._up
-
-    @property
-    def retention_days(self) -> int:
-        """``usage.retention_days``; assignable on config reload (applies to keys written from then on)."""
-        return self.memory.retention_days
-
-    @retention_days.setter
-    def retention_days(self, days: int) -> None:
-        self.memory.retention_days = days
-
-    @property
-    def pending_usage_days(self) -> list[str]:
-        """UTC days with usage counted in memory and not yet written to Redis."""
-        return self.memory.held_usage_days()
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Probe Redis once (an outage at start-up is logged now) and start the session refresher."""
-        if self._refresh_task is None or self._refresh_task.done():
-            await self.probe()
-            self._refresh_task = asyncio.create_task(self._refresh_loop(), name="store-session-refresher")
-
-    async def close(self) -> None:
-        """Stop the background tasks; usage still held from an outage is written first if Redis is up."""
-        if not self._closed and self._up and self.pending_usage_days:
-            try:
-                async with asyncio.timeout(self.bulk_timeout):
-                    await self.flush_pending()
-            except TimeoutError:
-                log.error("usage counted during the redis outage could not be written before shutdown")
-        elif not self._closed and self.pending_usage_days:
-            log.error(
-                "redis is unreachable at shutdown: usage counted during the outage is lost",
-                extra={"days": self.pending_usage_days},
-            )
-        for task in (self._refresh_task, self._probe_task, self._flush_task):
-            if task is not None and not task.done():
-                task.cancel()
-                try:
-                    await task
-                except BaseException:  # noqa: BLE001 - cancelled or already failed and counted
-                    pass
-        self._refresh_task = self._probe_task = self._flush_task = None
-        if not self._closed:
-            self._closed = True
-            try:
-                async with asyncio.timeout(self.bulk_timeout):
-                    await self._redis.aclose()
-                    await self._pool.aclose()
-            except _FAILURES:
-                pass  # nothing left to tell a Redis that is gone
-
-    async def _refresh_loop(self) -> None:
-        """Refresh every held session every ``session_ttl / 3`` (20 s with the default 60 s ttl)."""
-        while True:
-            await asyncio.sleep(self.session_ttl / 3)
-            try:
-                await self.refresh_sessions()
-            except Exception:  # never let the loop die; failures are counted in _run
-                log.exception("session refresh failed")
-
-    # -- availability ------------------------------------------------------------------------
-
-    def _key(self, *parts: str) -> str:
-        return self.prefix + ":".join(parts)
-
-    async def _run(self, op: str, remote: Callable[[], Awaitable[T]], fallback: Callable[[], Awaitable[T]]) -> T:
-        if not self._up:
-            self._maybe_probe()
-            return await fallback()
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await remote()
-        except _FAILURES as exc:
-            self._failed(op, exc)
-            return await fallback()
-
-    def _count_error(self, op: str) -> None:
-        self.errors += 1
-        if self.on_error is not None:
-            try:
-                self.on_error(op)
-            except Exception:
-                log.exception("store on_error callback failed")
-
-    def _failed(self, op: str, exc: BaseException) -> None:
-        self._count_error(op)
-        if not self._up:
-            return
-        self._up = False
-        self._down_since = now = self.clock()
-        self._backoff = self._backoff_min
-        self._retry_at = now + self._backoff
-        log.error(
-            "redis unreachable: limits, usage counts and the guard use in-process state until it returns",
-            extra={"redis": redact_url(self.url), "operation": op, "error": self._describe(exc)},
-        )
-        self._notify(False)
-
-    def _describe(self, exc: BaseException) -> str:
-        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    def describe(self, exc: BaseException) -> str:
+        text = super().describe(exc)
         password = self._password
         return text.replace(password, "***") if password else text
 
-    def _notify(self, up: bool) -> None:
-        if self.on_availability is not None:
-            try:
-                self.on_availability(up)
-            except Exception:
-                log.exception("store on_availability callback failed")
+    async def ping(self) -> None:
+        await self._redis.ping()
 
-    def _maybe_probe(self) -> None:
-        if self.clock() < self._retry_at:
-            return
-        if self._probe_task is None or self._probe_task.done():
-            self._probe_task = asyncio.create_task(self.probe(), name="store-redis-probe")
+    async def close(self) -> None:
+        await self._redis.aclose()
+        await self._pool.aclose()
 
-    async def probe(self) -> bool:
-        """PING Redis now (whatever the backoff); returns whether it is available afterwards."""
-        try:
-            async with asyncio.timeout(self.timeout):
-                await self._redis.ping()
-        except _FAILURES as exc:
-            if self._up:
-                self._failed("probe", exc)
-            else:
-                self._count_error("probe")
-                self._backoff = min(self._backoff * 2, self._backoff_max)
-                self._retry_at = self.clock() + self._backoff
-            return False
-        if not self._up:
-            self._recovered()
-        return True
-
-    def _recovered(self) -> None:
-        self._up = True
-        outage = self.clock() - self._down_since if self._down_since is not None else 0.0
-        self._down_since = None
-        pending = self.pending_usage_days
-        log.warning(
-            "redis reachable again: shared limits, usage and guard resumed",
-            extra={
-                "redis": redact_url(self.url),
-                "outage_s": round(outage, 1),
-                "pending_usage_days": len(pending),
-            },
-        )
-        self._notify(True)
-        if pending and (self._flush_task is None or self._flush_task.done()):
-            self._flush_task = asyncio.create_task(self.flush_pending(), name="store-usage-flush")
-
-    # -- auth failures -----------------------------------------------------------------------
-
-    def _auth_key(self, ip: str) -> str:
-        return self._key("authfail", str(int(self.wall() // AUTH_WINDOW_SECONDS)), ip)
-
-    async def auth_blocked(self, ip: str, limit: int | None) -> bool:
-        if limit is None:
-            return False
-        key = self._auth_key(ip)
-
-        async def remote() -> bool:
-            value = await self._redis.get(key)
-            return value is not None and int(value) >= limit
-
-        return await self._run("auth_blocked", remote, lambda: self.memory.auth_blocked(ip, limit))
-
-    async def auth_failed(self, ip: str, limit: int | None) -> bool:
-        if limit is None:
-            return False
-        key = self._auth_key(ip)
-
-        async def remote() -> bool:
-            count = int(await self._auth_script(keys=[key], args=[AUTH_KEY_TTL_SECONDS]))
-            return count >= limit
-
-        return await self._run("auth_failed", remote, lambda: self.memory.auth_failed(ip, limit))
-
-    # -- concurrent sessions ---------------------------------------------------------------
-
-    @property
-    def _ttl_ms(self) -> int:
-        return max(1, int(self.session_ttl * 1000))
-
-    async def acquire_session(self, user_id: str, session_id: str, limit: int | None) -> bool:
-        if limit is None:
-            return True
-        key = self._key("sessions", user_id)
-
-        async def remote() -> bool:
-            ok = bool(await self._acquire_script(keys=[key], args=[session_id, limit, self._ttl_ms]))
-            if ok:
-                self.memory.hold(user_id, session_id)
-            return ok
-
-        return await self._run(
-            "acquire_session", remote, lambda: self.memory.acquire_session(user_id, session_id, limit)
-        )
-
-    async def release_session(self, user_id: str, session_id: str) -> None:
-        if not self.memory.holds(user_id, session_id):
-            return  # never acquired here (no limit at the time): nothing to give back
-        await self.memory.release_session(user_id, session_id)
-        key = self._key("sessions", user_id)
-
-        async def remote() -> None:
-            await self._redis.zrem(key, session_id)
-
-        async def fallback() -> None:
-            return None  # the entry expires on its own after session_ttl
-
-        await self._run("release_session", remote, fallback)
-
-    def held_sessions(self) -> list[tuple[str, str]]:
-        return self.memory.held_sessions()
-
-    async def refresh_sessions(self, pairs: Iterable[tuple[str, str]] | None = None) -> None:
-        """Push the expiry of these sessions (default: all this replica holds) to now + session_ttl.
-
-        Also re-registers sessions opened while Redis was down. Skipped while Redis is down.
-        """
-        by_user: dict[str, list[str]] = {}
-        for user_id, session_id in self.held_sessions() if pairs is None else pairs:
-            by_user.setdefault(user_id, []).append(session_id)
-        if not self._up:
-            self._maybe_probe()
-            return
-        users = list(by_user)
-        for start in range(0, len(users), 500):
-            try:
-                async with asyncio.timeout(self.bulk_timeout):
-                    pipe = self._redis.pipeline(transaction=False)
-                    for user_id in users[start : start + 500]:
-                        await self._refresh_script(
-                            keys=[self._key("sessions", user_id)], args=[self._ttl_ms, *by_user[user_id]], client=pipe
-                        )
-                    await pipe.execute()
-            except _FAILURES as exc:
-                self._failed("refresh_sessions", exc)
-                return
-
-    # -- migration usage -------------------------------------------------------------------
+    def _key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
 
     def _usage_key(self, day: str, *rest: str) -> str:
         return self._key("usage", day, *rest)
@@ -537,6 +256,49 @@ class RedisStore(Store):
         end = datetime.combine(date.fromisoformat(day), datetime.min.time(), timezone.utc) + timedelta(days=1)
         return int((end + timedelta(days=self.retention_days)).timestamp())
 
+    # -- auth failures -----------------------------------------------------------------------
+
+    def _auth_key(self, ip: str) -> str:
+        return self._key("authfail", str(int(self.wall() // AUTH_WINDOW_SECONDS)), ip)
+
+    async def auth_blocked(self, ip: str, limit: int) -> bool:
+        value = await self._redis.get(self._auth_key(ip))
+        return value is not None and int(value) >= limit
+
+    async def auth_failed(self, ip: str, limit: int) -> bool:
+        count = int(await self._auth_script(keys=[self._auth_key(ip)], args=[AUTH_KEY_TTL_SECONDS]))
+        return count >= limit
+
+    # -- concurrent sessions ---------------------------------------------------------------
+
+    @property
+    def _ttl_ms(self) -> int:
+        return max(1, int(self.session_ttl * 1000))
+
+    async def acquire_session(self, user_id: str, session_id: str, limit: int) -> bool:
+        key = self._key("sessions", user_id)
+        return bool(await self._acquire_script(keys=[key], args=[session_id, limit, self._ttl_ms]))
+
+    async def release_session(self, user_id: str, session_id: str) -> None:
+        await self._redis.zrem(self._key("sessions", user_id), session_id)
+
+    async def refresh_sessions(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """In pipelines of 500 users, each bounded by the bulk timeout."""
+        by_user: dict[str, list[str]] = {}
+        for user_id, session_id in pairs:
+            by_user.setdefault(user_id, []).append(session_id)
+        users = list(by_user)
+        for start in range(0, len(users), 500):
+            async with asyncio.timeout(self.bulk_timeout):
+                pipe = self._redis.pipeline(transaction=False)
+                for user_id in users[start : start + 500]:
+                    await self._refresh_script(
+                        keys=[self._key("sessions", user_id)], args=[self._ttl_ms, *by_user[user_id]], client=pipe
+                    )
+                await pipe.execute()
+
+    # -- migration usage -------------------------------------------------------------------
+
     async def count_session(self, day: str, auth_style: str, backend: str, user_id: str) -> None:
         check_usage(day, auth_style, backend)
         keys = [
@@ -544,55 +306,26 @@ class RedisStore(Store):
             self._usage_key(day, "users", auth_style),
             self._usage_key(day, "users", backend),
         ]
+        await self._count_script(keys=keys, args=[f"{auth_style}:{backend}", user_id, self._expire_at(day)])
 
-        async def remote() -> None:
-            await self._count_script(keys=keys, args=[f"{auth_style}:{backend}", user_id, self._expire_at(day)])
-
-        await self._run("count_session", remote, lambda: self.memory.count_session(day, auth_style, backend, user_id))
-
-    async def flush_pending(self) -> bool:
-        """Write usage counted in memory during an outage; True when nothing is left pending.
-
-        Per day: distinct users first (PFADD, idempotent), then the session counters in one
-        MULTI, then the day leaves memory. A day that fails goes back to memory for the next
-        recovery. Runs by itself after a recovery; callers may await it too.
-        """
-        async with self._flush_lock:
-            written = 0
-            for day in self.memory.held_usage_days():
-                pending = self.memory.take_usage_day(day)
-                try:
-                    async with asyncio.timeout(self.bulk_timeout):
-                        await self._write_day(day, pending)
-                except _FAILURES as exc:
-                    self.memory.put_back_usage_day(day, pending)
-                    self._failed("flush_pending", exc)
-                    return False
-                except BaseException:
-                    self.memory.put_back_usage_day(day, pending)
-                    raise
-                written += 1
-            if written:
-                log.info("usage counted during the redis outage written to redis", extra={"days": written})
-            return not self.pending_usage_days
-
-    async def _write_day(self, day: str, pending: DayCounts) -> None:
+    async def write_usage_day(self, day: str, counts: DayCounts) -> None:
+        """Distinct users first (PFADD, idempotent), then the session counters in one MULTI."""
         expire_at = self._expire_at(day)
-        for name, users in pending.user_sets().items():
+        for name, users in counts.user_sets().items():
             key = self._usage_key(day, "users", name)
             for start in range(0, len(users), 1000):
                 pipe = self._redis.pipeline(transaction=False)
                 pipe.pfadd(key, *users[start : start + 1000])
                 pipe.expireat(key, expire_at)
                 await pipe.execute()
-        if pending.sessions:
+        if counts.sessions:
             key = self._usage_key(day, "sessions")
             pipe = self._redis.pipeline(transaction=True)
-            for name, count in pending.sessions.items():
+            for name, count in counts.sessions.items():
                 pipe.hincrby(key, name, count)
             pipe.expireat(key, expire_at)
             await pipe.execute()
-        await self._write_versions(day, pending, expire_at)
+        await self._write_versions(day, counts, expire_at)
 
     async def _write_versions(self, day: str, pending: DayCounts, expire_at: int) -> None:
         """The day's usage by app version: admitted without the cap (the outage may have let a
@@ -615,30 +348,8 @@ class RedisStore(Store):
             pairs = [item for version, at in pending.seen.items() for item in (version, at)]
             await self._seen_script(keys=[self._usage_key(day, "appv", "seen")], args=[expire_at, *pairs])
 
-    async def usage_days(self, days: int, today: date | str | None = None) -> list[DayUsage]:
-        """Read from Redis (never from memory); raises StoreUnavailable when Redis cannot answer."""
-        days_asked = day_list(days, today)
-        try:
-            async with asyncio.timeout(self.bulk_timeout):
-                pipe = self._redis.pipeline(transaction=False)
-                for day in days_asked:
-                    pipe.hgetall(self._usage_key(day, "sessions"))
-                    for name in USER_SETS:
-                        pipe.pfcount(self._usage_key(day, "users", name))
-                    pipe.pfcount(self._usage_key(day, "users", "legacy"), self._usage_key(day, "users", "message"))
-                replies = await pipe.execute()
-        except _FAILURES as exc:
-            self._failed("usage_days", exc)
-            raise StoreUnavailable(f"redis at {redact_url(self.url)} did not answer: {self._describe(exc)}") from None
-        if not self._up:
-            self._recovered()
-        width = 2 + len(USER_SETS)
-        result = []
-        for index, day in enumerate(days_asked):
-            sessions, *sets, either = replies[index * width : (index + 1) * width]
-            counts = {name: int(count) for name, count in sessions.items()}
-            result.append(DayUsage.from_counts(day, counts, dict(zip(USER_SETS, map(int, sets))), int(either)))
-        return result
+    async def usage_days(self, days: list[str]) -> list[DayUsage]:
+        return await read_usage_days(self._redis, self._usage_key, days)
 
     async def count_app_version(self, at: float, version: str, auth_style: str, user_id: str, max_versions: int) -> str:
         check_version(version, auth_style, max_versions)
@@ -650,79 +361,92 @@ class RedisStore(Store):
             self._usage_key(day, "appv", auth_style, OTHER_VERSION),
         ]
         args: list[str | bytes | float] = [version, user_hash(user_id), at, self._expire_at(day), max_versions, UNKNOWN_VERSION, OTHER_VERSION]
+        return str(await self._version_script(keys=keys, args=args))
 
-        async def remote() -> str:
-            return str(await self._version_script(keys=keys, args=args))
-
-        async def fallback() -> str:
-            return await self.memory.count_app_version(at, version, auth_style, user_id, max_versions)
-
-        return await self._run("count_app_version", remote, fallback)
-
-    async def app_versions(self, days: int, today: date | str | None = None) -> list[VersionUsage]:
-        """Read from Redis (never from memory); raises StoreUnavailable when Redis cannot answer.
-
-        Users are counted once over the days with SUNIONSTORE into keys that live only
-        inside one MULTI, so nothing but the counts crosses the network.
-        """
-        days_asked = day_list(days, today)
-        try:
-            async with asyncio.timeout(self.bulk_timeout):
-                pipe = self._redis.pipeline(transaction=False)
-                for day in days_asked:
-                    pipe.zrange(self._usage_key(day, "appv", "seen"), 0, -1, withscores=True)
-                seen: dict[str, float] = {}
-                for pairs in await pipe.execute():
-                    for version, at in pairs:
-                        seen[version] = max(float(at), seen.get(version, 0.0))
-                versions = sorted(seen)
-                counts: list[int] = []
-                if versions:
-                    scratch = [self._key("usage", "scratch", uuid.uuid4().hex, part) for part in ("all", "legacy")]
-                    pipe = self._redis.pipeline(transaction=True)
-                    for version in versions:
-                        legacy = [self._usage_key(day, "appv", "legacy", version) for day in days_asked]
-                        message = [self._usage_key(day, "appv", "message", version) for day in days_asked]
-                        pipe.sunionstore(scratch[0], legacy + message)
-                        pipe.sunionstore(scratch[1], legacy)
-                    pipe.delete(*scratch)
-                    counts = await pipe.execute()
-        except _FAILURES as exc:
-            self._failed("app_versions", exc)
-            raise StoreUnavailable(f"redis at {redact_url(self.url)} did not answer: {self._describe(exc)}") from None
-        if not self._up:
-            self._recovered()
-        return sorted_versions(
-            VersionUsage(version, int(counts[2 * index]), int(counts[2 * index + 1]), seen[version])
-            for index, version in enumerate(versions)
-        )
+    async def app_versions(self, days: list[str]) -> list[VersionUsage]:
+        return await read_app_versions(self._redis, self._usage_key, days)
 
     # -- the shared guard ------------------------------------------------------------------
 
-    async def publish_guard(self, state: dict[str, Any], ttl_seconds: float = GUARD_TTL_SECONDS) -> None:
-        await self.memory.publish_guard(state, ttl_seconds)
+    async def publish_guard(self, state: dict[str, Any], ttl_seconds: float) -> None:
         payload = json.dumps(state, separators=(",", ":"))
-        key = self._key("guard")
-
-        async def remote() -> None:
-            await self._redis.set(key, payload, px=max(1, math.ceil(ttl_seconds * 1000)))
-
-        async def fallback() -> None:
-            return None
-
-        await self._run("publish_guard", remote, fallback)
+        await self._redis.set(self._key("guard"), payload, px=max(1, math.ceil(ttl_seconds * 1000)))
 
     async def read_guard(self) -> dict[str, Any] | None:
-        key = self._key("guard")
+        raw = await self._redis.get(self._key("guard"))
+        if raw is None:
+            return None
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            return None
+        return record if isinstance(record, dict) else None
 
-        async def remote() -> dict[str, Any] | None:
-            raw = await self._redis.get(key)
-            if raw is None:
-                return None
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                return None
-            return record if isinstance(record, dict) else None
 
-        return await self._run("read_guard", remote, self.memory.read_guard)
+class RedisStore(Resilient):
+    """`RedisRemote` wrapped in the outage machine: see `outage.Resilient` for `errors`,
+    ``on_error``, ``on_availability`` and `available`."""
+
+    remote: RedisRemote
+
+    def __init__(
+        self,
+        url: str | None,
+        *,
+        sentinel: SentinelConfig | None = None,
+        timeout_seconds: float = 0.25,
+        session_ttl: float = SESSION_TTL_SECONDS,
+        retention_days: int = RETENTION_DAYS,
+        prefix: str = DEFAULT_PREFIX,
+        max_connections: int = 64,
+        max_usage_users: int = MAX_USAGE_USERS,
+        retry_backoff: tuple[float, float] = (0.5, 5.0),
+        on_error: Callable[[str], None] | None = None,
+        on_availability: Callable[[bool], None] | None = None,
+        wall: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        remote = RedisRemote(
+            url,
+            sentinel=sentinel,
+            timeout_seconds=timeout_seconds,
+            session_ttl=session_ttl,
+            retention_days=retention_days,
+            prefix=prefix,
+            max_connections=max_connections,
+            wall=wall,
+        )
+        super().__init__(
+            remote,
+            memory=MemoryStore(retention_days=retention_days, max_usage_users=max_usage_users, wall=wall),
+            timeout_seconds=timeout_seconds,
+            retry_backoff=retry_backoff,
+            on_error=on_error,
+            on_availability=on_availability,
+            clock=clock,
+        )
+
+    @classmethod
+    def from_config(cls, config: Config, **kwargs: Any) -> RedisStore:
+        assert config.redis is not None
+        return cls(
+            config.redis.url,
+            sentinel=config.redis.sentinel,
+            timeout_seconds=config.redis.timeout_seconds,
+            retention_days=config.usage.retention_days,
+            **kwargs,
+        )
+
+    @property
+    def url(self) -> str:
+        """The Redis URL as configured (the sentinels' when there is none); redact it before logging."""
+        return self.remote.url
+
+    @property
+    def wall(self) -> Callable[[], float]:
+        """The unix-time clock naming the auth-failure minute."""
+        return self.remote.wall
+
+    @wall.setter
+    def wall(self, wall: Callable[[], float]) -> None:
+        self.remote.wall = wall
