@@ -244,7 +244,8 @@ def verdict(plan: Plan, stats: list[StepStats], guard_at_end: str, usage: Usage,
 
 def raw_config(secret: str, plan: Plan, old_port: int, new_port: int) -> dict[str, Any]:
     """The drill gateway's config file: fallback on, a guard sized to the plan, a new backend
-    whose failing handshake holds an app up for NEW_HANDSHAKE_SECONDS before the fallback."""
+    whose failing handshake holds an app up for NEW_HANDSHAKE_SECONDS before the fallback,
+    and the admin app (the status page) on a free port."""
     return {
         "listen": {"host": "127.0.0.1", "port": 0},
         "auth": {"algorithms": ["HS256"], "secret": secret},

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
@@ -122,8 +123,7 @@ class Gateway:
         return self.guard_sync.replica
 
     @property
-    def connections(self) -> Any:
-        """The open connections (a weak set)."""
+    def connections(self) -> weakref.WeakSet[OpenConnection]:
         return self.registry.connections
 
     # -- config ----------------------------------------------------------------------------
