@@ -38,15 +38,13 @@ import aiohttp
 import yaml
 from aiohttp import WSMsgType, web
 
-from .admin import create_admin_app
 from .auth import mint_token
-from .config import AuthConfig, Config
+from .config import AuthConfig
 from .configfile import load_config
 from .drill_plan import MAX_FAILURE_RATIO, Plan, StepStats, Usage, share_text, table, verdict
-from .listener import Listener, listen
-from .reload import Reloader, fingerprint
+from .reload import fingerprint
 from .runtime import Gateway
-from .server import start_site
+from .server import RunningGateway, start_site
 from .store import utc_day
 from .stub_backend import create_stub_app
 
@@ -65,7 +63,8 @@ FAILURES_SHOWN = 5
 
 def raw_config(secret: str, plan: Plan, old_port: int, new_port: int) -> dict[str, Any]:
     """The drill gateway's config file: fallback on, a guard sized to the plan, a new backend
-    whose failing handshake holds an app up for NEW_HANDSHAKE_SECONDS before the fallback."""
+    whose failing handshake holds an app up for NEW_HANDSHAKE_SECONDS before the fallback,
+    and the admin app (the status page) on a free port."""
     return {
         "listen": {"host": "127.0.0.1", "port": 0},
         "auth": {"algorithms": ["HS256"], "secret": secret},
@@ -78,6 +77,7 @@ def raw_config(secret: str, plan: Plan, old_port: int, new_port: int) -> dict[st
         },
         "rollout": {"new_percent": plan.steps[0], "salt": "drill", "fallback_to_old": True, "guard": plan.guard()},
         "limits": {"ping_interval_seconds": 0},
+        "admin": {"host": "127.0.0.1", "port": 0},
     }
 
 
@@ -92,11 +92,8 @@ class Drill:
         self.config_path = os.path.join(scratch, "gateway.yaml")
         self.secret = secrets.token_urlsafe(32)
         self.raw: dict[str, Any] = {}  # the config file's content, once the stubs have ports
-        self.runners: list[web.AppRunner] = []
-        self.public: Listener | None = None
-        self._gateway: Gateway | None = None
-        self.reloader: Reloader | None = None
-        self.applied = asyncio.Event()  # set whenever the gateway applies a reloaded file
+        self.runners: list[web.AppRunner] = []  # the stubs
+        self.running: RunningGateway | None = None
         self.stats = [StepStats(p, plan.fail_percent if i == plan.fault_step else 0.0) for i, p in enumerate(plan.steps)]
         self.step = 0  # the index of the step in progress
         self.failures: list[str] = []
@@ -108,8 +105,14 @@ class Drill:
 
     @property
     def gateway(self) -> Gateway:
-        assert self._gateway is not None
-        return self._gateway
+        assert self.running is not None
+        return self.running.gateway
+
+    @property
+    def applied(self) -> asyncio.Event:
+        """Set whenever the gateway applies a reloaded file."""
+        assert self.running is not None and self.running.reloader is not None
+        return self.running.reloader.applied
 
     def write_config(self) -> None:
         """Write-then-rename, as editors and ConfigMap updates do: the gateway never reads half a file."""
@@ -128,23 +131,14 @@ class Drill:
         self.write_config()
         seen = fingerprint(self.config_path)
         config = load_config(self.config_path)
-        self._gateway = gateway = Gateway(config, config_path=self.config_path)
-        self.public = await listen(gateway, "127.0.0.1", 0)
-        self.reloader = Reloader(self.config_path, self._apply, gateway.reload_failed, seen=seen)
-        self.reloader.start()
-        admin_runner, self.admin_port = await start_site(create_admin_app(gateway), "127.0.0.1", 0)
-        self.runners.append(admin_runner)
-        self.url = f"ws://127.0.0.1:{self.public.port}{config.path}"
-
-    def _apply(self, config: Config) -> None:
-        self.gateway.reload(config)
-        self.applied.set()
+        self.running = await RunningGateway(config, config_path=self.config_path, seen=seen).start()
+        assert self.running.admin_port is not None
+        self.admin_port = self.running.admin_port
+        self.url = f"ws://127.0.0.1:{self.running.port}{config.path}"
 
     async def close(self) -> None:
-        if self.reloader is not None:
-            await self.reloader.stop()
-        if self.public is not None:
-            await self.public.close()
+        if self.running is not None:
+            await self.running.stop()
         for runner in reversed(self.runners):
             await runner.cleanup()
 

@@ -49,6 +49,7 @@ class Reloader:
         self._on_invalid = on_invalid
         self._seen = seen if seen is not None else fingerprint(path)
         self._task: asyncio.Task[None] | None = None
+        self.applied = asyncio.Event()  # set at every config applied (the drill waits on it)
 
     def reload(self) -> bool:
         """Load the file now; True when the new config was applied."""
@@ -59,7 +60,14 @@ class Reloader:
             self._on_invalid(exc)
             return False
         self._apply(config)
+        self.applied.set()
         return True
+
+    def adopt(self) -> Config:
+        """The file as its owner just rewrote it (the demo, with the ports it bound), read as the
+        config in force rather than as a change: watching resumes from this version."""
+        self._seen = fingerprint(self.path)
+        return load_config(self.path)
 
     def check(self) -> None:
         if fingerprint(self.path) != self._seen:

@@ -1,8 +1,9 @@
-"""`Gateway`: what every connection of a running gateway shares.
+"""`Gateway`: what every connection of a running gateway shares, composed of one object per concern.
 
-The live config (swapped whole on reload; a session keeps the one it started with), the
-token verifier built from it, the upstream connector, the rollback guard, the metrics,
-and the set of open connections that keepalive pings and shutdown drains.
+`RolloutState` (the config in force, its verifier, the guard), `GuardSync` (the guard
+across replicas), `Rebalancer` (moving sessions whose route changed) and `Registry` (the
+open connections, their keepalive and their close). What stays here is the wiring between
+them and the metrics sink: the session outcomes a connection reports.
 """
 
 from __future__ import annotations
@@ -11,53 +12,35 @@ import asyncio
 import logging
 import os
 import time
-import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 from . import closecodes
 from .appversion import app_version
 from .auth import REASONS as AUTH_REASONS
 from .auth import Verifier
-from .config import AppVersionConfig, Config, ConfigError, keep_restart_keys, restart_required
+from .config import AppVersionConfig, Config, ConfigError
 from .connector import Connector, target_of
 from .guard import STATE_VALUES, Guard, GuardState, Transition
+from .guardsync import GUARD_SYNC_SECONDS, GuardSync
 from .handshake import UpgradeRefused
 from .jwks import KeySet
 from .metrics import Metrics
-from .rebalance import Move, Schedule, due, plan
-from .relay import Flow
-from .routing import Route, choose_backend, held_back
+from .rebalance import Move
+from .rebalancer import Rebalancer, moves
+from .registry import Registry, placement_answer
+from .services import OpenConnection
+from .rolloutstate import RolloutState
+from .routing import Route
 from .store import Store, StoreUnavailable, open_store, utc_day
 
+__all__ = ["GUARD_SYNC_SECONDS", "Gateway", "describe_error"]
+
 log = logging.getLogger("gateway")
-GUARD_SYNC_SECONDS = 1.0
-REBALANCE_TICK_SECONDS = 0.25
 APP_VERSIONS_REFRESH_SECONDS = 5.0  # the status page's sampling interval
 # Refusals that say nothing about whether the client guessed a token: not counted per IP.
 NOT_THE_CLIENTS_FAULT = frozenset({"rate_limited", "too_many_sessions", "legacy_denied"})
-
-
-class OpenConnection(Protocol):
-    """What the gateway needs of an open connection: its live counts, its keepalive, its close."""
-
-    to_upstream: Flow
-    to_client: Flow
-    client_ip: str
-    connection_id: str
-    request_id: str
-
-    @property
-    def upstream_dropped(self) -> bool: ...
-
-    def keepalive(self, now: float) -> None: ...
-
-    async def close(self, code: int, reason: str, upstream_reason: str = ...) -> None: ...
-
-    def record(self) -> dict[str, Any]: ...
-
-    def placement(self) -> Any: ...
 
 
 class Gateway:
@@ -76,24 +59,21 @@ class Gateway:
     ) -> None:
         """`clock` (monotonic) times everything that is a duration; `wall` (unix time) what replicas share.
 
+        Both may be replaced later (tests move them); the parts read them through the gateway.
         `byte_relay` False makes every session use the frame relay (the tests prove the
         contract on both relays; the benchmark compares them).
         """
         self.clock = clock
         self.wall = wall
         self.metrics = metrics or Metrics()
-        self.connections: weakref.WeakSet[OpenConnection] = weakref.WeakSet()
-        self.config_path = config_path
         self.draining = False
         self.accepting = True
-        self.guard = Guard(config.rollout.guard)
-        self._closed_flows = {"client_to_backend": [0, 0], "backend_to_client": [0, 0]}
-        self.metrics.add_flow_collector(self._flows)
+        self.registry = Registry(self._now)
+        self.metrics.add_flow_collector(self.registry.flows)
         self.store = store or open_store(config, wall=wall, on_error=self._store_error, on_availability=self._store_up)
         self.connector = Connector()
         self.byte_relay = byte_relay
-        # auth.jwks_url is bound at start (a restart key): one key set for the process's life.
-        self.keys = (
+        keys = (
             KeySet(
                 config.auth.jwks_url,
                 config.auth.algorithms,
@@ -103,37 +83,66 @@ class Gateway:
             if config.auth.jwks_url is not None
             else None
         )
+        self.rollout = RolloutState(config, keys, config_path=config_path)
+        self.guard_sync = GuardSync(self.rollout.guard, self.store, clock=self._now, wall=self._wall)
+        self.rebalancer = Rebalancer(self._now, self.registry.last_frame, self._move)
         self.pending = 0  # connections from accept until relaying or closed (listener.Request)
         self.upstream_errors: dict[str, dict[str, Any]] = {}  # the last one per backend, for /rollout
-        self.replica = uuid.uuid4().hex
-        self._guard_seen = 0.0  # wall time of the newest trip this replica knows of
-        self._own_trip: dict[str, Any] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._guard_sync: asyncio.Task[None] | None = None
         self._keepalive: asyncio.Task[None] | None = None
-        self.rebalance: Schedule | None = None
-        self._rebalance_why = ""
-        self._rebalancer: asyncio.Task[None] | None = None
         self._app_versions: dict[str, Any] | None = None  # today's usage by app version, as last read
         self._app_versions_read_at: float | None = None
         self.apply(config)
+
+    def _now(self) -> float:
+        return self.clock()
+
+    def _wall(self) -> float:
+        return self.wall()
+
+    # -- what the parts hold, under the names the listener, admin app and tests use --------------
+
+    @property
+    def guard(self) -> Guard:
+        return self.rollout.guard
+
+    @property
+    def keys(self) -> KeySet | None:
+        return self.rollout.keys
+
+    @property
+    def config_path(self) -> str | None:
+        return self.rollout.config_path
+
+    @property
+    def loaded_at(self) -> float:
+        return self.rollout.loaded_at
+
+    @property
+    def replica(self) -> str:
+        return self.guard_sync.replica
+
+    @property
+    def connections(self) -> weakref.WeakSet[OpenConnection]:
+        return self.registry.connections
 
     # -- config ----------------------------------------------------------------------------
 
     def apply(self, config: Config) -> None:
         """Serve `config` to new connections; established ones keep the one they started with."""
-        self.config = config
-        self.verifier = Verifier(config.auth, self.keys)
-        self.loaded_at = self.wall()
-        self._observe(self.guard.configure(config.rollout.guard))
+        transitions = self.rollout.apply(config, self.wall())
+        # Plain attributes, not properties: the listener's `Front` may set them.
+        self.config: Config = config
+        self.verifier: Verifier = self.rollout.verifier
+        self._observe(transitions)
         self.store.retention_days = config.usage.retention_days
         self.refresh_gauges()
 
     def reload(self, config: Config) -> None:
         """Apply a reloaded config; keys bound at start-up keep their value and are reported."""
-        stuck = restart_required(self.config, config)
+        config, stuck = self.rollout.reloaded(config)
         if stuck:
-            config = keep_restart_keys(self.config, config)
             self.metrics.reloads.labels("restart_required").inc()
             log.warning(
                 "config change needs a restart to take effect",
@@ -159,8 +168,7 @@ class Gateway:
     def route(self, user_id: str) -> Route:
         """`routing.choose_backend`, held back by the guard while it is tripped or recovering."""
         self._observe(self.guard.tick(self.clock()))
-        rollout = self.config.rollout
-        return held_back(choose_backend(user_id, rollout), rollout, self.guard.share(), self.guard.blocks_forced())
+        return self.rollout.route(user_id)
 
     def new_backend_outcome(self, failed: bool) -> None:
         self._observe(self.guard.record(failed, self.clock()))
@@ -171,7 +179,7 @@ class Gateway:
                 self.metrics.guard_trips.inc()
                 log.error("rollback guard " + transition.detail, extra={"guard_state": transition.state.value})
                 if share:
-                    self._share_trip(transition)
+                    self._spawn(self.store.publish_guard(self.guard_sync.own_trip(transition)))
                 if self.config.rollout.rebalance.on_guard_trip:
                     self.replan("the new backend is failing")
             else:
@@ -179,105 +187,33 @@ class Gateway:
         if transitions:
             self._set_gauges()
 
+    async def sync_guard_once(self) -> None:
+        """Share the guard with the other replicas (`GuardSync.sync_once`), and act on a trip adopted."""
+        self._observe(await self.guard_sync.sync_once(self.config.rollout.guard), share=False)
+
     # -- rebalancing open sessions ---------------------------------------------------------------
 
     def replan(self, why: str) -> None:
         """Schedule the close (1012) of every relaying session whose route changed and that is
         not on its new backend already; replaces any schedule in progress."""
         config = self.config.rollout.rebalance
-        if not config.enabled:
-            self.rebalance = None
-            return
-        rollout = self.config.rollout
-        share, blocks = (self.guard.share(), self.guard.blocks_forced()) if config.on_guard_trip else (1.0, False)
-        moves = []
-        for conn in self.connections:
-            placed = conn.placement()
-            if placed is None:
-                continue
-            target = held_back(choose_backend(placed.user_id, rollout), rollout, share, blocks).backend
-            if target != placed.routed and target != placed.backend:
-                moves.append(Move(conn, placed.backend, target))
-        self.rebalance = plan(config, self.clock(), moves, self.rebalance)
-        self._rebalance_why = why
-        if moves:
+        found = moves(self.connections, self.config.rollout, *self.rollout.held_back_by_guard()) if config.enabled else []
+        self.rebalancer.replan(config, found, why)
+        if found:
             log.warning(
                 "rebalancing open sessions whose route changed",
-                extra={"sessions": len(moves), "window_seconds": config.window_seconds, "reason": why},
+                extra={"sessions": len(found), "window_seconds": config.window_seconds, "reason": why},
             )
-        if self._rebalancer is None or self._rebalancer.done():
-            self._rebalancer = asyncio.create_task(self._rebalance())
 
-    async def _rebalance(self) -> None:
-        while self.rebalance is not None and (self.rebalance.slots or self.clock() < self.rebalance.ends_at):
-            schedule = self.rebalance
-            for move in due(schedule, self.clock(), self._last_frame):
-                self.metrics.rebalance_closes.labels(move.source, move.target).inc()
-                await move.key.close(
-                    closecodes.SERVICE_RESTART,
-                    f"rebalancing: {self._rebalance_why}; reconnect to reach the {move.target} backend",
-                    "client moved to another backend",
-                )
-            await asyncio.sleep(REBALANCE_TICK_SECONDS)
+    async def _move(self, move: Move, why: str) -> None:
+        self.metrics.rebalance_closes.labels(move.source, move.target).inc()
+        await move.key.close(
+            closecodes.SERVICE_RESTART,
+            f"rebalancing: {why}; reconnect to reach the {move.target} backend",
+            "client moved to another backend",
+        )
 
-    def _last_frame(self, conn: Any) -> float | None:
-        placed = conn.placement() if conn in self.connections else None
-        return placed.last_frame if placed is not None else None
-
-    def _rebalance_status(self, schedule: Schedule | None) -> dict[str, Any] | None:
-        if schedule is None:
-            return None
-        return {
-            "scheduled": schedule.scheduled,
-            "closed": schedule.closed,
-            "reason": self._rebalance_why,
-            "ends_in_seconds": round(max(0.0, schedule.ends_at - self.clock()), 1),
-        }
-
-    # -- the guard across replicas -----------------------------------------------------------
-
-    def _share_trip(self, transition: Transition) -> None:
-        """Publish a local trip so every replica stops sending users to the new backend."""
-        tripped_at = self.wall() - (self.clock() - transition.at)
-        self._guard_seen = tripped_at
-        self._own_trip = {
-            "state": GuardState.TRIPPED.value, "tripped_at": tripped_at, "replica": self.replica, "detail": transition.detail
-        }
-        self._spawn(self.store.publish_guard(self._own_trip))
-
-    async def sync_guard_once(self) -> None:
-        """Share the guard with the other replicas.
-
-        Adopts a newer trip another replica published (the recovery schedule follows its
-        trip time), and republishes this replica's own trip while it is in force if the
-        store does not hold it (Redis was down when it tripped).
-        """
-        record = await self.store.read_guard()
-        published_at = float(record.get("tripped_at", 0.0)) if record else 0.0
-        own = self._own_trip
-        if own is not None and self.guard.state is not GuardState.HEALTHY and published_at < own["tripped_at"]:
-            await self.store.publish_guard(own)
-            return
-        if not record or record.get("replica") == self.replica:
-            return
-        tripped_at = published_at
-        if tripped_at <= self._guard_seen or not self.config.rollout.guard.enabled:
-            return
-        self._guard_seen = tripped_at
-        guard = self.config.rollout.guard
-        if self.wall() - tripped_at >= guard.cooldown_seconds + len(guard.recovery_steps) * guard.step_seconds:
-            return  # that trip's whole schedule is over: nothing to adopt
-        at = self.clock() - max(0.0, self.wall() - tripped_at)
-        transition = self.guard.trip(at, f"by another replica ({record.get('detail', 'no detail')})")
-        self._observe([transition, *self.guard.tick(self.clock())], share=False)
-
-    async def _sync_guard(self) -> None:
-        while True:
-            await asyncio.sleep(GUARD_SYNC_SECONDS)
-            try:
-                await self.sync_guard_once()
-            except Exception as exc:  # the store answers from memory when Redis is down; be safe anyway
-                log.warning("guard sync failed", extra={"error": type(exc).__name__})
+    # -- background work and the store -------------------------------------------------------
 
     def _spawn(self, work: Awaitable[Any]) -> None:
         """Fire-and-forget store work that must not hold up a chat session."""
@@ -301,7 +237,7 @@ class Gateway:
         return await self.store.acquire_session(user_id, connection_id, self.config.limits.max_sessions_per_user)
 
     def effective_percent(self) -> float:
-        return self.config.rollout.new_percent * self.guard.share()
+        return self.rollout.effective_percent()
 
     def refresh_gauges(self) -> None:
         """Before a scrape: gauges that only matter when someone looks."""
@@ -317,34 +253,15 @@ class Gateway:
 
     def rollout_status(self) -> dict[str, Any]:
         self.refresh_gauges()
-        rollout = self.config.rollout
-        guard = self.guard
-        retry_at = guard.retry_at()
         return {
-            "configured_percent": rollout.new_percent,
-            "effective_percent": self.effective_percent(),
-            "force_new_count": len(rollout.force_new),
-            "force_old_count": len(rollout.force_old),
-            "fallback_to_old": rollout.fallback_to_old,
-            "legacy_auth": self.config.auth.legacy,
-            "guard": {
-                "enabled": rollout.guard.enabled,
-                "state": guard.state.value,
-                "since": self._utc(guard.since) if guard.state is not GuardState.HEALTHY else None,
-                "step": guard.step + 1 if guard.state is GuardState.RECOVERING else None,
-                "share_of_configured": guard.share(),
-                "trips": guard.trips,
-                "retries_at": self._utc(retry_at) if retry_at is not None else None,
-                "retries_in_seconds": round(max(0.0, retry_at - self.clock()), 1) if retry_at is not None else None,
-            },
-            "config_file": self.config_path,
+            **self.rollout.status(self.clock(), self._utc),
             "config_loaded_at": _iso(self.loaded_at),
             "active_connections": len(self.connections),
             "draining": self.draining,
             "pending_handshakes": self.pending,
             # asyncio tasks alive: an established session has none, so this stays flat (bench/soak.py).
             "tasks": len(asyncio.all_tasks()),
-            "rebalance": self._rebalance_status(self.rebalance),
+            "rebalance": self.rebalancer.status(),
             "last_upstream_error": {backend: self.upstream_errors.get(backend) for backend in ("old", "new")},
             "app_versions": self._app_versions_today(),
         }
@@ -354,29 +271,9 @@ class Gateway:
         return _iso(self.wall() - (self.clock() - at))
 
     def session_placement(self, request_id: str) -> dict[str, Any] | None:
-        """Where the open session with this X-Request-ID is, and why (for ``probe --admin``):
-        a probe learns the backend that served it without the public port telling apps anything.
-
-        ``why`` is ``fallback`` (the new backend failed, the old one took the session),
-        ``forced`` (``rollout.force_new``/``force_old``), ``guard`` (held back by the rollback
-        guard) or ``route`` (the user's bucket against the percentage); ``relaying`` is false
-        while the upstream is still being opened (the backend may yet change by a fallback).
-        """
-        conn = next((c for c in list(self.connections) if c.request_id == request_id), None)
-        if conn is None:
-            return None
-        record = conn.record()
-        if record["backend"] is None:
-            return {"request_id": request_id, "user_id": record["user_id"], "backend": None, "why": None, "relaying": False}
-        route = record["route"]
-        why = "fallback" if record["fell_back"] else "forced" if route in ("force_new", "force_old") else route
-        return {
-            "request_id": request_id,
-            "user_id": record["user_id"],
-            "backend": record["backend"],
-            "why": "route" if why == "bucket" else why,
-            "relaying": record["ready_s"] is not None,
-        }
+        """Where the open session with this X-Request-ID is, and why (`registry.placement_answer`)."""
+        conn = self.registry.find(request_id)
+        return placement_answer(request_id, conn.record()) if conn is not None else None
 
     def _app_versions_today(self) -> dict[str, Any] | None:
         """Today's usage by app version as last read from the store (None when
@@ -459,7 +356,7 @@ class Gateway:
 
     def connection_opened(self, conn: OpenConnection) -> None:
         """`conn` was upgraded; it stays in `pending` (counted by the listener) until it relays or ends."""
-        self.connections.add(conn)
+        self.registry.add(conn)
 
     def auth_failed(self, ip: str, failure: str) -> Coroutine[Any, Any, bool] | None:
         """The count of one refused client against its address (`auth_failures_per_ip_per_minute`),
@@ -471,11 +368,11 @@ class Gateway:
 
     def connection_finished(self, conn: OpenConnection) -> None:
         """Account for a finished connection, then write its log line (so a test or an operator
-        that sees the line sees final metrics)."""
-        self.connections.discard(conn)
-        for direction, flow in (("client_to_backend", conn.to_upstream), ("backend_to_client", conn.to_client)):
-            self._closed_flows[direction][0] += flow.frames
-            self._closed_flows[direction][1] += flow.bytes
+        that sees the line sees final metrics).
+
+        Its session slot is released under the limits it started with: a reload that turned
+        ``max_sessions_per_user`` off must not strand the slot it took."""
+        self.registry.finished(conn)
         record = conn.record()
         failure, user_id = record["failure"], record["user_id"]
         if record["ready_s"] is None:
@@ -486,30 +383,19 @@ class Gateway:
                 self.metrics.upstream_failures.labels(record["backend"], "dropped").inc()
                 if record["backend"] == "new":
                     self.new_backend_outcome(failed=True)
-        store_work: list[Coroutine[Any, Any, object]] = []
         if failure in AUTH_REASONS:
             self.metrics.auth_failures.labels(failure).inc()
-        if user_id is not None and self.config.limits.max_sessions_per_user is not None:
-            store_work.append(self.store.release_session(user_id, conn.connection_id))
-        if not store_work:
+        if user_id is None or conn.session.config.limits.max_sessions_per_user is None:
             log.info("connection closed", extra=record)
             return
 
         async def finish() -> None:
-            for work in store_work:
-                await work
+            await self.store.release_session(user_id, conn.connection_id)
             log.info("connection closed", extra=record)
 
         self._spawn(finish())
 
-    # -- connections -------------------------------------------------------------------------
-
-    def _flows(self) -> Iterator[tuple[str, int, int]]:
-        for direction, (frames, size) in self._closed_flows.items():
-            yield direction, frames, size
-        for conn in list(self.connections):
-            yield "client_to_backend", conn.to_upstream.frames, conn.to_upstream.bytes
-            yield "backend_to_client", conn.to_client.frames, conn.to_client.bytes
+    # -- the gateway's life ------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
@@ -525,13 +411,17 @@ class Gateway:
             await self.keys.refresh()
             self.keys.start()
         await self.store.start()
-        self._guard_sync = asyncio.create_task(self._sync_guard())
-        self._keepalive = asyncio.create_task(self._keep_alive())
+        self._guard_sync = asyncio.create_task(self.guard_sync.run(self.sync_guard_once))
+        self._keepalive = asyncio.create_task(self.registry.keep_alive(self._ping_interval))
+
+    def _ping_interval(self) -> float:
+        return self.config.limits.ping_interval_seconds
 
     async def stop(self) -> None:
-        for task in (self._guard_sync, self._keepalive, self._rebalancer):
+        for task in (self._guard_sync, self._keepalive):
             if task is not None:
                 task.cancel()
+        self.rebalancer.cancel()
         if self._background:
             await asyncio.wait(self._background, timeout=self.close_timeout)
         await self.store.close()
@@ -539,26 +429,12 @@ class Gateway:
         if self.keys is not None:
             await self.keys.stop()
 
-    async def _keep_alive(self) -> None:
-        """Ping quiet legs and drop dead ones: one loop for every connection, no timer per socket."""
-        while True:
-            interval = self.config.limits.ping_interval_seconds
-            await asyncio.sleep(interval / 2 if interval else 5.0)
-            now = self.clock()
-            for conn in list(self.connections):
-                conn.keepalive(now)
-
     async def close_all(self, code: int, reason: str) -> None:
-        await asyncio.gather(*(conn.close(code, reason) for conn in list(self.connections)))
+        await self.registry.close_all(code, reason)
 
     async def wait_closed(self, timeout: float) -> None:
         """Until every connection has finished, or `timeout` passes."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.connections and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-
-    # -- shutdown ------------------------------------------------------------------------------
+        await self.registry.wait_closed(timeout)
 
     def start_drain(self) -> None:
         self.draining = True
@@ -569,19 +445,9 @@ class Gateway:
         )
 
     async def close_spread(self, window: float) -> None:
-        """Close every session with 1012, spread evenly over `window` seconds."""
+        """Stop accepting, then close every session with 1012, spread evenly over `window` seconds."""
         self.accepting = False
-        pending = list(self.connections)
-        log.info("closing sessions", extra={"sessions": len(pending), "window_seconds": window})
-        if not pending:
-            return
-        interval = window / len(pending)
-        closing = []
-        for index, conn in enumerate(pending):
-            if index and interval > 0:
-                await asyncio.sleep(interval)
-            closing.append(asyncio.create_task(conn.close(closecodes.SERVICE_RESTART, "server restarting")))
-        await asyncio.gather(*closing)
+        await self.registry.close_spread(window)
 
 
 def _iso(wall: float) -> str:

@@ -1,4 +1,5 @@
-"""Running one gateway process until a signal, then draining it: the one place that owns the event loop."""
+"""Running the gateway: its composition root (`RunningGateway`), `serve` and its drain, the
+signals, and the aiohttp sites of the admin app and the stub backends."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .listener import Listener, listen
 from .logs import AccessLogger, install_redaction
 from .reload import Fingerprint, Reloader
 from .runtime import Gateway
+from .store import Store
 
 log = logging.getLogger("gateway")
 
@@ -81,6 +83,115 @@ async def start_unix_site(app: web.Application, path: str) -> web.AppRunner:
     return runner
 
 
+class RunningGateway:
+    """A running gateway: the gateway, its public listener, its admin app, the reloader that
+    watches its config file, and its store. The one composition root: `serve`, the demo,
+    the drill and the tests all start one, and stop it with the same teardown.
+
+    `signals`: SIGHUP reloads the config file. `drain`: the stop is serve's numbered
+    sequence (`drain`), hurried by a second signal, after which the signals are released
+    (one more takes its default action at once); otherwise the stop closes every session
+    with 1012 at once. `worker`: one of the workers of ``serve --workers N`` (see `serve`).
+    `bound`: called once the ports are bound and before the file is watched (the demo
+    writes the ports it got into its config file, which then is the config in force:
+    applied, not reloaded, since ports are restart-only keys).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | None = None,
+        seen: Fingerprint | None = None,
+        signals: Signals | None = None,
+        drain: bool = False,
+        worker: WorkerChannel | None = None,
+        byte_relay: bool = True,
+        bound: Callable[[RunningGateway], None] | None = None,
+    ) -> None:
+        self.gateway = Gateway(config, config_path=config_path, byte_relay=byte_relay)
+        self.signals = signals
+        self.worker = worker
+        self.public: Listener | None = None
+        self.admin_port: int | None = None
+        self.reloader: Reloader | None = None
+        self._seen = seen
+        self._drain = drain
+        self._bound = bound
+        self._runners: list[web.AppRunner] = []
+
+    @property
+    def store(self) -> Store:
+        return self.gateway.store
+
+    @property
+    def port(self) -> int:
+        assert self.public is not None
+        return self.public.port
+
+    async def start(self) -> RunningGateway:
+        """Listen, serve the admin app, watch the file; on a failure, whatever started is stopped."""
+        gateway, config, worker = self.gateway, self.gateway.config, self.worker
+        path = gateway.config_path
+        # Before anything listens: whoever waits for "listening" may edit the file or send SIGHUP at once.
+        if path is not None:
+            self.reloader = Reloader(path, gateway.reload, gateway.reload_failed, seen=self._seen)
+            if self.signals is not None:
+                self.signals.on_hangup(self.reloader.reload)
+        install_redaction(config.auth.query_param)
+        try:
+            if worker is None:
+                self.public = await listen(gateway, config.listen.host, config.listen.port)
+                if config.admin is not None:
+                    runner, self.admin_port = await start_site(create_admin_app(gateway), config.admin.host, config.admin.port)
+                    self._runners.append(runner)
+            else:
+                assert self.signals is not None
+                await worker.follow(self.signals, self.reloader.reload if self.reloader is not None else None)
+                if self.reloader is not None:
+                    self.reloader.check()  # a restarted worker catches up with edits made since its supervisor started
+                self.public = await listen(gateway, config.listen.host, worker.port, reuse_port=True)
+                self._runners.append(await start_unix_site(create_admin_app(gateway), worker.admin_path))
+            if self._bound is not None and self.reloader is not None:
+                self._bound(self)
+                gateway.apply(self.reloader.adopt())
+            if self.reloader is not None:
+                self.reloader.start()
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def stop(self) -> None:
+        """The one teardown: drain (when asked), then close everything in the reverse order of start."""
+        if self._drain:
+            assert self.signals is not None
+            await drain(self.gateway, self.signals)
+        await self._close()
+
+    async def _close(self) -> None:
+        if self._drain and self.signals is not None:
+            self.signals.close()
+        if self.worker is not None:
+            await self.worker.close()
+        if self.reloader is not None:
+            await self.reloader.stop()
+        if self.public is not None:
+            await self.public.close()
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+
+    async def __aenter__(self) -> RunningGateway:
+        return await self.start()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        """A failure or a cancellation inside the block closes at once, without the drain."""
+        if exc_type is None:
+            await self.stop()
+        else:
+            await self._close()
+
+
 async def serve(
     config: Config,
     config_path: str | None = None,
@@ -105,51 +216,24 @@ async def serve(
     "listening" (the supervisor says that once every worker does), and also takes drain,
     reload and stop from its supervisor.
     """
-    gateway = Gateway(config, config_path=config_path)
-    signals = Signals()
-    # Before "listening": whoever waits for that line may edit the file or send SIGHUP at once.
-    reloader = None
-    if config_path is not None:
-        reloader = Reloader(config_path, gateway.reload, gateway.reload_failed, seen=seen)
-        signals.on_hangup(reloader.reload)
-    runners = []
-    public: Listener | None = None
-    install_redaction(config.auth.query_param)
-    try:
-        if worker is None:
-            public = await listen(gateway, config.listen.host, config.listen.port)
-            log.info("listening", extra={"host": config.listen.host, "port": public.port, "path": config.path})
-            if config.admin is not None:
-                admin_runner, admin_port = await start_site(create_admin_app(gateway), config.admin.host, config.admin.port)
-                runners.append(admin_runner)
-                log.info("admin listening", extra={"host": config.admin.host, "port": admin_port})
-        else:
-            await worker.follow(signals, reloader.reload if reloader is not None else None)
-            if reloader is not None:
-                reloader.check()  # a restarted worker catches up with edits made since its supervisor started
-            public = await listen(gateway, config.listen.host, worker.port, reuse_port=True)
-            runners.append(await start_unix_site(create_admin_app(gateway), worker.admin_path))
-            log.info("worker listening", extra={"host": config.listen.host, "port": public.port, "path": config.path})
-            worker.ready()
-        if reloader is not None:
-            reloader.start()
-        await signals.stop.wait()
-        await drain(gateway, signals)
-    finally:
-        signals.close()
-        if worker is not None:
-            await worker.close()
-        if reloader is not None:
-            await reloader.stop()
-        if public is not None:
-            await public.close()
-        for runner in reversed(runners):
-            await runner.cleanup()
+    with Signals() as signals:
+        running = RunningGateway(config, config_path=config_path, seen=seen, signals=signals, drain=True, worker=worker)
+        async with running:
+            announced = {"host": config.listen.host, "port": running.port, "path": config.path}
+            if worker is None:
+                log.info("listening", extra=announced)
+                if config.admin is not None:
+                    log.info("admin listening", extra={"host": config.admin.host, "port": running.admin_port})
+            else:
+                log.info("worker listening", extra=announced)
+                worker.ready()
+            await signals.stop.wait()
     log.info("stopped")
     return 0
 
 
 async def drain(gateway: Gateway, signals: Signals) -> None:
+    """Steps 1 to 3 of `serve`'s sequence; step 4 is the listener's close."""
     drain_config = gateway.config.drain
     gateway.start_drain()
     urgent = asyncio.create_task(signals.urgent.wait())

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
+from .config import Config
 from .connector import Connector
 from .relay import Flow
 from .routing import Route
@@ -66,6 +67,14 @@ class GatewayServices(Protocol):
     def connection_finished(self, conn: OpenConnection) -> None: ...
 
 
+class Started(Protocol):
+    """A connection's session, as far as the gateway looks into it."""
+
+    @property
+    def config(self) -> Config:
+        """The config the session started with (a reload does not change it)."""
+
+
 class OpenConnection(Protocol):
     """What the gateway reads of a connection: its live counts, its keepalive, its close, its
     record and where it is."""
@@ -75,6 +84,9 @@ class OpenConnection(Protocol):
     client_ip: str
     connection_id: str
     request_id: str
+
+    @property
+    def session(self) -> Started: ...
 
     @property
     def upstream_dropped(self) -> bool: ...

@@ -23,10 +23,9 @@ from websockets.asyncio.client import ClientConnection
 from gateway.closecodes import SENDABLE
 from gateway.config import Config
 from gateway.configparse import parse_config
-from gateway.listener import Listener, listen
-from gateway.logs import install_redaction
+from gateway.listener import Listener
 from gateway.runtime import Gateway
-from gateway.server import start_site
+from gateway.server import RunningGateway, start_site
 from gateway.stub_backend import create_stub_app
 
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
@@ -73,9 +72,17 @@ class Stack:
     gateway_url: str
     old_port: int
     new_port: int
-    gateway: Gateway
-    runners: list[web.AppRunner]
-    listener: Listener
+    running: RunningGateway
+    runners: list[web.AppRunner]  # the stubs
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.running.gateway
+
+    @property
+    def listener(self) -> Listener:
+        assert self.running.public is not None
+        return self.running.public
 
     def url(self, query: str = "") -> str:
         return self.gateway_url + (f"?{query}" if query else "")
@@ -87,7 +94,7 @@ class Stack:
         self.gateway.apply(replace(config, rollout=rollout))
 
     async def close(self) -> None:
-        await self.listener.close()
+        await self.running.stop()
         for runner in reversed(self.runners):
             await runner.cleanup()
 
@@ -111,10 +118,8 @@ async def start_stack(
         runner, new_port = await start_site(create_stub_app("new", auth), "127.0.0.1", 0)
         runners.append(runner)
     config = make_config(old_port, new_port, **sections)
-    gateway = Gateway(config, byte_relay=relay == "byte")
-    install_redaction(config.auth.query_param)
-    listener = await listen(gateway, "127.0.0.1", 0)
-    return Stack(f"ws://127.0.0.1:{listener.port}{config.path}", old_port, new_port, gateway, runners, listener)
+    running = await RunningGateway(config, byte_relay=relay == "byte").start()
+    return Stack(f"ws://127.0.0.1:{running.port}{config.path}", old_port, new_port, running, runners)
 
 
 # -- end-to-end helpers: a websockets client, recording backends, a closed port ----------------
