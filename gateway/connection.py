@@ -26,7 +26,6 @@ from .closecodes import Side
 from .connector import HeadReader
 from .connlog import record
 from .deflate import Deflate, Inflater
-from .forwarder import Forwarder
 from .frames import PONG, Close, Event, Message, MessageReader, Ping, ProtocolError, encode
 from .protocol import (
     Action,
@@ -44,23 +43,9 @@ from .protocol import (
     TokenRefreshed,
     UpstreamResult,
 )
-from .relay import BytePump, Flow, FramePump, Leg, Reply
-from .relayrules import (
-    AbandonFrame,
-    AbortLeg,
-    CloseLeg,
-    CloseRead,
-    EchoClose,
-    Ended,
-    FailLeg,
-    Pong,
-    RelayRules,
-    StopReading,
-    gateway_close,
-    keepalive,
-)
+from .relay import LEG_ACTIONS, Flow, Leg, Reply, ignore, start_pump
 from .relayrules import Action as RelayAction
-from .relayrules import Ping as PingLeg
+from .relayrules import CloseLeg, Ended, Pong, RelayRules, gateway_close, keepalive
 from .services import GatewayServices, Placement
 from .upstream import REFUSED, Opened, open_upstream
 
@@ -214,12 +199,6 @@ class Connection:
             if kind is CloseLeg:
                 assert isinstance(action, CloseLeg)
                 self.close_leg(self._leg(action.side), action.code, action.reason)
-            elif kind is CloseRead:
-                assert isinstance(action, CloseRead)
-                self._leg(action.side).close_arrived()
-            elif kind is EchoClose:
-                assert isinstance(action, EchoClose)
-                self._leg(action.side).send_close(action.code, "", self.services.close_timeout)
             elif kind is Ended:
                 assert isinstance(action, Ended)
                 flow = self.to_upstream if action.side is Side.CLIENT else self.to_client
@@ -227,27 +206,8 @@ class Connection:
                     flow.close_code, flow.close_reason = action.code, action.reason
                 if action.lost:
                     flow.lost = True
-            elif kind is FailLeg:
-                assert isinstance(action, FailLeg)
-                self._leg(action.side).fail()
-            elif kind is StopReading:
-                assert isinstance(action, StopReading)
-                self._leg(action.side).receive = _ignore
-            elif kind is AbandonFrame:
-                assert isinstance(action, AbandonFrame)
-                leg = self._leg(action.side)
-                if leg.deferred:
-                    leg.abort()
-            elif kind is AbortLeg:
-                assert isinstance(action, AbortLeg)
-                self._leg(action.side).abort()
-            elif kind is Pong:
-                assert isinstance(action, Pong)
-                leg = self._leg(action.side)
-                leg.send_own(encode(PONG, action.payload, mask=leg.masks))
-            elif kind is PingLeg:
-                assert isinstance(action, PingLeg)
-                self._leg(action.side).ping(action.at)
+            elif isinstance(action, LEG_ACTIONS):
+                self._leg(action.side).apply(action, self.services.close_timeout)
             else:
                 self.perform([action])  # type: ignore[list-item]
 
@@ -476,29 +436,18 @@ class Connection:
         client.peer, upstream.peer = upstream, client
         reply = self.reply = Reply(self.services.reply_observer(session.backend))
         reply.asked_at = self._asked_at
-        limit = session.config.limits.max_message_bytes
         store = session.config.limits.store_and_forward_bytes
         client_reader, upstream_reader = self._client_reader, self._upstream_reader
         assert upstream_reader is not None
-        carry: list[tuple[Leg, bytes]] = []
         # With session_expiry: close the client's frames are parsed, to see in-band refreshes.
         refreshes = session.config.auth.session_expiry == "close"
-        if self.byte_relay and client_reader.inflater is None and not client_reader.in_message and not refreshes:
-            forwarder = Forwarder(self.to_upstream, masked=True, max_message=limit, rsv1_allowed=False, store_bound=store)
-            client.receive = BytePump(client, upstream, forwarder, reply).data_received
-            carry.append((client, client_reader.take_buffer()))
-        else:
-            client.receive = FramePump(client, upstream, client_reader).data_received
-        passes = deflate.passes_through(self.upstream_deflate, self._client_deflate)
-        if self.byte_relay and passes and not upstream_reader.in_message:
-            forwarder = Forwarder(
-                self.to_client, masked=False, max_message=limit, rsv1_allowed=self.upstream_deflate is not None,
-                store_bound=store,
-            )
-            upstream.receive = BytePump(upstream, client, forwarder, reply).data_received
-            carry.append((upstream, upstream_reader.take_buffer()))
-        else:
-            upstream.receive = FramePump(upstream, client, upstream_reader).data_received
+        bytes_in = self.byte_relay and client_reader.inflater is None and not refreshes
+        bytes_out = self.byte_relay and deflate.passes_through(self.upstream_deflate, self._client_deflate)
+        rsv1 = self.upstream_deflate is not None
+        carry = [
+            (client, start_pump(client, upstream, client_reader, self.to_upstream, reply, bytes_ok=bytes_in, rsv1_allowed=False, store_bound=store)),
+            (upstream, start_pump(upstream, client, upstream_reader, self.to_client, reply, bytes_ok=bytes_out, rsv1_allowed=rsv1, store_bound=store)),
+        ]
         for leg, rest in carry:
             if not rest:
                 continue
@@ -534,7 +483,7 @@ class Connection:
         if self.relay is not None:
             self.act(self.relay.protocol_error(side, error.code, error.reason))
             return
-        leg.receive = _ignore
+        leg.receive = ignore
         flow = self.to_upstream if leg.is_client else self.to_client
         flow.lost = True
         flow.close_code = error.code
@@ -629,7 +578,3 @@ class Connection:
             self.session, self.to_upstream, self.to_client, self.reply, request_id=self.request_id,
             started=self.started, ready_at=self.ready_at, now=self.clock(), access=self.access,
         )
-
-
-def _ignore(data: bytes) -> None:
-    """What a leg that broke the protocol gets to say afterwards: nothing."""

@@ -18,13 +18,19 @@ each direction gets a pump:
 
 Frames the gateway originates on a relaying leg (pong, ping, close) are written only
 between two frames of that leg's outgoing stream, never inside one (`Leg.send_own`).
+
+The pump choice (`start_pump`) and the relay machine's actions on one leg (`Leg.apply`) live
+here rather than in the connection: both are about one socket and its bytes, and need nothing
+of the session but the facts the connection passes in.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Protocol, Union, cast
+
+from . import relayrules
 
 from .frames import (
     BINARY,
@@ -43,6 +49,15 @@ from .frames import (
     encode_close,
 )
 from .forwarder import Counts, Forwarder, Piece
+
+LegAction = Union[
+    relayrules.CloseRead, relayrules.EchoClose, relayrules.FailLeg, relayrules.StopReading,
+    relayrules.AbandonFrame, relayrules.AbortLeg, relayrules.Ping, relayrules.Pong,
+]
+LEG_ACTIONS = (
+    relayrules.CloseRead, relayrules.EchoClose, relayrules.FailLeg, relayrules.StopReading,
+    relayrules.AbandonFrame, relayrules.AbortLeg, relayrules.Ping, relayrules.Pong,
+)
 
 
 class Flow(Counts):
@@ -197,9 +212,54 @@ class Leg(asyncio.Protocol):
         self.ping_sent_at = now
         self.send_own(encode(PING, b"", mask=self.masks))
 
+    def apply(self, action: LegAction, close_timeout: float) -> None:
+        """Do what the relay machine asks of this leg alone (the ones that touch the record or both legs stay with the connection)."""
+        kind = type(action)
+        if kind is relayrules.CloseRead:
+            self.close_arrived()
+        elif kind is relayrules.EchoClose:
+            assert isinstance(action, relayrules.EchoClose)
+            self.send_close(action.code, "", close_timeout)
+        elif kind is relayrules.FailLeg:
+            self.fail()
+        elif kind is relayrules.StopReading:
+            self.receive = ignore
+        elif kind is relayrules.AbandonFrame:
+            if self.deferred:
+                self.abort()
+        elif kind is relayrules.AbortLeg:
+            self.abort()
+        elif kind is relayrules.Pong:
+            assert isinstance(action, relayrules.Pong)
+            self.send_own(encode(PONG, action.payload, mask=self.masks))
+        elif kind is relayrules.Ping:
+            assert isinstance(action, relayrules.Ping)
+            self.ping(action.at)
+
 
 def _drop(data: bytes) -> None:
     """What a leg does with bytes that arrive after its peer's close frame: nothing."""
+
+
+def ignore(data: bytes) -> None:
+    """What a leg that broke the protocol gets to say afterwards: nothing."""
+
+
+def start_pump(
+    src: Leg, dst: Leg, reader: MessageReader, flow: Flow, reply: Reply, *, bytes_ok: bool, rsv1_allowed: bool, store_bound: int
+) -> bytes:
+    """Give `src` its pump at the switch to the relay: the byte relay where the connection says
+    bytes may pass (`bytes_ok`) and no message is half-read, else the frame relay. Returns what
+    `reader` had buffered and not parsed, which the byte pump must be fed; the frame relay
+    keeps reading with `reader` itself."""
+    if bytes_ok and not reader.in_message:
+        forwarder = Forwarder(
+            flow, masked=reader.masked, max_message=reader.max_message, rsv1_allowed=rsv1_allowed, store_bound=store_bound
+        )
+        src.receive = BytePump(src, dst, forwarder, reply).data_received
+        return reader.take_buffer()
+    src.receive = FramePump(src, dst, reader).data_received
+    return b""
 
 
 class Reply:
