@@ -20,13 +20,13 @@ import os
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
-from . import closecodes, deflate
+from . import closecodes, deflate, prerelay
 from .auth import might_be_authenticate
 from .closecodes import Side
 from .connector import HeadReader
 from .connlog import record
 from .deflate import Deflate, Inflater
-from .frames import PONG, Close, Event, Message, MessageReader, Ping, ProtocolError, encode
+from .frames import Close, Event, Message, MessageReader, Ping, ProtocolError
 from .protocol import (
     Action,
     CloseClient,
@@ -43,7 +43,7 @@ from .protocol import (
     TokenRefreshed,
     UpstreamResult,
 )
-from .relay import LEG_ACTIONS, Flow, Leg, Reply, ignore, start_pump
+from .relay import LEG_ACTIONS, Flow, Leg, Reply, start_pump
 from .relayrules import Action as RelayAction
 from .relayrules import CloseLeg, Ended, Pong, RelayRules, gateway_close, keepalive
 from .services import GatewayServices, Placement
@@ -256,25 +256,7 @@ class Connection:
             self._pending += data
             return
         reader = self._client_reader
-        self._handle(self.client, reader.feed(data), reader.error, self._client_event)
-
-    def _client_event(self, event: Event) -> None:
-        client = self.client
-        if type(event) is Message:
-            if not client.close_sent:
-                if self._asked_at is None and self.session.phase is not Phase.AUTHENTICATING:
-                    self._asked_at = client.last_read  # a chat frame held before the relay: its reply counts
-                self.perform(self.session.client_frame(event.data))
-        elif type(event) is Close:
-            client.close_arrived()
-            if client.close_sent:
-                return  # the answer to the gateway's own close
-            code, reason = event.code, event.reason
-            self.to_upstream.close_code, self.to_upstream.close_reason = code, reason
-            client.send_close(closecodes.echo(code), "", self.services.close_timeout)
-            self.perform(self.session.client_closed(code, reason))
-        elif type(event) is Ping:
-            client.send_own(encode(PONG, event.payload, mask=False))
+        self._handle(self.client, reader.feed(data), reader.error)
 
     def _expire_at(self, at: float | None) -> None:
         """(Re)arm the deadline of ``auth.session_expiry: close``; `at` is wall-clock time."""
@@ -350,35 +332,28 @@ class Connection:
             if reader.error is not None:
                 leg.abort()
             return
-        self._handle(leg, reader.feed(data), reader.error, self._upstream_event)
+        self._handle(leg, reader.feed(data), reader.error)
 
-    def _upstream_event(self, event: Event) -> None:
-        upstream = self.upstream
-        assert upstream is not None
-        if type(event) is Message:
-            self.perform(self.session.upstream_frame(event.data))
-        elif type(event) is Close:
-            upstream.close_arrived()
-            if upstream.close_sent:
-                return
-            code, reason = event.code, event.reason
-            self.to_client.close_code, self.to_client.close_reason = code, reason
-            upstream.send_close(closecodes.echo(code), "", self.services.close_timeout)
-            self.perform(self.session.upstream_closed(code, reason))
-        elif type(event) is Ping:
-            upstream.send_own(encode(PONG, event.payload, mask=True))
-
-    def _handle(self, leg: Leg, events: list[Event], error: ProtocolError | None, before_relay: Callable[[Event], None]) -> None:
+    def _handle(self, leg: Leg, events: list[Event], error: ProtocolError | None) -> None:
         """One read's frames: to the session until the relay starts, then as the relay would."""
+        side = self._side(leg)
+        assert side is not None
         self._reading = leg
         try:
             for event in events:
                 if leg.close_received:
                     break
-                if self.relay is not None:
-                    self._relay_event(leg, event)
-                else:
-                    before_relay(event)
+                if self.relay is None:
+                    if leg.is_client and type(event) is Message and self._asked_at is None and not leg.close_sent:
+                        if self.session.phase is not Phase.AUTHENTICATING:
+                            self._asked_at = leg.last_read  # a chat frame held before the relay: its reply counts
+                    self.act(prerelay.frame_read(self.session, side, event, leg.close_sent))
+                elif type(event) is Message:
+                    self.relay_message(leg, event.data)
+                elif type(event) is Close:
+                    self.act(self.relay.peer_closed(side, event.code, event.reason))
+                elif type(event) is Ping:
+                    self.act([Pong(side, event.payload)])
             if error is not None and not leg.close_received:
                 self.protocol_error(leg, error)
         finally:
@@ -386,16 +361,6 @@ class Connection:
         carried = self._carry.pop(leg, None)
         if carried:
             leg.receive(carried)
-
-    def _relay_event(self, leg: Leg, event: Event) -> None:
-        relay, side = self.relay, self._side(leg)
-        assert relay is not None and side is not None
-        if type(event) is Message:
-            self.relay_message(leg, event.data)
-        elif type(event) is Close:
-            self.act(relay.peer_closed(side, event.code, event.reason))
-        elif type(event) is Ping:
-            self.act([Pong(side, event.payload)])
 
     # -- deadlines ---------------------------------------------------------------------------------
 
@@ -483,16 +448,7 @@ class Connection:
         if self.relay is not None:
             self.act(self.relay.protocol_error(side, error.code, error.reason))
             return
-        leg.receive = ignore
-        flow = self.to_upstream if leg.is_client else self.to_client
-        flow.lost = True
-        flow.close_code = error.code
-        self.close_leg(leg, error.code, error.reason)
-        leg.fail()
-        if leg.is_client:
-            self.perform(self.session.client_closed(*closecodes.passed_on(error.code, Side.UPSTREAM)))
-        else:
-            self.perform(self.session.upstream_closed(closecodes.ABNORMAL, ""))
+        self.act(prerelay.protocol_error(self.session, side, error.code, error.reason))
 
     # -- losing a socket, and the teardown ----------------------------------------------------------
 

@@ -223,7 +223,7 @@ class Leg(asyncio.Protocol):
         elif kind is relayrules.FailLeg:
             self.fail()
         elif kind is relayrules.StopReading:
-            self.receive = ignore
+            self.receive = _ignore
         elif kind is relayrules.AbandonFrame:
             if self.deferred:
                 self.abort()
@@ -241,7 +241,7 @@ def _drop(data: bytes) -> None:
     """What a leg does with bytes that arrive after its peer's close frame: nothing."""
 
 
-def ignore(data: bytes) -> None:
+def _ignore(data: bytes) -> None:
     """What a leg that broke the protocol gets to say afterwards: nothing."""
 
 
