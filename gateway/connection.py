@@ -1,15 +1,18 @@
 """The shell around one session: feed it what the sockets say, do what it answers, tear down once.
 
 A `Connection` exists from the client's 101 to the moment both sockets are closed. Until
-the session machine says `StartRelay` it reads both legs frame by frame (`MessageReader`)
-and turns each frame, close, loss and deadline into a session event; the actions that
-come back are performed in order, synchronously, so held frames always reach the backend
-before later ones. Waiting happens only where something must be awaited — the per-user
-and per-IP limits when a store holds them, and opening the upstream — each in a short
-task that feeds the session when it is done. Then the legs get their pumps
-(`relay.BytePump`, `relay.FramePump`) and this object only hears about control frames,
-protocol errors and lost sockets: it feeds them to the relay machine (`relayrules.RelayRules`)
-and performs what it answers (`act`), which all ends in the same teardown.
+the session machine says `StartRelay` it reads both legs frame by frame (`MessageReader`);
+`prerelay` turns each frame and broken frame into the session's event and the legs' part,
+and the actions that come back are performed in order, synchronously, so held frames
+always reach the backend before later ones. Waiting happens only where something must be
+awaited — the per-user and per-IP limits when a store holds them, and opening the
+upstream — each in a short task that feeds the session when it is done. Then the legs get
+their pumps (`relay.start_pump`) and this object only hears about control frames,
+protocol errors and lost sockets: it feeds them to the relay machine
+(`relayrules.RelayRules`) and performs what it answers (`act`; what concerns one leg alone
+is the leg's own `Leg.apply`), which all ends in the same teardown. What stays here is
+what needs both legs, the session and the gateway at once: the record, the deadlines,
+the tasks and the teardown.
 """
 
 from __future__ import annotations
