@@ -7,6 +7,7 @@ UTF-8 bytes. Every close the gateway sends goes through here.
 
 from __future__ import annotations
 
+import struct
 from enum import Enum
 
 NORMAL = 1000
@@ -87,3 +88,35 @@ def sendable(code: int, reason: str) -> tuple[int, str]:
     if code not in SENDABLE:
         code = INTERNAL_ERROR
     return code, cut_reason(reason)
+
+
+# -- what a peer can get wrong about them ---------------------------------------------------------
+
+
+class ProtocolError(Exception):
+    """The peer broke RFC 6455 (or a limit): close its leg with `code`."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def parse_close(payload: bytes) -> tuple[int | None, str]:
+    """(code, reason) of a close frame's payload; None for an empty one.
+
+    A one-byte payload, a reason that is not UTF-8, or a code that may not appear on the
+    wire (RFC 6455 §7.4) is a protocol error.
+    """
+    if not payload:
+        return None, ""
+    if len(payload) < 2:
+        raise ProtocolError(PROTOCOL_ERROR, "close frame with a one-byte payload")
+    (code,) = struct.unpack("!H", payload[:2])
+    if code not in SENDABLE:
+        raise ProtocolError(PROTOCOL_ERROR, "invalid close code")
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(INVALID_PAYLOAD, "close reason is not UTF-8") from None
+    return code, reason

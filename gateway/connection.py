@@ -29,7 +29,7 @@ from .closecodes import Side
 from .connector import HeadReader
 from .connlog import record
 from .deflate import Deflate, Inflater
-from .frames import Close, Event, Message, MessageReader, Ping, ProtocolError
+from .frames import CLOSE, PING, Close, Event, Message, MessageReader, Ping, ProtocolError
 from .protocol import (
     Action,
     CloseClient,
@@ -442,7 +442,10 @@ class Connection:
         assert self.relay is not None
         side = self._side(leg)
         assert side is not None
-        self.act(self.relay.control(side, opcode, payload))
+        if opcode == PING:
+            self.act(self.relay.ping(side, payload))
+        elif opcode == CLOSE:
+            self.act(self.relay.close_frame(side, payload))
 
     def protocol_error(self, leg: Leg, error: ProtocolError) -> None:
         """`leg`'s peer broke the protocol or a limit: close it with the code that says how."""

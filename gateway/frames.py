@@ -22,6 +22,8 @@ from typing import NamedTuple, Union
 from aiohttp._websocket.helpers import websocket_mask
 
 from . import closecodes
+from .closecodes import ProtocolError as ProtocolError
+from .closecodes import parse_close as parse_close
 from .deflate import Inflater, InflateError
 
 CONTINUATION = 0x0
@@ -39,15 +41,6 @@ FIN_BIT = 0x80
 RSV1_BIT = 0x40
 _RSV23 = 0x30
 MASK_BIT = 0x80
-
-
-class ProtocolError(Exception):
-    """The peer broke RFC 6455 (or a limit): close its leg with `code`."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 def apply_mask(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
@@ -105,26 +98,6 @@ def encode(opcode: int, payload: bytes, *, mask: bool, fin: bool = True, rsv1: b
 def encode_close(code: int, reason: str, *, mask: bool) -> bytes:
     code, reason = closecodes.sendable(code, reason)
     return encode(CLOSE, struct.pack("!H", code) + reason.encode("utf-8"), mask=mask)
-
-
-def parse_close(payload: bytes) -> tuple[int | None, str]:
-    """(code, reason) of a close frame's payload; None for an empty one.
-
-    A one-byte payload, a reason that is not UTF-8, or a code that may not appear on the
-    wire (RFC 6455 §7.4) is a protocol error.
-    """
-    if not payload:
-        return None, ""
-    if len(payload) < 2:
-        raise ProtocolError(closecodes.PROTOCOL_ERROR, "close frame with a one-byte payload")
-    (code,) = struct.unpack("!H", payload[:2])
-    if code not in closecodes.SENDABLE:
-        raise ProtocolError(closecodes.PROTOCOL_ERROR, "invalid close code")
-    try:
-        reason = payload[2:].decode("utf-8")
-    except UnicodeDecodeError:
-        raise ProtocolError(closecodes.INVALID_PAYLOAD, "close reason is not UTF-8") from None
-    return code, reason
 
 
 class Header(NamedTuple):

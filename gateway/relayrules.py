@@ -33,8 +33,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from . import closecodes
-from .closecodes import Side
-from .frames import CLOSE, PING, ProtocolError, parse_close
+from .closecodes import ProtocolError, Side, parse_close
 from .protocol import Action as SessionAction
 from .protocol import CloseClient, CloseUpstream, Session
 
@@ -157,12 +156,12 @@ class RelayRules:
 
     # -- what the pumps report ------------------------------------------------------------
 
-    def control(self, side: Side, opcode: int, payload: bytes) -> list[Action]:
-        """A control frame from `side`'s peer (a pong needs nothing)."""
-        if opcode == PING:
-            return [] if self.legs[side].gone else [Pong(side, payload)]
-        if opcode != CLOSE:
-            return []
+    def ping(self, side: Side, payload: bytes) -> list[Action]:
+        """A ping from `side`'s peer (a pong needs nothing: the shell does not report it)."""
+        return [] if self.legs[side].gone else [Pong(side, payload)]
+
+    def close_frame(self, side: Side, payload: bytes) -> list[Action]:
+        """A close frame from `side`'s peer, its payload still to be checked."""
         try:
             code, reason = parse_close(payload)
         except ProtocolError as exc:

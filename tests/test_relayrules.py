@@ -11,7 +11,6 @@ import pytest
 from gateway.auth import Verifier
 from gateway.closecodes import SENDABLE
 from gateway.closecodes import Side
-from gateway.frames import CLOSE, PING, PONG
 from gateway.protocol import CloseClient, CloseUpstream, ExpireAt, Phase, RouteUser, SendUpstream, Session, TokenRefreshed
 from gateway.relayrules import (
     AbandonFrame,
@@ -78,7 +77,7 @@ def test_a_peers_close_is_echoed_and_passed_on_mapped_for_the_other_leg(side, co
     r = relaying()
     payload = b"" if code is None else close_payload(code, reason)
     passed = to_upstream if side is CLIENT else to_client
-    assert r.control(side, CLOSE, payload) == [
+    assert r.close_frame(side, payload) == [
         CloseRead(side),
         Ended(side, code, reason, lost=False),
         EchoClose(side, 1000 if code is None else code),
@@ -104,7 +103,7 @@ def test_a_close_that_answers_the_gateways_own_only_ends_that_legs_handshake(sid
 @pytest.mark.parametrize("side", SIDES, ids=lambda s: s.value)
 def test_a_malformed_close_frame_is_a_protocol_error(side: Side, payload: bytes) -> None:
     r = relaying()
-    actions = r.control(side, CLOSE, payload)
+    actions = r.close_frame(side, payload)
     assert actions[0] == StopReading(side)
     assert [a for a in actions if isinstance(a, Ended)][0].code in (1002, 1007)
 
@@ -112,9 +111,8 @@ def test_a_malformed_close_frame_is_a_protocol_error(side: Side, payload: bytes)
 @pytest.mark.parametrize("side", SIDES, ids=lambda s: s.value)
 def test_a_ping_gets_its_pong_on_the_same_leg_and_a_pong_needs_nothing(side: Side) -> None:
     r = relaying()
-    assert r.control(side, PING, b"hi") == [Pong(side, b"hi")]
-    assert r.control(side, PONG, b"hi") == []
-
+    assert r.ping(side, b"hi") == [Pong(side, b"hi")]
+    
 
 # -- a peer that breaks the protocol -------------------------------------------------------------------
 
@@ -171,7 +169,7 @@ def test_a_failed_client_stays_open_while_the_backends_leg_is_open() -> None:
     """Until the backend answers, what it sends still reaches the client, as from the backend alone."""
     r = relaying()
     r.protocol_error(CLIENT, 1002, "reserved opcode")
-    assert r.control(UPSTREAM, PING, b"") == [Pong(UPSTREAM, b"")]
+    assert r.ping(UPSTREAM, b"") == [Pong(UPSTREAM, b"")]
     assert r.close(1001, "draining", "gateway shutting down") == [CloseLeg(CLIENT, 1001, "draining")]
 
 
@@ -298,10 +296,9 @@ FOREIGN_REFRESH = json.dumps({"type": "authenticate", "token": make_token("mallo
 
 EVENTS: dict[str, tuple[Side | None, Callable[[RelayRules], list[Any]]]] = {
     **{f"{side.value}_{name}": (side, call) for side in SIDES for name, call in {
-        "ping": lambda r, side=side: r.control(side, PING, b"p"),
-        "pong": lambda r, side=side: r.control(side, PONG, b"p"),
-        "close": lambda r, side=side: r.control(side, CLOSE, close_payload(1000, "bye")),
-        "bad_close": lambda r, side=side: r.control(side, CLOSE, b"\x03"),
+        "ping": lambda r, side=side: r.ping(side, b"p"),
+                "close": lambda r, side=side: r.close_frame(side, close_payload(1000, "bye")),
+        "bad_close": lambda r, side=side: r.close_frame(side, b"\x03"),
         "protocol_error": lambda r, side=side: r.protocol_error(side, 1002, "bad"),
         "oversize": lambda r, side=side: r.protocol_error(side, 1009, "too big"),
         "lost": lambda r, side=side: r.leg_lost(side),
