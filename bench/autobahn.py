@@ -29,9 +29,9 @@ import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.configparse import parse_config  # noqa: E402
-from gateway.listener import listen  # noqa: E402
-from gateway.runtime import Gateway  # noqa: E402
+from gateway.core.configparse import parse_config  # noqa: E402
+from gateway.wire.listener import listen  # noqa: E402
+from gateway.service.runtime import Gateway  # noqa: E402
 
 SECRET = "autobahn-run-secret-at-least-32-bytes-long"
 # Autobahn's verdicts, best first: a gateway column may not have a case further down than the backend's.

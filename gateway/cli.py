@@ -22,25 +22,25 @@ from dataclasses import asdict, replace
 from importlib import metadata
 from typing import Any
 
-from . import frames
-from .auth import mint_token
-from .config import BACKEND_NAMES, AuthConfig, Config, ConfigError, config_warnings
-from .configfile import load_config
-from .connector import Connector, HeadReader, target_of
-from .handshake import UpgradeRefused
-from .demo import demo
-from .drill import run_drill
-from .drill_plan import Plan, parse_steps
-from .logs import setup_logging
-from .probe import Options as ProbeOptions
-from .probe import forged_token, run_probe
-from .reload import fingerprint
-from .report import collect_report, collect_versions, format_report, report_json
-from .store import RedisStore, SqliteStore, Store, StoreUnavailable
-from .routing import choose_backend
-from .server import Signals, run, serve, start_site
-from .stub_backend import FAULT_RANGES, Faults, create_stub_app
-from .workers import run_worker, supervise
+from .wire import frames
+from .core.auth import mint_token
+from .core.config import BACKEND_NAMES, AuthConfig, Config, ConfigError, config_warnings
+from .service.configfile import load_config
+from .wire.connector import Connector, HeadReader, target_of
+from .wire.handshake import UpgradeRefused
+from .staging.demo import demo
+from .staging.drill import run_drill
+from .staging.drill_plan import Plan, parse_steps
+from .service.logs import setup_logging
+from .staging.probe import Options as ProbeOptions
+from .staging.probe import forged_token, run_probe
+from .service.reload import fingerprint
+from .service.report import collect_report, collect_versions, format_report, report_json
+from .service.store import RedisStore, SqliteStore, Store, StoreUnavailable
+from .core.routing import choose_backend
+from .service.server import Signals, run, serve, start_site
+from .staging.stub_backend import FAULT_RANGES, Faults, create_stub_app
+from .service.workers import run_worker, supervise
 
 log = logging.getLogger("gateway")
 DEFAULT_CONFIG = "config/gateway.yaml"

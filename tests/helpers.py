@@ -20,13 +20,13 @@ import websockets
 from aiohttp import WSMsgType, web
 from websockets.asyncio.client import ClientConnection
 
-from gateway.closecodes import SENDABLE
-from gateway.config import Config
-from gateway.configparse import parse_config
-from gateway.listener import Listener
-from gateway.runtime import Gateway
-from gateway.server import RunningGateway, start_site
-from gateway.stub_backend import create_stub_app
+from gateway.core.closecodes import SENDABLE
+from gateway.core.config import Config
+from gateway.core.configparse import parse_config
+from gateway.wire.listener import Listener
+from gateway.service.runtime import Gateway
+from gateway.service.server import RunningGateway, start_site
+from gateway.staging.stub_backend import create_stub_app
 
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
 TIMEOUT = 10.0  # the one time unit every test wait is bounded by

@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.admin import _latest_upstream_errors, create_admin_app
-from gateway.runtime import Gateway
-from gateway.server import start_site
+from gateway.service.admin import _latest_upstream_errors, create_admin_app
+from gateway.service.runtime import Gateway
+from gateway.service.server import start_site
 
 from .helpers import SECRET, Clock, make_config
 

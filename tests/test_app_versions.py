@@ -24,14 +24,14 @@ from aiohttp import web
 
 import gateway as gateway_package
 from gateway import status_assets
-from gateway.admin import create_admin_app
-from gateway.appversion import app_version
-from gateway.config import AppVersionConfig
-from gateway.metrics import Metrics
-from gateway.runtime import Gateway
-from gateway.server import start_site
-from gateway.status_page import History, Sample, status_json
-from gateway.store import MemoryStore, RedisStore, SqliteStore, Store, StoreUnavailable, VersionUsage, utc_day
+from gateway.service.admin import create_admin_app
+from gateway.service.appversion import app_version
+from gateway.core.config import AppVersionConfig
+from gateway.service.metrics import Metrics
+from gateway.service.runtime import Gateway
+from gateway.service.server import start_site
+from gateway.service.status_page import History, Sample, status_json
+from gateway.service.store import MemoryStore, RedisStore, SqliteStore, Store, StoreUnavailable, VersionUsage, utc_day
 
 from .helpers import TIMEOUT, Servers, eventually, headless_chromium, make_config, make_token, open_client, raw_config
 from .redis_server import RedisServer, redis_server  # noqa: F401 - fixture

@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.auth import (
+from gateway.core.auth import (
     MAX_AUTH_FRAME_BYTES,
     MAX_TOKEN_BYTES,
     REASONS,
@@ -26,8 +26,8 @@ from gateway.auth import (
     mint_token,
     parse_authenticate_frame,
 )
-from gateway.config import AuthConfig
-from gateway.configparse import parse_config
+from gateway.core.config import AuthConfig
+from gateway.core.configparse import parse_config
 
 from .helpers import SECRET, make_config, make_token, raw_config
 

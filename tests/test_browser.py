@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 from aiohttp import web
 
-from gateway.server import start_site
+from gateway.service.server import start_site
 
 from .helpers import TIMEOUT, Stack, headless_chromium, make_token
 

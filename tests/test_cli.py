@@ -36,8 +36,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from gateway.cli import build_parser
-from gateway.configfile import load_config
-from gateway.routing import choose_backend
+from gateway.service.configfile import load_config
+from gateway.core.routing import choose_backend
 
 TIMEOUT = 10.0  # the one bound on every wait in this file
 SECRET = "cli-test-secret-9f8e7d6c5b4a39281706f5e4d3c2b1a0"

@@ -2,7 +2,7 @@ from ipaddress import ip_network
 
 import pytest
 
-from gateway.clientip import client_ip, forwarded_proto, parse_ip, share_key
+from gateway.core.clientip import client_ip, forwarded_proto, parse_ip, share_key
 
 PROXIES = (ip_network("10.0.0.0/8"), ip_network("fd00::/8"))
 LB = "10.0.0.5"

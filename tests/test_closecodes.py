@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.closecodes import MAX_REASON_BYTES, SENDABLE, Side, cut_reason, echo, forward, passed_on, sendable
+from gateway.core.closecodes import MAX_REASON_BYTES, SENDABLE, Side, cut_reason, echo, forward, passed_on, sendable
 
 RESERVED = {0, 1004, 1005, 1006, 1015}
 LEGAL = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999]

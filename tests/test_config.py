@@ -21,7 +21,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.config import (
+from gateway.core.config import (
     DEFAULT_CONNECTED_MESSAGE,
     AdminConfig,
     AuthConfig,
@@ -34,8 +34,8 @@ from gateway.config import (
     keep_restart_keys,
     restart_required,
 )
-from gateway.configfile import load_config
-from gateway.configparse import parse_config
+from gateway.service.configfile import load_config
+from gateway.core.configparse import parse_config
 
 from .helpers import SECRET, raw_config
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from gateway import config
-from gateway.config import key, rules
-from gateway.configparse import _CUSTOM, Reader
+from gateway.core.config import key, rules
+from gateway.core.configparse import _CUSTOM, Reader
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from gateway import closecodes
-from gateway.auth import Verifier
-from gateway.connection import Connection
-from gateway.connlog import record
-from gateway.connector import Connector
-from gateway.frames import Close, MessageReader, encode_close
-from gateway.protocol import Session
-from gateway.relay import Flow, Leg
-from gateway.routing import Route
-from gateway.services import GatewayServices, OpenConnection
-from gateway.upstream import REFUSED, refusal
+from gateway.core.auth import Verifier
+from gateway.wire.connection import Connection
+from gateway.wire.connlog import record
+from gateway.wire.connector import Connector
+from gateway.wire.frames import Close, MessageReader, encode_close
+from gateway.core.protocol import Session
+from gateway.wire.relay import Flow, Leg
+from gateway.core.routing import Route
+from gateway.wire.services import GatewayServices, OpenConnection
+from gateway.wire.upstream import REFUSED, refusal
 
 from .helpers import TIMEOUT, make_config, make_token
 

@@ -9,7 +9,7 @@ import zlib
 
 import pytest
 
-from gateway.deflate import (
+from gateway.wire.deflate import (
     Deflate,
     InflateError,
     Inflater,

@@ -31,14 +31,14 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.admin import create_admin_app
+from gateway.service.admin import create_admin_app
 from gateway.cli import DEFAULT_CONFIG
-from gateway.config import RESTART_KEYS, Config, ConfigError
-from gateway.configfile import load_config
-from gateway.configparse import parse_config
-from gateway.reload import Reloader
-from gateway.runtime import Gateway
-from gateway.server import start_site
+from gateway.core.config import RESTART_KEYS, Config, ConfigError
+from gateway.service.configfile import load_config
+from gateway.core.configparse import parse_config
+from gateway.service.reload import Reloader
+from gateway.service.runtime import Gateway
+from gateway.service.server import start_site
 
 from .helpers import (
     TIMEOUT,

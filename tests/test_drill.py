@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.drill import run_drill
-from gateway.drill_plan import Plan
+from gateway.staging.drill import run_drill
+from gateway.staging.drill_plan import Plan
 
 SHORT = ("--duration", "21", "--steps", "0,50,100")  # 7 s per step; about 25 s in all
 DRILL_SECONDS = 55.0  # the bound on the short drill's process, under pytest's 60

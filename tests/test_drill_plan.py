@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from gateway.drill_plan import MAX_FAILURE_RATIO, Plan, StepStats, Usage, parse_steps, percentile, table, verdict
-from gateway.store import DayUsage
+from gateway.staging.drill_plan import MAX_FAILURE_RATIO, Plan, StepStats, Usage, parse_steps, percentile, table, verdict
+from gateway.service.store import DayUsage
 
 
 # -- the plan -------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 import websockets
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.closecodes import SENDABLE
+from gateway.core.closecodes import SENDABLE
 
 from .helpers import (
     MiB,

@@ -13,9 +13,9 @@ import zlib
 
 import pytest
 
-from gateway.deflate import Inflater
-from gateway.forwarder import Counts, Forwarder
-from gateway.frames import (
+from gateway.wire.deflate import Inflater
+from gateway.wire.forwarder import Counts, Forwarder
+from gateway.wire.frames import (
     BINARY,
     CLOSE,
     CONTINUATION,

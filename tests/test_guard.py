@@ -2,8 +2,8 @@
 
 from dataclasses import replace
 
-from gateway.config import GuardConfig
-from gateway.guard import Guard, GuardState
+from gateway.core.config import GuardConfig
+from gateway.core.guard import Guard, GuardState
 
 CONFIG = GuardConfig(
     window_seconds=60, max_failure_ratio=0.2, min_samples=10, cooldown_seconds=30, step_seconds=10,

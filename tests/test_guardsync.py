@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from gateway.config import GuardConfig
-from gateway.guard import Guard, GuardState
-from gateway.guardsync import GuardSync
-from gateway.store import MemoryStore
+from gateway.core.config import GuardConfig
+from gateway.core.guard import Guard, GuardState
+from gateway.service.guardsync import GuardSync
+from gateway.service.store import MemoryStore
 
 from .helpers import Clock
 

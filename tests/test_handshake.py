@@ -14,7 +14,7 @@ from websockets.http11 import Response as WsResponse
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from gateway.handshake import (
+from gateway.wire.handshake import (
     HttpError,
     Request,
     RequestReader,

@@ -14,9 +14,9 @@ import pytest
 import websockets
 from aiohttp import web
 
-from gateway.auth import AuthError, Verifier
-from gateway.guard import GuardState
-from gateway.server import start_site
+from gateway.core.auth import AuthError, Verifier
+from gateway.core.guard import GuardState
+from gateway.service.server import start_site
 
 from .helpers import SECRET, TIMEOUT, Servers, closed, eventually, make_config, make_token, open_client
 

@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 import websockets
 
-from gateway.auth import REASONS
-from gateway.frames import CLOSE, parse_close
+from gateway.core.auth import REASONS
+from gateway.wire.frames import CLOSE, parse_close
 
 from .helpers import TIMEOUT, Servers, Stack, authenticate_frame, closed, make_token, metric
 

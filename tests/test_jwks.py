@@ -15,9 +15,9 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from gateway.admin import create_admin_app
-from gateway.jwks import MAX_BODY_BYTES, KeySetError, parse_key_set
-from gateway.server import start_site
+from gateway.service.admin import create_admin_app
+from gateway.service.jwks import MAX_BODY_BYTES, KeySetError, parse_key_set
+from gateway.service.server import start_site
 
 from .helpers import Servers, Stack, closed, make_config, metric, open_client
 
@@ -234,7 +234,7 @@ def test_parse_key_set_skips_what_it_cannot_use_and_refuses_an_empty_result():
     ],
 )
 def test_jwks_config_rules_name_their_key(auth, problem):
-    from gateway.config import ConfigError
+    from gateway.core.config import ConfigError
 
     with pytest.raises(ConfigError, match=problem):
         make_config(auth=auth)

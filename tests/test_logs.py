@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import websockets
 
-from gateway.logs import JsonFormatter
+from gateway.service.logs import JsonFormatter
 
 from .helpers import TIMEOUT, Servers, authenticate_frame, closed, make_token, open_client, refused_port
 

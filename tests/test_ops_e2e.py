@@ -26,12 +26,12 @@ from aiohttp import WSMsgType, web
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
 
-from gateway.admin import create_admin_app
-from gateway.config import DEFAULT_CONNECTED_MESSAGE
-from gateway.logs import JsonFormatter
-from gateway.routing import bucket
-from gateway.runtime import Gateway
-from gateway.server import start_site
+from gateway.service.admin import create_admin_app
+from gateway.core.config import DEFAULT_CONNECTED_MESSAGE
+from gateway.service.logs import JsonFormatter
+from gateway.core.routing import bucket
+from gateway.service.runtime import Gateway
+from gateway.service.server import start_site
 
 from .helpers import (
     SECRET,

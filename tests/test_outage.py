@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from gateway.store import DayUsage, MemoryStore, StoreUnavailable, VersionUsage, utc_day
-from gateway.store.memory import DayCounts
-from gateway.store.outage import Remote, Resilient
+from gateway.service.store import DayUsage, MemoryStore, StoreUnavailable, VersionUsage, utc_day
+from gateway.service.store.memory import DayCounts
+from gateway.service.store.outage import Remote, Resilient
 
 from .helpers import TIMEOUT, Clock
 

@@ -8,14 +8,14 @@ import json
 import pytest
 
 from gateway import closecodes
-from gateway.auth import Verifier
-from gateway.closecodes import Side
-from gateway.frames import Close, Message, Ping, Pong
-from gateway.prerelay import frame_read, protocol_error
-from gateway.protocol import CloseClient, CloseUpstream, Phase, RouteUser, SendClient, Session, StartRelay
-from gateway.relayrules import CloseLeg, CloseRead, EchoClose, Ended, FailLeg, StopReading
-from gateway.relayrules import Pong as PongLeg
-from gateway.routing import choose_backend
+from gateway.core.auth import Verifier
+from gateway.core.closecodes import Side
+from gateway.wire.frames import Close, Message, Ping, Pong
+from gateway.wire.prerelay import frame_read, protocol_error
+from gateway.core.protocol import CloseClient, CloseUpstream, Phase, RouteUser, SendClient, Session, StartRelay
+from gateway.core.relayrules import CloseLeg, CloseRead, EchoClose, Ended, FailLeg, StopReading
+from gateway.core.relayrules import Pong as PongLeg
+from gateway.core.routing import choose_backend
 
 from .helpers import make_config, make_token
 

@@ -20,9 +20,9 @@ import pytest
 import yaml
 from aiohttp import web
 
-from gateway.admin import create_admin_app
-from gateway.config import AuthConfig
-from gateway.probe import (
+from gateway.service.admin import create_admin_app
+from gateway.core.config import AuthConfig
+from gateway.staging.probe import (
     BAD_TOKEN,
     Check,
     Options,
@@ -38,7 +38,7 @@ from gateway.probe import (
     run_probe,
     unreachable,
 )
-from gateway.server import start_site
+from gateway.service.server import start_site
 
 from .helpers import (
     SECRET,

@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import closecodes
-from gateway.auth import MAX_AUTH_FRAME_BYTES, AuthError, parse_authenticate_frame
-from gateway.closecodes import SENDABLE, Side
-from gateway.config import ConfigError, RolloutConfig
-from gateway.configparse import parse_config
-from gateway.routing import choose_backend, held_back
+from gateway.core.auth import MAX_AUTH_FRAME_BYTES, AuthError, parse_authenticate_frame
+from gateway.core.closecodes import SENDABLE, Side
+from gateway.core.config import ConfigError, RolloutConfig
+from gateway.core.configparse import parse_config
+from gateway.core.routing import choose_backend, held_back
 
 from .helpers import raw_config
 

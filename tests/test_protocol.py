@@ -10,9 +10,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.auth import MAX_TOKEN_BYTES, Verifier, authenticate_message
-from gateway.config import BackendConfig, Config
-from gateway.protocol import (
+from gateway.core.auth import MAX_TOKEN_BYTES, Verifier, authenticate_message
+from gateway.core.config import BackendConfig, Config
+from gateway.core.protocol import (
     EVENT_PHASES,
     TRANSLATIONS,
     Action,
@@ -34,7 +34,7 @@ from gateway.protocol import (
     split_query,
     upstream_url,
 )
-from gateway.routing import choose_backend
+from gateway.core.routing import choose_backend
 
 from .helpers import make_config, make_token
 

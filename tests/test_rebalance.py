@@ -6,8 +6,8 @@ import asyncio
 import json
 from dataclasses import replace
 
-from gateway.config import RebalanceConfig
-from gateway.rebalance import Move, due, plan
+from gateway.core.config import RebalanceConfig
+from gateway.core.rebalance import Move, due, plan
 
 from .helpers import TIMEOUT, Servers, closed, eventually, make_token, metric, open_client
 

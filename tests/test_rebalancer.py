@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from gateway.config import RebalanceConfig
-from gateway.rebalance import Move
-from gateway.rebalancer import Rebalancer, moves
+from gateway.core.config import RebalanceConfig
+from gateway.core.rebalance import Move
+from gateway.service.rebalancer import Rebalancer, moves
 
 from .helpers import TIMEOUT, Clock, make_config
 

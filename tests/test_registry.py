@@ -6,8 +6,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.registry import Registry, placement_answer
-from gateway.relay import Flow
+from gateway.service.registry import Registry, placement_answer
+from gateway.wire.relay import Flow
 
 from .helpers import TIMEOUT, Clock
 

@@ -31,10 +31,10 @@ import websockets
 import yaml
 from websockets.frames import Opcode
 
-from gateway.connection import Connection
-from gateway.relay import BytePump, FramePump
-from gateway.server import start_site
-from gateway.stub_backend import create_stub_app
+from gateway.wire.connection import Connection
+from gateway.wire.relay import BytePump, FramePump
+from gateway.service.server import start_site
+from gateway.staging.stub_backend import create_stub_app
 
 from .helpers import (
     TIMEOUT,

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from gateway.auth import Verifier
-from gateway.closecodes import SENDABLE
-from gateway.closecodes import Side
-from gateway.protocol import CloseClient, CloseUpstream, ExpireAt, Phase, RouteUser, SendUpstream, Session, TokenRefreshed
-from gateway.relayrules import (
+from gateway.core.auth import Verifier
+from gateway.core.closecodes import SENDABLE
+from gateway.core.closecodes import Side
+from gateway.core.protocol import CloseClient, CloseUpstream, ExpireAt, Phase, RouteUser, SendUpstream, Session, TokenRefreshed
+from gateway.core.relayrules import (
     AbandonFrame,
     AbortLeg,
     CloseLeg,
@@ -27,7 +27,7 @@ from gateway.relayrules import (
     gateway_close,
     keepalive,
 )
-from gateway.routing import choose_backend
+from gateway.core.routing import choose_backend
 
 from .helpers import make_config, make_token
 

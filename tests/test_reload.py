@@ -11,9 +11,9 @@ from pathlib import Path
 import websockets
 import yaml
 
-from gateway.config import ConfigError
-from gateway.reload import Reloader
-from gateway.runtime import Gateway
+from gateway.core.config import ConfigError
+from gateway.service.reload import Reloader
+from gateway.service.runtime import Gateway
 
 from .helpers import SECRET, TIMEOUT, make_config, make_token, raw_config, start_stack
 

@@ -30,11 +30,11 @@ import yaml
 from websockets.asyncio.client import ClientConnection
 
 import gateway
-from gateway.auth import REASONS
-from gateway.guard import GuardState
-from gateway.report import collect_report
-from gateway.runtime import GUARD_SYNC_SECONDS, Gateway
-from gateway.store import RedisStore, Store, utc_day
+from gateway.core.auth import REASONS
+from gateway.core.guard import GuardState
+from gateway.service.report import collect_report
+from gateway.service.runtime import GUARD_SYNC_SECONDS, Gateway
+from gateway.service.store import RedisStore, Store, utc_day
 
 from .helpers import TIMEOUT, Clock, Servers, Stack, closed, eventually, make_token, metric, open_client, raw_config
 from .redis_server import RedisServer, redis_server  # noqa: F401 - fixture

@@ -8,7 +8,7 @@ import json
 import pytest
 from aiohttp import WSMsgType, web
 
-from gateway.server import start_site
+from gateway.service.server import start_site
 
 from .helpers import Servers, make_token, metric, open_client
 

@@ -2,7 +2,7 @@ import json
 from dataclasses import replace
 from datetime import date, datetime, timedelta, timezone
 
-from gateway.report import (
+from gateway.service.report import (
     PLAN_DAYS,
     VERDICT_DAYS,
     collect_report,
@@ -13,7 +13,7 @@ from gateway.report import (
     report_json,
     verdict,
 )
-from gateway.store import DayUsage, MemoryStore, VersionUsage
+from gateway.service.store import DayUsage, MemoryStore, VersionUsage
 
 END = date(2025, 11, 26)
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import websockets
 
-from gateway.listener import PendingShares
+from gateway.wire.listener import PendingShares
 
 from .helpers import TIMEOUT, Servers, Stack, eventually, make_token, open_client
 from .wire import frame_bytes

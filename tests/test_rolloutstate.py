@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from gateway.guard import GuardState
-from gateway.rolloutstate import RolloutState
+from gateway.core.guard import GuardState
+from gateway.service.rolloutstate import RolloutState
 
 from .helpers import make_config
 

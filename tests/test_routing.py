@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from gateway import routing
-from gateway.config import ConfigError, RolloutConfig
-from gateway.routing import Route, bucket, choose_backend
+from gateway.core.config import ConfigError, RolloutConfig
+from gateway.core.routing import Route, bucket, choose_backend
 
 from .helpers import make_config
 

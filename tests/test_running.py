@@ -9,7 +9,7 @@ import socket
 import aiohttp
 import pytest
 
-from gateway.server import RunningGateway, Signals
+from gateway.service.server import RunningGateway, Signals
 
 from .helpers import Servers, closed, make_config, make_token, open_client
 

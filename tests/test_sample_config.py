@@ -15,13 +15,13 @@ import pytest
 import websockets
 import yaml
 
-from gateway.config import AdminConfig, Config, config_warnings
-from gateway.configfile import load_config
-from gateway.configparse import parse_config
-from gateway.listener import listen
-from gateway.runtime import Gateway
-from gateway.server import start_site
-from gateway.stub_backend import create_stub_app
+from gateway.core.config import AdminConfig, Config, config_warnings
+from gateway.service.configfile import load_config
+from gateway.core.configparse import parse_config
+from gateway.wire.listener import listen
+from gateway.service.runtime import Gateway
+from gateway.service.server import start_site
+from gateway.staging.stub_backend import create_stub_app
 
 from .helpers import SECRET, TIMEOUT, authenticate_frame, closed, make_token
 

@@ -7,7 +7,7 @@ import ipaddress
 import re
 from pathlib import Path
 
-from gateway.config import AdminConfig
+from gateway.core.config import AdminConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "security.md").read_text()

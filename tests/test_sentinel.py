@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.config import ConfigError
+from gateway.core.config import ConfigError
 
 from .helpers import TIMEOUT, Servers, eventually, make_config, make_token, open_client
 from .redis_server import RedisServer, find_redis_server

@@ -31,7 +31,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
 
-from gateway.reload import fingerprint
+from gateway.service.reload import fingerprint
 
 from .test_cli import SECRET, base_config, cli_env, make_token, start_stub
 

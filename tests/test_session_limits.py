@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from gateway.store import MemoryStore
+from gateway.service.store import MemoryStore
 
 from .helpers import Servers, eventually, make_token, open_client
 

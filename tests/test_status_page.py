@@ -20,11 +20,11 @@ from aiohttp import web
 from prometheus_client.metrics_core import Metric
 
 from gateway import status_assets
-from gateway.admin import create_admin_app, create_supervisor_admin_app, merge_metrics
-from gateway.metrics import Metrics
-from gateway.runtime import Gateway
-from gateway.server import start_site
-from gateway.status_page import History, Sample, interval, quantile, sample_of, status_json
+from gateway.service.admin import create_admin_app, create_supervisor_admin_app, merge_metrics
+from gateway.service.metrics import Metrics
+from gateway.service.runtime import Gateway
+from gateway.service.server import start_site
+from gateway.service.status_page import History, Sample, interval, quantile, sample_of, status_json
 
 from .helpers import SECRET, TIMEOUT, Servers, headless_chromium, make_token, open_client, raw_config
 

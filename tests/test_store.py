@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.store import DayUsage, MemoryStore, RedisStore, Store, StoreUnavailable, open_store, utc_day
+from gateway.service.store import DayUsage, MemoryStore, RedisStore, Store, StoreUnavailable, open_store, utc_day
 
 from .helpers import TIMEOUT, Clock, eventually, make_config
 from .redis_server import RedisServer, free_port, redis_server  # noqa: F401 - fixture

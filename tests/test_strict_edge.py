@@ -11,7 +11,7 @@ import struct
 import pytest
 from websockets.frames import Frame, Opcode
 
-from gateway.frames import parse_header
+from gateway.wire.frames import parse_header
 
 from .helpers import TIMEOUT, Servers, make_token
 from .test_relay_switch import wire_stack

@@ -15,7 +15,7 @@ import pytest
 import websockets
 import yaml
 
-from gateway.stub_backend import Faults, FaultsError, FaultSwitch, parse_faults, picked
+from gateway.staging.stub_backend import Faults, FaultsError, FaultSwitch, parse_faults, picked
 
 from .helpers import Servers, Stack, closed, make_token, open_client
 from .test_cli import SECRET, TIMEOUT, Proc, base_config, cli_env, run_cli

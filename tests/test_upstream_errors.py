@@ -14,10 +14,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.admin import create_admin_app
-from gateway.handshake import UpgradeRefused
-from gateway.runtime import describe_error
-from gateway.server import start_site
+from gateway.service.admin import create_admin_app
+from gateway.wire.handshake import UpgradeRefused
+from gateway.service.runtime import describe_error
+from gateway.service.server import start_site
 
 from .helpers import TIMEOUT, Servers, Stack, closed, make_token, open_client, refused_port
 

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.configparse import parse_config
-from gateway.store import MemoryStore, SqliteStore, StoreUnavailable, open_store, utc_day
-from gateway.store.sqlite import read_days
+from gateway.core.configparse import parse_config
+from gateway.service.store import MemoryStore, SqliteStore, StoreUnavailable, open_store, utc_day
+from gateway.service.store.sqlite import read_days
 
 from .helpers import SECRET, TIMEOUT, Servers, eventually, make_token, open_client, raw_config
 

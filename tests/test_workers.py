@@ -33,9 +33,9 @@ from prometheus_client.openmetrics.exposition import (
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
 
-from gateway.admin import merge_metrics
-from gateway.metrics import Metrics
-from gateway.workers import MAX_RESTART_SECONDS, parse_openmetrics, restart_delay
+from gateway.service.admin import merge_metrics
+from gateway.service.metrics import Metrics
+from gateway.service.workers import MAX_RESTART_SECONDS, parse_openmetrics, restart_delay
 
 from .test_cli import (
     SECRET,
