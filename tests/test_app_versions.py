@@ -23,7 +23,7 @@ import yaml
 from aiohttp import web
 
 import gateway as gateway_package
-from gateway import status_assets
+from gateway.service import status_assets
 from gateway.service.admin import create_admin_app
 from gateway.service.appversion import app_version
 from gateway.core.config import AppVersionConfig

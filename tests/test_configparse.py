@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway import config
+from gateway.core import config
 from gateway.core.config import key, rules
 from gateway.core.configparse import _CUSTOM, Reader
 

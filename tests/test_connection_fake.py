@@ -12,7 +12,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from gateway import closecodes
+from gateway.core import closecodes
 from gateway.core.auth import Verifier
 from gateway.wire.connection import Connection
 from gateway.wire.connlog import record

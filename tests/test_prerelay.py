@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from gateway import closecodes
+from gateway.core import closecodes
 from gateway.core.auth import Verifier
 from gateway.core.closecodes import Side
 from gateway.wire.frames import Close, Message, Ping, Pong

@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import closecodes
+from gateway.core import closecodes
 from gateway.core.auth import MAX_AUTH_FRAME_BYTES, AuthError, parse_authenticate_frame
 from gateway.core.closecodes import SENDABLE, Side
 from gateway.core.config import ConfigError, RolloutConfig

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import routing
+from gateway.core import routing
 from gateway.core.config import ConfigError, RolloutConfig
 from gateway.core.routing import Route, bucket, choose_backend
 
@@ -86,7 +86,7 @@ def test_documented_one_liner_reproduces_the_bucket() -> None:
 
 def test_bucket_is_identical_across_processes_with_different_hash_seeds() -> None:
     users = ids(200, seed=2) + ["alice", "josé", ""]
-    script = "import json,sys; from gateway.routing import bucket; print(json.dumps([bucket(sys.argv[1], u) for u in json.loads(sys.stdin.read())]))"
+    script = "import json,sys; from gateway.core.routing import bucket; print(json.dumps([bucket(sys.argv[1], u) for u in json.loads(sys.stdin.read())]))"
     seen = []
     for seed in ("1", "4242"):
         env = {**os.environ, "PYTHONHASHSEED": seed}

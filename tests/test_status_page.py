@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.metrics_core import Metric
 
-from gateway import status_assets
+from gateway.service import status_assets
 from gateway.service.admin import create_admin_app, create_supervisor_admin_app, merge_metrics
 from gateway.service.metrics import Metrics
 from gateway.service.runtime import Gateway

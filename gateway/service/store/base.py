@@ -31,7 +31,7 @@ What each operation promises
   elsewhere within one flush (each process reloads the file's versions after a flush).
 * Guard: one small JSON record, last writer wins, expiring after ``ttl_seconds`` (of the
   ``wall`` clock in `MemoryStore`, of Redis's in `RedisStore`); every replica reads it
-  once a second (``runtime.GUARD_SYNC_SECONDS``).
+  once a second (``guardsync.GUARD_SYNC_SECONDS``).
 * `available` is False while the shared store cannot be reached (always True in memory);
   `retention_days` (``usage.retention_days``) may be reassigned on config reload.
 """
