@@ -153,19 +153,13 @@ class Forwarder:
                                 buffer = bytearray(data[start:end])
                                 websocket_mask(data[position + 2 : start], buffer)
                                 if first == _WHOLE_TEXT:
-                                    try:
-                                        _utf8_decode(buffer, "strict", True)
-                                    except UnicodeDecodeError:
-                                        raise ProtocolError(closecodes.INVALID_PAYLOAD, "text frame is not UTF-8") from None
+                                    _whole_text(buffer)
                                 key = masking_keys.take()
                                 websocket_mask(key, buffer)
                                 out.append(b"".join((bytes((first, MASK_BIT | length)), key, buffer)))
                             else:
                                 if first == _WHOLE_TEXT:
-                                    try:
-                                        _utf8_decode(data[start:end], "strict", True)
-                                    except UnicodeDecodeError:
-                                        raise ProtocolError(closecodes.INVALID_PAYLOAD, "text frame is not UTF-8") from None
+                                    _whole_text(data[start:end])
                                 if run < 0:
                                     run = position
                             counts.frames += 1
@@ -266,11 +260,11 @@ class Forwarder:
             self._decoder = None
 
     def _validate(self, text: bytes | bytearray | memoryview, final: bool) -> None:
+        if self._decoder is None:
+            _whole_text(text)
+            return
         try:
-            if self._decoder is None:
-                _utf8_decode(text, "strict", True)
-            else:
-                self._decoder.decode(text, final)
+            self._decoder.decode(text, final)
         except UnicodeDecodeError:
             raise ProtocolError(closecodes.INVALID_PAYLOAD, "text frame is not UTF-8") from None
 
@@ -323,6 +317,14 @@ class Forwarder:
             self._in_message = False
             self._decoder = None
         return out
+
+
+def _whole_text(text: bytes | bytearray | memoryview) -> None:
+    """Check a text message that is all here as UTF-8 (the C decoder; the str it makes is dropped)."""
+    try:
+        _utf8_decode(text, "strict", True)
+    except UnicodeDecodeError:
+        raise ProtocolError(closecodes.INVALID_PAYLOAD, "text frame is not UTF-8") from None
 
 
 def _minimal_size(length: int) -> int:
