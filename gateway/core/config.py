@@ -138,6 +138,30 @@ class RebalanceConfig:
     on_guard_trip: bool = False
 
 
+RAMP_FAILURE_ACTIONS = ("step_back", "hold")
+
+
+@dataclass(frozen=True)
+class GatesConfig:
+    """The migration plan's alerts, judged over a ramp step's window of new-backend sessions."""
+
+    success_rate_min: float = key(0.95, low=0, high=1)  # upstream sessions opened / attempted
+    auth_failure_rate_max: float = key(0.05, low=0, high=1)  # tokens the new backend refused / attempted
+    reply_seconds_avg_max: float = key(2.0, low=0, high=3600, open_low=True)
+    reply_ratio_max: float = key(1.5, low=0, high=1000, open_low=True)  # new backend's average reply ÷ old's
+
+
+@dataclass(frozen=True)
+class RampConfig:
+    enabled: bool = False
+    steps: tuple[float, ...] = key((1.0, 5.0, 25.0, 50.0, 100.0), read="custom")
+    hold_minutes: float = key(30.0, low=0, high=7 * 24 * 60)
+    min_sessions: int = key(100, low=0, high=10**9)
+    on_failure: str = key("step_back", choices=RAMP_FAILURE_ACTIONS)
+    paused: bool = False
+    gates: GatesConfig = GatesConfig()
+
+
 @dataclass(frozen=True)
 class RolloutConfig:
     new_percent: float = key(0.0, low=0, high=100)
@@ -147,6 +171,7 @@ class RolloutConfig:
     fallback_to_old: bool = True
     guard: GuardConfig = GuardConfig()
     rebalance: RebalanceConfig = RebalanceConfig()
+    ramp: RampConfig = RampConfig()
 
 
 # One address's default share of `limits.max_pending_handshakes`: a flood needs this many

@@ -37,6 +37,7 @@ from .config import (
     ConfigError,
     GuardConfig,
     LimitsConfig,
+    RampConfig,
     RedisConfig,
     RolloutConfig,
     SentinelConfig,
@@ -342,6 +343,22 @@ def _recovery_steps(r: Reader, f: Field[Any], g: Mapping[str, Any], p: str, valu
     return steps
 
 
+def _ramp_steps(r: Reader, f: Field[Any], g: Mapping[str, Any], p: str, values: dict[str, Any]) -> tuple[float, ...]:
+    steps: tuple[float, ...] = _default(f)
+    value = g.get("steps")
+    if value is None:
+        return steps
+    if not isinstance(value, list) or not value or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 100 for v in value
+    ):
+        r.bad(f"{p}.steps", value, "a non-empty list of percentages in (0, 100]")
+    elif any(low >= high for low, high in zip(value, value[1:])):
+        r.error(f"{p}.steps", f"{value!r} must rise step by step (each percentage above the one before)")
+    else:
+        steps = tuple(float(v) for v in value)
+    return steps
+
+
 def _hold_buffer_bytes(r: Reader, f: Field[Any], s: Mapping[str, Any], p: str, values: dict[str, Any]) -> int:
     # The default hold buffer grows to hold at least one largest frame.
     hold: int = r.value(LimitsConfig, f, s, p, max(_default(f), values["max_message_bytes"]))
@@ -434,6 +451,7 @@ _CUSTOM: dict[tuple[type, str], Callable[[Reader, Field[Any], Mapping[str, Any],
     (AuthConfig, "secret"): _secret,
     (AuthConfig, "connected_message"): _connected_message,
     (GuardConfig, "recovery_steps"): _recovery_steps,
+    (RampConfig, "steps"): _ramp_steps,
     (LimitsConfig, "hold_buffer_bytes"): _hold_buffer_bytes,
     (LimitsConfig, "max_pending_handshakes_per_ip"): _pending_share,
     (SentinelConfig, "hosts"): _sentinel_hosts,
