@@ -197,11 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = command(
-        "drill", "rehearse the migration on loopback: simulated apps, new_percent ramped, the new backend broken and healed"
+        "drill",
+        "rehearse the migration on loopback: simulated apps, new_percent ramped (or, with --ramp, the automatic ramp), "
+        "the new backend broken and healed",
     )
-    p.add_argument("--duration", type=_duration, default=Plan.duration, help="seconds, split evenly between the steps")
     p.add_argument(
-        "--steps", type=_steps, default=Plan.steps, metavar="P,P,...", help="the new_percent values to ramp through",
+        "--duration", type=_duration, default=Plan.duration,
+        help="seconds, split evenly between the steps; with --ramp the bound on the whole run, the hold scaled to fit",
+    )
+    p.add_argument(
+        "--steps", type=_steps, default=Plan.steps, metavar="P,P,...",
+        help="the new_percent values to ramp through; with --ramp rollout.ramp.steps (0 left out, ending at 100)",
+    )
+    p.add_argument(
+        "--ramp", action="store_true",
+        help="let rollout.ramp move the percentage and check that it stops at the fault's failed gate and reaches 100%% after the heal",
     )
     p.add_argument(
         "--legacy-share", type=_percent, default=Plan.legacy_share, metavar="PERCENT",
@@ -209,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--fail-percent", type=_percent, default=Plan.fail_percent, metavar="PERCENT",
-        help="share of the new backend's handshakes that fail during the middle step",
+        help="share of the new backend's handshakes that fail during the middle step (with --ramp: from when the ramp reaches it)",
     )
 
     p = command("stub-backend", "run a reference backend for one auth style (verifies tokens when the secret is set)")
@@ -288,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return probe(args)
         if args.command == "drill":
             setup_logging("CRITICAL")  # hundreds of expected failures; the drill narrates what matters
-            plan = Plan(args.duration, args.steps, args.legacy_share, args.fail_percent)
+            plan = Plan(args.duration, args.steps, args.legacy_share, args.fail_percent, ramp=args.ramp)
             return run(lambda: drill(plan))
     except ConfigError as exc:
         # One self-contained line per problem, so a single problem is a single line and

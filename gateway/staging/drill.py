@@ -19,6 +19,12 @@ during the middle step the new backend fails ``--fail-percent`` of its handshake
 and a verdict: zero app-visible failures, the guard tripped and recovered, and the
 gateway's own usage counts show the legacy share given.
 
+With ``--ramp`` the file holds ``rollout.ramp`` from the start (hold scaled to the run) and
+the drill edits nothing: it watches the ramp in ``/rollout``'s numbers, breaks the new
+backend when the ramp first reaches the middle step and heals it at the ramp's next change
+(its step back). The verdict: zero app-visible failures, the ramp stopped at the failed
+gate, it reached 100 % after the heal within ``--duration``, and the usage counts.
+
 The plan, the table and the verdict are pure, in `drill_plan`; `Drill` does the I/O.
 """
 
@@ -41,7 +47,10 @@ from aiohttp import WSMsgType, web
 from ..core.auth import mint_token
 from ..core.config import AuthConfig
 from ..service.configfile import load_config
-from .drill_plan import MAX_FAILURE_RATIO, Plan, StepStats, Usage, share_text, table, verdict
+from .drill_plan import (
+    MAX_FAILURE_RATIO, PAUSE, SALT, SESSION_SECONDS, Plan, RampLeg, StepStats, Usage, ramp_table, ramp_verdict, share_text,
+    table, verdict,
+)
 from ..service.reload import fingerprint
 from ..service.runtime import Gateway
 from ..service.server import RunningGateway, start_site
@@ -49,9 +58,7 @@ from ..service.store import utc_day
 from .stub_backend import create_stub_app
 
 APP_TIMEOUT = 5.0  # an app's bound on any one wait: the upgrade, connected, a reply
-SESSION_SECONDS = (2.0, 5.0)  # how long an app keeps a session open
 CHAT_EVERY = (0.5, 1.5)  # seconds between an app's messages
-PAUSE = (0.1, 0.5)  # seconds between an app's sessions
 RELOAD_WITHIN = 5.0  # the gateway checks its file every second
 SAMPLE_SECONDS = 0.25  # how often the guard is looked at (it moves on the gateway's clock: no event to await)
 NEW_HANDSHAKE_SECONDS = 1.0  # the new backend's handshake timeout: how long a failing handshake holds an app up
@@ -75,7 +82,10 @@ def raw_config(secret: str, plan: Plan, old_port: int, new_port: int) -> dict[st
                 "connect_timeout_seconds": 2, "handshake_timeout_seconds": NEW_HANDSHAKE_SECONDS,
             },
         },
-        "rollout": {"new_percent": plan.steps[0], "salt": "drill", "fallback_to_old": True, "guard": plan.guard()},
+        "rollout": {
+            "new_percent": 0 if plan.ramp else plan.steps[0], "salt": SALT, "fallback_to_old": True, "guard": plan.guard(),
+            **({"ramp": plan.ramp_config()} if plan.ramp else {}),
+        },
         "limits": {"ping_interval_seconds": 0},
         "admin": {"host": "127.0.0.1", "port": 0},
     }
@@ -94,14 +104,25 @@ class Drill:
         self.raw: dict[str, Any] = {}  # the config file's content, once the stubs have ports
         self.runners: list[web.AppRunner] = []  # the stubs
         self.running: RunningGateway | None = None
-        self.stats = [StepStats(p, plan.fail_percent if i == plan.fault_step else 0.0) for i, p in enumerate(plan.steps)]
-        self.step = 0  # the index of the step in progress
+        self.stats = [] if plan.ramp else [
+            StepStats(p, plan.fail_percent if i == plan.fault_step else 0.0) for i, p in enumerate(plan.steps)
+        ]
+        self.legs: list[RampLeg] = []  # with --ramp: one per change of the ramp, added as the drill sees it
+        self.step = 0  # the index of the step (or leg) in progress
+        self.ramp_seen: tuple[Any, ...] = ()  # the ramp's step, state and window when last looked at
+        self.leg_counters = (0.0, 0.0)
+        self.faulted = self.healed = False
         self.failures: list[str] = []
         self.problems: list[str] = []
         self.started = 0.0
         self.url = ""
         self.new_port = 0
         self.admin_port = 0
+
+    @property
+    def current(self) -> StepStats:
+        """The step (with --ramp, the leg) whose numbers a session counts in."""
+        return self.legs[self.step] if self.plan.ramp else self.stats[self.step]
 
     @property
     def gateway(self) -> Gateway:
@@ -179,12 +200,12 @@ class Drill:
 
     async def app(self, http: aiohttp.ClientSession, index: int) -> None:
         """One app: sessions one after another until the drill ends."""
-        user = f"drill-{index + 1}"
+        user = self.plan.user(index)
         style = "legacy" if self.plan.is_legacy(index) else "message"
         token = mint_token(self.gateway.config.auth, user, self.plan.duration + 600)
         rng = random.Random(index)
         while not self.apps_done.is_set():
-            stats, number = self.stats[self.step], self.step + 1
+            stats, where = self.current, f"{'leg' if self.plan.ramp else 'step'} {self.step + 1}"
             stats.attempted += 1
             try:
                 problem = await self.session(http, user, style, token, rng)
@@ -194,7 +215,7 @@ class Drill:
                 stats.succeeded += 1
             else:
                 stats.failed += 1
-                self.failures.append(f"step {number}: {user} ({style} app): {problem}")
+                self.failures.append(f"{where}: {user} ({style} app): {problem}")
             if await _waited_out(self.apps_done, rng.uniform(*PAUSE)):
                 return
 
@@ -233,7 +254,7 @@ class Drill:
                 echo, problem = await _receive(ws, "a reply")
                 if echo != text:
                     return problem or "the reply was not the message's echo"
-                self.stats[self.step].replies[backend].append(time.monotonic() - sent)
+                self.current.replies[backend].append(time.monotonic() - sent)
             await ws.close(code=1000, message=b"bye")
             return None
         finally:
@@ -286,6 +307,61 @@ class Drill:
         return True
 
 
+    async def follow_ramp(self) -> bool:
+        """With --ramp: watch the ramp until it has been done for a hold, or --duration is over;
+        False when stopped (Ctrl-C) before the end."""
+        ends = self.started + self.plan.duration
+        last_guard = ""
+        while True:
+            status = self.gateway.rollout_status()
+            await self.saw_ramp(status["ramp"])
+            leg = self.legs[-1]
+            guard, effective = status["guard"]["state"], status["effective_percent"]
+            leg.saw_effective(effective)
+            if guard != last_guard and last_guard:
+                self.report(f"{self.elapsed()}   guard {guard}, effective {effective:g}%")
+            last_guard = leg.guard = guard
+            now = time.monotonic()
+            if leg.state == "done" and now - self.started - leg.at >= self.plan.step_seconds:
+                break
+            if now >= ends:
+                break
+            if await _waited_out(self.stop, min(SAMPLE_SECONDS, ends - now)):
+                return False
+        self.end_leg()
+        return True
+
+    async def saw_ramp(self, ramp: dict[str, Any]) -> None:
+        """A new leg when the ramp changed since the last look: the fault when it first reaches
+        the fault's step, the heal at its next change."""
+        seen = (ramp["step_index"], ramp["state"], ramp["since"])
+        if seen == self.ramp_seen:
+            return
+        self.ramp_seen = seen
+        if self.legs:
+            self.end_leg()
+        plan, at = self.plan, self.elapsed()
+        leg = RampLeg(ramp["step_percent"], 0.0, state=ramp["state"], reason=ramp["reason"], at=time.monotonic() - self.started)
+        events = [f"ramp {leg.percent:g}%, {leg.state}: {leg.reason}"]
+        if self.faulted and not self.healed:
+            await self.set_faults({})
+            self.healed = leg.healed = True
+            events.append("the new backend is healed")
+        elif not self.faulted and ramp["step_index"] == plan.fault_step and plan.fail_percent:
+            await self.set_faults({"fail_handshake": plan.fail_percent})
+            self.faulted, leg.fault = True, plan.fail_percent
+            events.append(f"the new backend fails {plan.fail_percent:g}% of handshakes")
+        self.legs.append(leg)
+        self.step = len(self.legs) - 1
+        self.leg_counters = self.counters()
+        self.report(f"{at} leg {self.step + 1}: {'; '.join(events)}")
+
+    def end_leg(self) -> None:
+        after, before = self.counters(), self.leg_counters
+        leg = self.legs[-1]
+        leg.fallbacks, leg.trips = int(after[0] - before[0]), int(after[1] - before[1])
+
+
 async def _waited_out(event: asyncio.Event, seconds: float) -> bool:
     """Wait `seconds`, or less if `event` is set: True when it was set."""
     try:
@@ -333,9 +409,11 @@ async def run_drill(plan: Plan, report: Callable[[str], None], stop: asyncio.Eve
             _report_start(drill, report)
             drill.started = time.monotonic()
             started_day = utc_day()
+            if plan.ramp:  # the first leg, before an app counts a session in it
+                await drill.saw_ramp(drill.gateway.rollout_status()["ramp"])
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
                 apps = [asyncio.create_task(drill.app(http, index)) for index in range(plan.apps)]
-                finished = await drill.ramp()
+                finished = await (drill.follow_ramp() if plan.ramp else drill.ramp())
                 drill.apps_done.set()
                 report(f"{drill.elapsed()} {'done' if finished else 'stopped'}: the apps close their sessions")
                 done, stuck = await asyncio.wait(apps, timeout=4 * APP_TIMEOUT)
@@ -357,11 +435,15 @@ async def run_drill(plan: Plan, report: Callable[[str], None], stop: asyncio.Eve
         days = {started_day, utc_day()}
         usage = Usage.of(day for day in await drill.gateway.store.usage_days(2) if day.day in days)
     report("")
-    for line in table(drill.stats):
+    for line in ramp_table(drill.legs) if plan.ramp else table(drill.stats):
         report(line)
     report("")
-    report("attempted, succeeded, failed: sessions the apps started in the step, as the apps saw them (failed: no")
-    report(f"  connected, a close, or no answer within {APP_TIMEOUT:g} s). trips, guard: guard trips in the step, its state at")
+    if plan.ramp:
+        report("leg: the run from one change of the ramp to the next, as the drill saw it (at s: when); ramp %, state,")
+        report("  reason: /rollout's ramp then. new backend: the fault (and the heal) the drill set as the leg began.")
+    step = "leg" if plan.ramp else "step"
+    report(f"attempted, succeeded, failed: sessions the apps started in the {step}, as the apps saw them (failed: no")
+    report(f"  connected, a close, or no answer within {APP_TIMEOUT:g} s). trips, guard: guard trips in the {step}, its state at")
     report("  the end. effective %: the new backend's share after the guard, lowest-highest. p50/p95: a chat")
     report("  message to its echo, by the backend that served the app.")
     if drill.failures:
@@ -373,24 +455,40 @@ async def run_drill(plan: Plan, report: Callable[[str], None], stop: asyncio.Eve
         f"({share_text(usage.users_legacy, usage.users)}), {usage.sessions_legacy} of {usage.sessions} sessions "
         f"({share_text(usage.sessions_legacy, usage.sessions)}); --legacy-share {plan.legacy_share:g}%"
     )
-    passed, line = verdict(plan, drill.stats, guard_at_end, usage, drill.problems)
+    if plan.ramp:
+        passed, line = ramp_verdict(plan, drill.legs, usage, drill.problems)
+    else:
+        passed, line = verdict(plan, drill.stats, guard_at_end, usage, drill.problems)
     report(line)
     return passed
 
 
 def _report_start(drill: Drill, report: Callable[[str], None]) -> None:
     plan, guard = drill.plan, drill.plan.guard()
-    steps = " -> ".join(f"{p:g}" for p in plan.steps)
+    steps = " -> ".join(f"{p:g}" for p in plan.path)
     legacy = sum(plan.is_legacy(i) for i in range(plan.apps))
-    report(f"ws-gateway drill: {plan.apps} apps ({legacy} legacy, URL token) for {plan.duration:g} s; "
-           f"new_percent {steps}, {plan.step_seconds:g} s per step")
+    if plan.ramp:
+        ramp = plan.ramp_config()
+        report(f"ws-gateway drill --ramp: {plan.apps} apps ({legacy} legacy, URL token) for at most {plan.duration:g} s; "
+               f"rollout.ramp {steps}")
+        report(f"  ramp:        hold {ramp['hold_minutes']:g} min ({plan.step_seconds:.1f} s), min_sessions {ramp['min_sessions']} "
+               f"(at {plan.path[0]:g}% {plan.routed_new(plan.path[0])} apps go new), on_failure step_back, gates at their defaults")
+    else:
+        report(f"ws-gateway drill: {plan.apps} apps ({legacy} legacy, URL token) for {plan.duration:g} s; "
+               f"new_percent {steps}, {plan.step_seconds:g} s per step")
     report(f"  gateway:     {drill.url}, fallback to old on")
     report(f"  guard:       trips over {100 * MAX_FAILURE_RATIO:g}% failures among at least {guard['min_samples']} "
            f"new-backend sessions in {guard['window_seconds']:g} s; {guard['cooldown_seconds']:g} s cooldown, "
            f"then {', '.join(f'{p}%' for p in guard['recovery_steps'])} every {guard['step_seconds']:g} s")
-    report(f"  config file: {drill.config_path} (edited live; the gateway's hot reload applies it)")
+    if plan.ramp:
+        report(f"  config file: {drill.config_path} (rollout.ramp from the start; the drill only watches /rollout)")
+    else:
+        report(f"  config file: {drill.config_path} (edited live; the gateway's hot reload applies it)")
     report(f"  status page: http://127.0.0.1:{drill.admin_port}/")
-    if plan.fail_percent:
+    if plan.fail_percent and plan.ramp:
+        report(f"  fault:       the new backend fails {plan.fail_percent:g}% of handshakes once the ramp reaches "
+               f"{plan.path[plan.fault_step]:g}% (step {plan.fault_step + 1}), healed at the ramp's next change")
+    elif plan.fail_percent:
         report(f"  fault:       the new backend fails {plan.fail_percent:g}% of handshakes in step {plan.fault_step + 1} "
                f"(new_percent {plan.steps[plan.fault_step]:g}), healed at step {plan.fault_step + 2}")
     report("")
