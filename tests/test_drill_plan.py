@@ -9,7 +9,7 @@ import pytest
 from gateway.core.configparse import parse_config
 from gateway.core.ramp import Gate
 from gateway.staging.drill_plan import (
-    HEAL_SECONDS, MAX_FAILURE_RATIO, Plan, RampLeg, StepStats, Usage, failed_gates, parse_steps, percentile, ramp_table,
+    HEAL_SECONDS, MAX_FAILURE_RATIO, REPLY_RATIO_MAX, Plan, RampLeg, StepStats, Usage, failed_gates, parse_steps, percentile, ramp_table,
     ramp_verdict, table, verdict,
 )
 from gateway.service.store import DayUsage
@@ -202,7 +202,7 @@ def test_min_sessions_is_half_what_the_quietest_step_sees_in_a_hold() -> None:
 def test_the_drills_ramp_config_is_one_the_gateway_accepts() -> None:
     ramp = parse_config(raw_config("s" * 32, RAMP, 1, 2)).rollout.ramp
     assert ramp.enabled and ramp.steps == RAMP.path and ramp.on_failure == "step_back"
-    assert ramp.gates.success_rate_min == 0.95
+    assert ramp.gates.success_rate_min == 0.95 and ramp.gates.reply_ratio_max == REPLY_RATIO_MAX
 
 
 def test_the_guard_cools_down_until_the_heal_has_landed() -> None:
@@ -282,11 +282,21 @@ def test_a_ramp_that_went_on_through_the_fault_fails_the_drill() -> None:
     assert not passed and "the ramp went on through the fault: 25% -> 50% (advancing)" in line
 
 
-def test_a_ramp_stop_away_from_the_fault_fails_the_drill() -> None:
+def test_a_ramp_stop_before_the_fault_fails_the_drill() -> None:
     legs = good_legs()
-    legs[5] = RampLeg(25, 0.0, state="stepped_back", reason="reply_ratio 1.7 > 1.5 (...): stepped back from 50% to 25%", at=60.1)
+    legs[1] = RampLeg(1, 0.0, state="holding", reason="reply_ratio 1.7 > 1.5 (...): holding at 1%", at=13.1)
     passed, line = ramp_verdict(RAMP, legs, GOOD_USAGE, [])
-    assert not passed and "the ramp stopped once more, away from the fault (first at 25%: reply_ratio 1.7 > 1.5" in line
+    assert not passed
+    assert "the ramp stopped once before the fault, with the new backend healthy (first at 1%: reply_ratio 1.7 > 1.5" in line
+
+
+def test_a_ramp_stop_after_the_heal_is_named_but_passes() -> None:
+    legs = good_legs()
+    tail = "success_rate 0.692 < 0.95 (9 of 13 opened), over 13 new-backend sessions: holding at 5%"
+    legs.insert(4, RampLeg(5, 0.0, state="holding", reason=tail, at=33.0))
+    passed, line = ramp_verdict(RAMP, legs, GOOD_USAGE, [])
+    assert passed
+    assert f"stepped back from 25% to 5% (after the heal it stopped once more, first at 5%: {tail});" in line
 
 
 def test_a_ramp_not_done_by_the_end_fails_the_drill() -> None:

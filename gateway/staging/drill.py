@@ -307,8 +307,19 @@ class Drill:
         return True
 
 
+    async def ramp_started(self) -> bool:
+        """Whether the ramp shows its first step within RELOAD_WITHIN (it does at its first sync)."""
+        ends = time.monotonic() + RELOAD_WITHIN
+        while (ramp := self.gateway.rollout_status()["ramp"])["state"] is None:
+            if time.monotonic() >= ends:
+                self.problems.append(f"the ramp showed no step within {RELOAD_WITHIN:g} s: /rollout ramp {json.dumps(ramp)}")
+                return False
+            await asyncio.sleep(SAMPLE_SECONDS)  # the ramp moves on the gateway's loop: no event to await
+        await self.saw_ramp(ramp)
+        return True
+
     async def follow_ramp(self) -> bool:
-        """With --ramp: watch the ramp until it has been done for a hold, or --duration is over;
+        """With --ramp: watch the ramp until it has been done for half a hold, or --duration is over;
         False when stopped (Ctrl-C) before the end."""
         ends = self.started + self.plan.duration
         last_guard = ""
@@ -322,7 +333,7 @@ class Drill:
                 self.report(f"{self.elapsed()}   guard {guard}, effective {effective:g}%")
             last_guard = leg.guard = guard
             now = time.monotonic()
-            if leg.state == "done" and now - self.started - leg.at >= self.plan.step_seconds:
+            if leg.state == "done" and now - self.started - leg.at >= self.plan.step_seconds / 2:
                 break
             if now >= ends:
                 break
@@ -409,8 +420,9 @@ async def run_drill(plan: Plan, report: Callable[[str], None], stop: asyncio.Eve
             _report_start(drill, report)
             drill.started = time.monotonic()
             started_day = utc_day()
-            if plan.ramp:  # the first leg, before an app counts a session in it
-                await drill.saw_ramp(drill.gateway.rollout_status()["ramp"])
+            if plan.ramp and not await drill.ramp_started():  # the first leg, before an app counts a session in it
+                report(f"verdict: FAIL: {drill.problems[0]}")
+                return False
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
                 apps = [asyncio.create_task(drill.app(http, index)) for index in range(plan.apps)]
                 finished = await (drill.follow_ramp() if plan.ramp else drill.ramp())
