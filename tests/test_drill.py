@@ -16,7 +16,7 @@ from gateway.staging.drill import run_drill
 from gateway.staging.drill_plan import Plan
 
 SHORT = ("--duration", "21", "--steps", "0,50,100")  # 7 s per step; about 25 s in all
-# An 8 s hold: the ramp 10 -> 50 (the fault) -> back to 10 -> 50 -> 100 is done by about 32 s.
+# A 6.7 s hold: the ramp 10 -> 50 (the fault) -> back to 10 -> 50 -> 100 is done by about 27 s.
 SHORT_RAMP = ("--ramp", "--duration", "40", "--steps", "10,50,100")
 DRILL_SECONDS = 55.0  # the bound on the short drill's process, under pytest's 60
 

@@ -173,9 +173,9 @@ def test_the_ramp_walks_the_steps_above_zero_with_the_fault_in_the_middle() -> N
     assert RAMP.path[RAMP.fault_step] == 25
 
 
-def test_a_hold_per_step_and_two_spare_fit_the_duration() -> None:
-    assert RAMP.step_seconds * (len(RAMP.path) + 2) == RAMP.duration
-    assert RAMP.ramp_config()["hold_minutes"] == round(90 / 7 / 60, 4)
+def test_a_hold_per_step_and_three_spare_fit_the_duration() -> None:
+    assert RAMP.step_seconds * (len(RAMP.path) + 3) == RAMP.duration
+    assert RAMP.ramp_config()["hold_minutes"] == 0.1875  # 11.25 s
 
 
 @pytest.mark.parametrize(
@@ -184,7 +184,7 @@ def test_a_hold_per_step_and_two_spare_fit_the_duration() -> None:
         ((0, 50, 100), 90, "--ramp needs 3 to 20 steps above 0 in --steps (a step before, during and after the fault), got 2"),
         ((0, 50, 25, 100), 90, "--ramp needs --steps strictly rising, got 0,50,25,100"),
         ((5, 25, 50), 90, "--ramp needs --steps to end at 100 (where the ramp is done), got 50"),
-        ((1, 5, 25, 50, 100), 27, "--duration 27 leaves a 3.9 s hold per step (5 steps and 2 spare holds); give each at least 4 s"),
+        ((1, 5, 25, 50, 100), 31, "--duration 31 leaves a 3.9 s hold per step (5 steps and 3 spare holds); give each at least 4 s"),
     ],
 )
 def test_a_ramp_plan_it_cannot_run_is_refused(steps: tuple[float, ...], duration: float, error: str) -> None:
@@ -193,7 +193,7 @@ def test_a_ramp_plan_it_cannot_run_is_refused(steps: tuple[float, ...], duration
 
 
 def test_min_sessions_is_half_what_the_quietest_step_sees_in_a_hold() -> None:
-    plan = Plan(duration=30, steps=(10, 50, 100), ramp=True)  # a 6 s hold; 10 % routes 11 of the 100 apps
+    plan = Plan(duration=36, steps=(10, 50, 100), ramp=True)  # a 6 s hold; 10 % routes 11 of the 100 apps
     assert plan.routed_new(10) == 11
     assert plan.min_sessions() == 8  # 11 apps * 6 s / 3.8 s per session and pause / 2
     assert RAMP.routed_new(1) == 0 and RAMP.min_sessions() == 0  # nobody at 1 %: judged on what there is

@@ -484,7 +484,9 @@ def _report_start(drill: Drill, report: Callable[[str], None]) -> None:
         report(f"ws-gateway drill --ramp: {plan.apps} apps ({legacy} legacy, URL token) for at most {plan.duration:g} s; "
                f"rollout.ramp {steps}")
         report(f"  ramp:        hold {ramp['hold_minutes']:g} min ({plan.step_seconds:.1f} s), min_sessions {ramp['min_sessions']} "
-               f"(at {plan.path[0]:g}% {plan.routed_new(plan.path[0])} apps go new), on_failure step_back, gates at their defaults")
+               f"(at {plan.path[0]:g}% {plan.routed_new(plan.path[0])} apps go new), on_failure step_back")
+        report(f"  gates:       at their defaults but reply_ratio_max {ramp['gates']['reply_ratio_max']:g} "
+               "(the stubs answer in under a millisecond, the new one after a JWT check)")
     else:
         report(f"ws-gateway drill: {plan.apps} apps ({legacy} legacy, URL token) for {plan.duration:g} s; "
                f"new_percent {steps}, {plan.step_seconds:g} s per step")

@@ -24,9 +24,10 @@ MAX_FAILURE_RATIO = 0.1  # the drill's guard trips over 10 % failed new-backend 
 SALT = "drill"  # rollout.salt: with the apps' user ids it decides who a percentage routes new
 SESSION_SECONDS = (2.0, 5.0)  # how long an app keeps a session open
 PAUSE = (0.1, 0.5)  # seconds between an app's sessions
-# --ramp: a hold per step, and two more for the fault (its detection, the guard's recovery,
-# the step before it held again), the ramp's once-a-second syncs, and some traffic at 100 %.
-SPARE_HOLDS = 2
+# --ramp: a hold per step, and three more: the fault (its detection, the guard's recovery, a
+# second step back when the guard trips on the fault after the gate did, the steps climbed
+# again), the ramp's once-a-second syncs, and half a hold of traffic at 100 %.
+SPARE_HOLDS = 3
 MIN_HOLD_SECONDS = 4.0  # under this a hold is mostly the ramp's once-a-second sync
 # The ramp sees a trip at its next sync (up to a second) and the drill at its next look:
 # a guard cooldown at least this long ends after the heal, so no recovery step meets the fault.
@@ -105,7 +106,7 @@ class Plan:
         cooldown = round(step / 5, 2)
         return {
             "enabled": True,
-            "window_seconds": step,
+            "window_seconds": round(step, 2),
             "max_failure_ratio": MAX_FAILURE_RATIO,
             "min_samples": 10,
             "cooldown_seconds": max(cooldown, HEAL_SECONDS) if self.ramp else cooldown,
