@@ -110,7 +110,7 @@ class Drill:
         self.legs: list[RampLeg] = []  # with --ramp: one per change of the ramp, added as the drill sees it
         self.step = 0  # the index of the step (or leg) in progress
         self.ramp_seen: tuple[Any, ...] = ()  # the ramp's step, state and window when last looked at
-        self.leg_counters = (0.0, 0.0)
+        self.leg_counters = (0.0, 0.0)  # fallbacks and guard trips as the leg in progress began
         self.faulted = self.healed = False
         self.failures: list[str] = []
         self.problems: list[str] = []
@@ -306,7 +306,6 @@ class Drill:
             stats.guard = last_guard
         return True
 
-
     async def ramp_started(self) -> bool:
         """Whether the ramp shows its first step within RELOAD_WITHIN (it does at its first sync)."""
         ends = time.monotonic() + RELOAD_WITHIN
@@ -486,7 +485,7 @@ def _report_start(drill: Drill, report: Callable[[str], None]) -> None:
         report(f"  ramp:        hold {ramp['hold_minutes']:g} min ({plan.step_seconds:.1f} s), min_sessions {ramp['min_sessions']} "
                f"(at {plan.path[0]:g}% {plan.routed_new(plan.path[0])} apps go new), on_failure step_back")
         report(f"  gates:       at their defaults but reply_ratio_max {ramp['gates']['reply_ratio_max']:g} "
-               "(the stubs answer in under a millisecond, the new one after a JWT check)")
+               "(sub-millisecond stubs: one hiccup moves the ratio)")
     else:
         report(f"ws-gateway drill: {plan.apps} apps ({legacy} legacy, URL token) for {plan.duration:g} s; "
                f"new_percent {steps}, {plan.step_seconds:g} s per step")
