@@ -31,6 +31,17 @@ PAGE = """<!doctype html>
 </header>
 <p id="banner" hidden></p>
 <section id="tiles" aria-label="now"></section>
+<section id="ramp" aria-label="the automatic ramp" hidden>
+  <h2 id="ramp-title"></h2>
+  <ol id="ramp-steps"></ol>
+  <p id="ramp-state"></p>
+  <p id="ramp-next"></p>
+  <p id="ramp-window" class="muted"></p>
+  <table>
+    <thead><tr><th>gate</th><th>value</th><th>threshold</th><th>verdict</th><th>from</th></tr></thead>
+    <tbody id="ramp-gates"></tbody>
+  </table>
+</section>
 <form id="route-form" aria-label="where does a user go">
   <label for="route-user">Where does user</label>
   <input id="route-user" name="user" autocomplete="off" spellcheck="false" required maxlength="256">
@@ -99,6 +110,22 @@ footer { margin-top: 16px; font-size: 12px; }
 #versions th, #versions td { text-align: right; padding: 3px 8px; border-bottom: 1px solid var(--grid); }
 #versions th:first-child, #versions td:first-child { text-align: left; }
 #versions td.bad { color: var(--bad); font-weight: 600; }
+#ramp { background: #fff; border: 1px solid var(--grid); border-left: 6px solid var(--ok); border-radius: 6px;
+        padding: 8px 10px; margin: 0 0 16px; }
+#ramp.warn { border-left-color: var(--warn); }
+#ramp.bad { border-left-color: var(--bad); background: #fef2f2; }
+#ramp.quiet { border-left-color: var(--grid); }
+#ramp h2 { font-size: 14px; margin: 0 0 6px; }
+#ramp p { margin: 0 0 6px; }
+#ramp-steps { display: flex; gap: 4px; list-style: none; padding: 0; margin: 0 0 8px; flex-wrap: wrap; }
+#ramp-steps li { padding: 2px 10px; border: 1px solid var(--grid); border-radius: 12px; color: var(--muted); }
+#ramp-steps li.passed { color: var(--text); }
+#ramp-steps li.current { background: var(--new); border-color: var(--new); color: #fff; font-weight: 650; }
+#ramp-state.warn { color: var(--warn); font-weight: 600; }
+#ramp-state.bad { color: var(--bad); font-weight: 600; }
+#ramp table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
+#ramp th, #ramp td { text-align: left; padding: 3px 8px; border-bottom: 1px solid var(--grid); }
+#ramp td.bad { color: var(--bad); font-weight: 600; }
 """
 
 SCRIPT = r"""
@@ -254,8 +281,11 @@ function render(data) {
     g.state === "tripped" ? `guard TRIPPED since ${utc(g.since)} \u00b7 retries at ${utc(g.retries_at)} ` +
       `(in ${g.retries_in_seconds} s) \u00b7 ${trips}` :
     `guard ${guardText} \u00b7 ${trips}`;
+  // While the ramp is on, its step is what the guard scales; rollout.new_percent is not used.
+  const ramp = ro.ramp && ro.ramp.enabled ? ro.ramp : null;
+  const planned = ramp ? `ramp step ${fmt(ramp.step_percent, "%")}` : `configured ${fmt(ro.configured_percent, "%")}`;
   tiles.appendChild(tile("New backend", `${fmt(ro.effective_percent, "%")} of users`,
-    `configured ${fmt(ro.configured_percent, "%")} \u00b7 ${guardDetail}`,
+    `${planned} \u00b7 ${guardDetail}`,
     g.state === "tripped" ? "bad" : g.state === "recovering" ? "warn" : ""));
   tiles.appendChild(tile("Open sessions", `old ${fmt(r.active_old)} \u00b7 new ${fmt(r.active_new)}`,
     `legacy app ${fmt(r.active_legacy)} \u00b7 current app ${fmt(r.active_message)}`, "quiet"));
@@ -276,7 +306,63 @@ function render(data) {
 
   const charts = document.getElementById("charts");
   charts.replaceChildren(...CHARTS.map(def => chart(def, data)));
+  renderRamp(ramp);
   renderVersions(ro.app_versions);
+}
+
+// The automatic ramp (rollout.ramp) as /rollout's `ramp` says it; hidden while it is off.
+const RAMP_STATES = {advancing: ["advancing", ""], holding: ["holding", "warn"], stepped_back: ["stepped back", "bad"],
+                     paused: ["paused", "quiet"], done: ["done", ""]};
+
+function countdown(seconds) {
+  const s = Math.max(0, Math.ceil(seconds)), pad = n => String(n).padStart(2, "0");
+  return s >= 3600 ? `${Math.floor(s / 3600)}:${pad(Math.floor(s / 60) % 60)}:${pad(s % 60)}` : `${Math.floor(s / 60)}:${pad(s % 60)}`;
+}
+
+// A gate's value as the ramp's log line writes it (three significant digits); its threshold as configured.
+function gateNumber(gate, value, exact) {
+  if (value === null || value === undefined) return "no data";
+  return (exact ? String(value) : String(Number(value.toPrecision(3)))) + (gate.name === "reply_seconds_avg" ? " s" : "");
+}
+
+function renderRamp(ramp) {
+  const section = document.getElementById("ramp");
+  section.hidden = !ramp;
+  if (!ramp) return;
+  const [stateText, level] = RAMP_STATES[ramp.state] || [String(ramp.state), "warn"];
+  section.className = level;
+  const steps = ramp.steps || [], at = ramp.step_index;
+  document.getElementById("ramp-title").textContent = at === null ? "Ramp: starting" :
+    `Ramp: step ${at + 1} of ${steps.length} (${fmt(ramp.step_percent, "%")}) \u00b7 ${stateText}`;
+  document.getElementById("ramp-steps").replaceChildren(...steps.map((step, i) =>
+    node("li", i === at ? {class: "current", "aria-current": "step"} : i < at ? {class: "passed"} : {}, fmt(step, "%"))));
+  const state = document.getElementById("ramp-state");
+  state.className = level;
+  state.textContent = ramp.reason ? `${stateText}: ${ramp.reason}` : stateText;
+  const next = [];
+  if (ramp.state !== "paused" && ramp.state !== "done") {
+    if (ramp.next_step_in_seconds > 0) next.push(`next step in ${countdown(ramp.next_step_in_seconds)}`);
+    if (ramp.waiting_for) next.push(`waiting for ${ramp.waiting_for}`);
+    else if (ramp.next_step_in_seconds === 0) next.push("next step due now");
+  }
+  const nextLine = document.getElementById("ramp-next");
+  nextLine.hidden = !next.length;
+  nextLine.textContent = next.join(" \u00b7 ");
+  const since = ramp.since ? ` since ${ramp.since.slice(11, 19)} UTC` : "";
+  document.getElementById("ramp-window").textContent =
+    `${ramp.sessions} of ${ramp.min_sessions} new-backend sessions in this step's window${since} (every replica) ` +
+    `\u00b7 hold ${ramp.hold_minutes} min \u00b7 on failure: ${ramp.on_failure === "step_back" ? "step back" : "hold"}` +
+    (ramp.store_available === false ? " \u00b7 the shared store is not answering" : "");
+  document.getElementById("ramp-gates").replaceChildren(...(ramp.gates || []).map(gate => {
+    const tr = node("tr", {"data-gate": gate.name});
+    const verdict = !gate.ok ? "failing" : gate.value === null ? "ok (no data yet)" : "ok";
+    for (const [text, cls] of [[gate.name], [gateNumber(gate, gate.value)],
+                               [`${gate.bound === "min" ? "\u2265" : "\u2264"} ${gateNumber(gate, gate.threshold, true)}`],
+                               [verdict, gate.ok ? "" : "bad"], [gate.detail]]) {
+      tr.appendChild(node("td", cls ? {class: cls} : {}, text));
+    }
+    return tr;
+  }));
 }
 
 // Today's users per app version (usage.app_version), as the gateway last read them from its store.
