@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import yaml
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.metrics_core import Metric
 
 from gateway.service import status_assets
@@ -76,6 +78,24 @@ def test_sample_of_merged_worker_metrics_adds_them_up() -> None:
     assert sample.opened == {"old": 10, "new": 8}
     assert sample.configured_percent == 50  # a shared gauge: the largest, not the sum
     assert sample.reply["new"][-1] == (INF, 2)
+
+
+def ramp_gauge(percent: float) -> list[Metric]:
+    registry = CollectorRegistry()
+    Gauge("ws_gateway_ramp_step_percent", "the ramp's step", registry=registry).set(percent)
+    return list(registry.collect())
+
+
+def test_the_ramps_step_is_sampled_and_its_nan_while_off_is_none_so_status_json_stays_json() -> None:
+    on, off = sample_of(ramp_gauge(5.0), at=0.0), sample_of(ramp_gauge(math.nan), at=5.0)
+    assert (on.ramp_step_percent, off.ramp_step_percent, Sample(at=0.0).ramp_step_percent) == (5.0, None, None)
+    history = History(every=5, window=60)
+    for sample in (on, off):
+        history.add(sample)
+    body = status_json(history, sample_of(ramp_gauge(math.nan), at=10.0), {})
+    assert body["series"]["ramp_step_percent"] == [None] and body["recent"]["ramp_step_percent"] is None
+    json.dumps(body, allow_nan=False)
+    assert interval(off, on)["ramp_step_percent"] == 5.0
 
 
 # -- percentiles and rates -------------------------------------------------------------------------
@@ -419,6 +439,7 @@ async def test_browser_draws_every_chart_and_the_tiles_from_status_json() -> Non
     assert "gateway.yaml &lt;b&gt;x&lt;/b&gt;" in dom  # data is text, never markup
     assert '<section id="ramp" aria-label="the automatic ramp" hidden="">' in dom  # no ramp in /rollout
     assert "configured 50 %" in dom
+    assert "ramp_step_percent" not in dom and "ramp step" not in dom  # the chart's ramp line only while there is one
 
 
 def stepped_back_ramp() -> dict[str, Any]:
@@ -442,14 +463,15 @@ def stepped_back_ramp() -> dict[str, Any]:
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 async def test_browser_shows_the_ramps_plan_state_reason_gates_and_next_step() -> None:
     history = History(every=5, window=60)
-    history.add(Sample(at=0.0))
+    history.add(Sample(at=0.0, ramp_step_percent=25.0))
+    history.add(Sample(at=5.0, ramp_step_percent=5.0))
     rollout = {"configured_percent": 30, "effective_percent": 5, "ramp": stepped_back_ramp(),
                "guard": {"enabled": True, "state": "healthy", "trips": 0}}
     app = web.Application()
     for path, body, content_type in (
         ("/", status_assets.PAGE, "text/html"), ("/status.js", status_assets.SCRIPT, "text/javascript"),
         ("/status.css", status_assets.STYLE, "text/css"),
-        ("/status.json", json.dumps(status_json(history, Sample(at=5.0), rollout)), "application/json"),
+        ("/status.json", json.dumps(status_json(history, Sample(at=10.0, ramp_step_percent=5.0), rollout)), "application/json"),
     ):
         app.router.add_get(path, static(body, content_type))
     runner, port = await start_site(app, "127.0.0.1", 0)
@@ -470,6 +492,7 @@ async def test_browser_shows_the_ramps_plan_state_reason_gates_and_next_step() -
     assert '<td>reply_seconds_avg</td><td>no data</td><td>≤ 2 s</td><td>ok (no data yet)</td>' in dom
     assert dom.count("<tr data-gate=") == 4
     assert "ramp step 5 % · guard healthy" in dom and "configured 30 %" not in dom
+    assert 'data-series="ramp_step_percent"' in dom and '<span class="c-ramp">ramp step: 5 %</span>' in dom
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")

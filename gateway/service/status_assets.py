@@ -67,7 +67,7 @@ PAGE = """<!doctype html>
 """
 
 STYLE = """
-:root { --old: #b45309; --new: #1d4ed8; --legacy: #6b7280; --message: #059669; --bad: #dc2626;
+:root { --old: #b45309; --new: #1d4ed8; --legacy: #6b7280; --message: #059669; --bad: #dc2626; --ramp: #7c3aed;
         --warn: #d97706; --ok: #15803d; --grid: #e5e7eb; --text: #111827; --muted: #6b7280; }
 * { box-sizing: border-box; }
 body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--text);
@@ -96,7 +96,7 @@ svg text { font-size: 10px; fill: var(--muted); }
 .legend span::before { content: ""; display: inline-block; width: 10px; height: 3px; margin-right: 4px;
                        vertical-align: middle; background: currentColor; }
 .c-old { color: var(--old); } .c-new { color: var(--new); } .c-legacy { color: var(--legacy); }
-.c-message { color: var(--message); } .c-bad { color: var(--bad); } .c-muted { color: var(--muted); }
+.c-message { color: var(--message); } .c-ramp { color: var(--ramp); } .c-bad { color: var(--bad); } .c-muted { color: var(--muted); }
 footer { margin-top: 16px; font-size: 12px; }
 #route-form { display: flex; align-items: baseline; gap: 8px; flex-wrap: wrap; margin: 0 0 16px; }
 #route-form input { font: inherit; padding: 2px 6px; min-width: 16em; }
@@ -131,10 +131,12 @@ footer { margin-top: 16px; font-size: 12px; }
 SCRIPT = r"""
 "use strict";
 const SVGNS = "http://www.w3.org/2000/svg";
-const COLOR = {old: "#b45309", new: "#1d4ed8", legacy: "#6b7280", message: "#059669", bad: "#dc2626", muted: "#9ca3af"};
+const COLOR = {old: "#b45309", new: "#1d4ed8", legacy: "#6b7280", message: "#059669", bad: "#dc2626", muted: "#9ca3af",
+               ramp: "#7c3aed"};
 const GUARD = {healthy: "healthy", recovering: "recovering", tripped: "TRIPPED"};
-const DASHED = new Set(["configured_percent", "reply_p95_old", "reply_p95_new"]);
+const DASHED = new Set(["configured_percent", "ramp_step_percent", "reply_p95_old", "reply_p95_new"]);
 // Each chart: its columns in status.json, a unit, and optionally a fixed top, an alert line, the guard band.
+// A line marked optional (a fourth element) is left out, legend too, while its column has no value.
 const CHARTS = [
   {title: "Sessions opened per second", unit: "/s", lines: [
     ["sessions_per_s_old", "old backend", "old"], ["sessions_per_s_new", "new backend", "new"]]},
@@ -152,7 +154,8 @@ const CHARTS = [
   {title: "Session ready p95 (upgrade to relaying)", unit: "s", alert: 2, lines: [
     ["ready_p95_old", "old backend", "old"], ["ready_p95_new", "new backend", "new"]]},
   {title: "Users routed to the new backend", unit: "%", top: 100, guard: true, lines: [
-    ["configured_percent", "configured", "muted"], ["effective_percent", "effective (after the guard)", "new"]]},
+    ["configured_percent", "configured", "muted"], ["ramp_step_percent", "ramp step", "ramp", true],
+    ["effective_percent", "effective (after the guard)", "new"]]},
 ];
 
 function node(tag, attrs, text) {
@@ -187,6 +190,8 @@ function niceTop(max) {
 }
 
 function chart(def, data) {
+  const lines = def.lines.filter(([key, , , optional]) =>
+    !optional || data.recent[key] !== null || data.series[key].some(v => v !== null));
   const W = 560, H = 150, L = 48, R = 8, T = 8, B = 20;
   // From the oldest sample (at least a minute back) to now: a young process fills the width too.
   const t = data.series.t, end = data.now, every = data.sampled_every_seconds;
@@ -194,7 +199,7 @@ function chart(def, data) {
   const x = v => L + (W - L - R) * (v - start) / (end - start);
   // Scaled to the data, so milliseconds stay readable under a 2 s alert; the alert line shows once in range.
   let max = 0;
-  for (const [key] of def.lines) for (const v of data.series[key]) if (v !== null && v > max) max = v;
+  for (const [key] of lines) for (const v of data.series[key]) if (v !== null && v > max) max = v;
   const top = def.top || niceTop(max * 1.1);
   const y = v => T + (H - T - B) * (1 - Math.min(v, top) / top);
   const root = svgNode("svg", {viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": def.title});
@@ -220,7 +225,7 @@ function chart(def, data) {
     root.appendChild(svgNode("line", {x1: L, x2: W - R, y1: y(def.alert), y2: y(def.alert), stroke: COLOR.bad,
       "stroke-dasharray": "4 3"}));
   }
-  for (const [key, , color] of def.lines) {
+  for (const [key, , color] of lines) {
     const values = data.series[key];
     let d = "", pen = "M";
     for (let i = 0; i < t.length; i++) {
@@ -238,7 +243,7 @@ function chart(def, data) {
   // the last 5-second point of the line, which on a few upgrades can say 50 % where the tile says 75 %.
   const legend = node("div", {class: "legend"});
   legend.appendChild(node("span", {class: "c-muted"}, spanOf(data.recent)));
-  for (const [key, label, color] of def.lines) {
+  for (const [key, label, color] of lines) {
     legend.appendChild(node("span", {class: "c-" + color}, `${label}: ${fmt(data.recent[key], def.unit)}`));
   }
   if (def.alert) legend.appendChild(node("span", {class: "c-bad"}, `alert at ${fmt(def.alert, def.unit)}`));
