@@ -334,7 +334,8 @@ function renderRamp(ramp) {
   const section = document.getElementById("ramp");
   section.hidden = !ramp;
   if (!ramp) return;
-  const [stateText, level] = RAMP_STATES[ramp.state] || [String(ramp.state), "warn"];
+  // No state yet: the first sync with the shared store (within a second of the start) is still to come.
+  const [stateText, level] = ramp.state === null ? ["starting", "quiet"] : RAMP_STATES[ramp.state] || [String(ramp.state), "warn"];
   section.className = level;
   const steps = ramp.steps || [], at = ramp.step_index;
   document.getElementById("ramp-title").textContent = at === null ? "Ramp: starting" :
