@@ -247,6 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load_config(_config_path(args.config), need_secret=False)
             route = choose_backend(args.user_id, config.rollout)
             print(f"{route.backend} ({route.explain()})")
+            if config.rollout.ramp.enabled:
+                print(
+                    "note: rollout.ramp is on: the running gateway routes by the ramp's current step, not"
+                    " rollout.new_percent; ask its admin port: GET /route?user=ID",
+                    file=sys.stderr,
+                )
             return 0
         if args.command == "token":
             config = load_config(_config_path(args.config))

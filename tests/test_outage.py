@@ -98,6 +98,22 @@ class Shelf(Remote):
         await self._up()
         return await self.shared.read_guard()
 
+    async def read_ramp(self) -> dict[str, Any] | None:
+        await self._up()
+        return await self.shared.read_ramp()
+
+    async def write_ramp(self, record: dict[str, Any], expected_version: int) -> bool:
+        await self._up()
+        return await self.shared.write_ramp(record, expected_version)
+
+    async def publish_ramp_window(self, window: int, replica: str, numbers: dict[str, Any]) -> None:
+        await self._up()
+        await self.shared.publish_ramp_window(window, replica, numbers)
+
+    async def read_ramp_window(self, window: int) -> list[dict[str, Any]]:
+        await self._up()
+        return await self.shared.read_ramp_window(window)
+
 
 def resilient(shelf: Shelf, clock: Clock, **kwargs: Any) -> Resilient:
     return Resilient(shelf, memory=MemoryStore(), retry_backoff=BACKOFF, clock=clock, **kwargs)
@@ -118,6 +134,21 @@ async def test_calls_go_to_the_remote_store_while_it_answers() -> None:
     await store.count_session(DAY, "legacy", "old", "alice")
     assert (await store.usage_days(1, DAY))[0].users_legacy == 1
     assert store.available and store.errors == 0 and not store.pending_usage_days
+
+
+async def test_the_ramp_holds_through_an_outage_on_the_last_record_read() -> None:
+    shelf = Shelf()
+    store = resilient(shelf, Clock())
+    assert await store.write_ramp({"version": 1, "step_index": 2}, 0)
+    await store.publish_ramp_window(1, "a", {"attempted": 3})
+    assert await store.read_ramp_window(1) == [{"attempted": 3}]
+    shelf.down = True
+    assert await store.read_ramp() == {"version": 1, "step_index": 2}  # from memory: the step holds
+    assert not await store.write_ramp({"version": 2, "step_index": 3}, 1)  # nobody advances blind
+    await store.publish_ramp_window(1, "a", {"attempted": 4})
+    assert await store.read_ramp_window(1) == []
+    shelf.down = False
+    assert await shelf.shared.read_ramp() == {"version": 1, "step_index": 2}
 
 
 async def test_an_outage_is_answered_from_memory_logged_once_and_counted(store_logs: pytest.LogCaptureFixture) -> None:

@@ -50,3 +50,18 @@ def test_rebalancing_ignores_the_guard_unless_on_guard_trip() -> None:
     rebalance = replace(config.rollout.rebalance, on_guard_trip=True)
     state.apply(replace(config, rollout=replace(config.rollout, rebalance=rebalance)), 0.0)
     assert state.held_back_by_guard() == (0.0, True)
+
+
+def test_the_ramps_step_replaces_the_files_percentage_while_the_ramp_is_on() -> None:
+    ramp = {"new_percent": 0, "ramp": {"enabled": True, "steps": [25, 100]}}
+    state = RolloutState(make_config(rollout=ramp), None)
+    assert state.effective_percent() == 0.0  # no step known yet: the file's percentage
+    assert state.follow_ramp(25.0)
+    assert not state.follow_ramp(25.0)
+    assert (state.routing.new_percent, state.effective_percent()) == (25.0, 25.0)
+    assert state.route("alice").new_percent == 25.0
+
+    state.apply(make_config(rollout={**ramp, "ramp": {"enabled": False}}), 0.0)
+    assert state.effective_percent() == 0.0  # off: back to rollout.new_percent
+    state.apply(make_config(rollout=ramp), 0.0)
+    assert state.effective_percent() == 25.0  # on again: the step it knew

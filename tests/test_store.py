@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.service.store import DayUsage, MemoryStore, RedisStore, Store, StoreUnavailable, open_store, utc_day
+from gateway.service.store import DayUsage, MemoryStore, RedisStore, SqliteStore, Store, StoreUnavailable, open_store, utc_day
 
 from .helpers import TIMEOUT, Clock, eventually, make_config
 from .redis_server import RedisServer, free_port, redis_server  # noqa: F401 - fixture
@@ -254,6 +254,94 @@ async def test_guard_record_reads_back_until_it_expires(make_store: MakeStore):
         return await store.read_guard() is None
 
     assert await eventually(gone)
+
+
+@pytest.fixture(params=["memory", "redis", "sqlite"])
+async def ramp_stores(
+    request: pytest.FixtureRequest, tmp_path: Any, replicas: Callable[..., RedisStore]
+) -> AsyncIterator[tuple[Store, Store]]:
+    """Two stores the ramp's replicas would share: one process's memory (the same store twice),
+    one Redis, or one SQLite file (``usage.path``, as the workers of one host share it)."""
+    if request.param == "memory":
+        memory = MemoryStore()
+        yield memory, memory
+        return
+    if request.param == "redis":
+        yield replicas(), replicas()
+        return
+    path = str(tmp_path / "usage.sqlite")
+    first, second = SqliteStore(path), SqliteStore(path)
+    await first.start()
+    await second.start()
+    try:
+        yield first, second
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_the_ramp_record_is_written_only_over_the_version_expected(ramp_stores: tuple[Store, Store]):
+    a, b = ramp_stores
+    assert await a.read_ramp() is None
+    first = {"step_index": 0, "version": 1, "reason": "started"}
+    assert await a.write_ramp(first, 0)
+    assert not await b.write_ramp({**first, "version": 1, "reason": "also started"}, 0)  # A wrote first
+    assert await b.read_ramp() == first
+    assert await b.write_ramp({**first, "version": 2, "step_index": 1}, 1)
+    assert not await a.write_ramp({**first, "version": 2, "step_index": 0}, 1)  # stale: B moved it on
+    assert await a.read_ramp() == {**first, "version": 2, "step_index": 1}
+
+
+async def test_ramp_windows_hold_each_replicas_numbers(ramp_stores: tuple[Store, Store]):
+    a, b = ramp_stores
+    await a.publish_ramp_window(3, "replica-a", {"attempted": 1})
+    await a.publish_ramp_window(3, "replica-a", {"attempted": 2})  # replaces its own
+    await b.publish_ramp_window(3, "replica-b", {"attempted": 5})
+    await b.publish_ramp_window(4, "replica-b", {"attempted": 7})
+    assert sorted(n["attempted"] for n in await a.read_ramp_window(3)) == [2, 5]
+    assert await b.read_ramp_window(4) == [{"attempted": 7}]
+    assert await a.read_ramp_window(9) == []
+
+
+async def test_while_redis_is_down_the_ramp_reads_its_last_record_and_writes_nothing(replicas):
+    store = replicas(url=f"redis://127.0.0.1:{free_port()}/0", timeout_seconds=0.2)
+    assert await store.read_ramp() is None
+    assert not await store.write_ramp({"version": 1}, 0)
+    assert not store.available
+    await store.publish_ramp_window(1, "r", {"attempted": 1})  # dropped, not raised
+    assert await store.read_ramp_window(1) == []
+
+
+async def test_a_ramp_record_read_before_an_outage_is_kept_through_it(replicas, redis_server):
+    store = replicas()
+    record = {"step_index": 2, "version": 4}
+    assert await store.write_ramp(record, 0)
+    assert await store.read_ramp() == record
+    redis_server.stop()
+    assert await store.read_ramp() == record
+    assert not await store.write_ramp({**record, "version": 5}, 4)
+
+
+async def test_a_loop_of_store_calls_stops_when_cancelled(replicas):
+    """redis-py can swallow a cancel that lands mid-command; the store raises it again, so a
+    background loop (the ramp's, the guard's) stops with the gateway."""
+    store = replicas()
+    looping = asyncio.Event()
+    calls = 0
+
+    async def loop() -> None:
+        nonlocal calls
+        while True:
+            await store.read_ramp()
+            calls += 1
+            if calls == 20:
+                looping.set()
+
+    task = asyncio.create_task(loop())
+    await asyncio.wait_for(looping.wait(), TIMEOUT)
+    task.cancel()
+    await asyncio.wait({task}, timeout=TIMEOUT)
+    assert task.cancelled()
 
 
 # -- replicas sharing one Redis ----------------------------------------------------------------

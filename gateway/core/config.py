@@ -305,6 +305,12 @@ def config_warnings(config: Config) -> list[str]:
             f"admin.host: {config.admin.host or '(empty)'} listens on every interface: /metrics, /rollout and the"
             " status page are open to whoever reaches this host; keep the port off the public load balancer"
         )
+    if config.rollout.ramp.enabled and config.redis is None and config.usage.path is None:
+        warnings.append(
+            "rollout.ramp: its progress is kept in memory (no redis, no usage.path): a restart starts the ramp"
+            " again at its first step, and under serve --workers each worker ramps on its own; set usage.path"
+            " (one host) or redis (replicas)"
+        )
     return warnings
 
 

@@ -52,6 +52,8 @@ class Guard:
         self.since = 0.0
         self.step = 0
         self.trips = 0
+        self.tripped_at: float | None = None  # the last trip, and what it said (the ramp reports it)
+        self.trip_detail = ""
         self._samples: deque[tuple[float, bool]] = deque()
         self._failures = 0
 
@@ -107,6 +109,7 @@ class Guard:
     def trip(self, now: float, detail: str) -> Transition:
         """Trip the guard (also used to adopt a trip another replica saw)."""
         self.trips += 1
+        self.tripped_at, self.trip_detail = now, detail
         self._enter(GuardState.TRIPPED, now, 0)
         return Transition(self.state, now, f"tripped: {detail}; new backend paused for {self.config.cooldown_seconds:g}s")
 

@@ -118,7 +118,7 @@ class GatewayAnswers:
 
     async def route(self, user_id: str) -> web.Response:
         gateway = self.gateway
-        return web.json_response(route_answer(user_id, choose_backend(user_id, gateway.config.rollout), gateway.route(user_id)))
+        return web.json_response(route_answer(user_id, choose_backend(user_id, gateway.rollout.routing), gateway.route(user_id)))
 
     async def session(self, request_id: str) -> web.Response:
         placed = self.gateway.session_placement(request_id)
@@ -147,8 +147,9 @@ def _user_problem(user_id: str) -> str | None:
 
 def route_answer(user_id: str, configured: Route, now: Route) -> dict[str, Any]:
     """``/route``: `configured` is what ``ws-gateway route`` prints (the config alone, same
-    function, same words); `now` is what a connection made now gets, the rollback guard
-    included, so the page can say when the two differ."""
+    function, same words; with ``rollout.ramp`` on, at the ramp's current step); `now` is
+    what a connection made now gets, the rollback guard included, so the page can say when
+    the two differ."""
     return {
         "user_id": user_id,
         "backend": configured.backend,

@@ -11,6 +11,7 @@ metric locks while long sessions still show up live.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -80,7 +81,7 @@ class Metrics:
             f"{PREFIX}_rollout_configured_percent", "rollout.new_percent from the config.", registry=r
         )
         self.effective_percent = Gauge(
-            f"{PREFIX}_rollout_effective_percent", "Percentage actually routed new, after the guard.", registry=r
+            f"{PREFIX}_rollout_effective_percent", "Percentage actually routed new, after the ramp and the guard.", registry=r
         )
         self.jwks_refreshes = Counter(
             f"{PREFIX}_jwks_refreshes", "Fetches of auth.jwks_url, by result (success, failure).", ["result"], registry=r
@@ -107,6 +108,12 @@ class Metrics:
         self.guard_state = Gauge(
             f"{PREFIX}_guard_state", "Rollback guard: 0 healthy, 1 recovering, 2 tripped.", registry=r
         )
+        self.ramp_step_percent = Gauge(
+            f"{PREFIX}_ramp_step_percent",
+            "The automatic ramp's current step (rollout.ramp), the percentage routed new before the guard; NaN while the ramp is off.",
+            registry=r,
+        )
+        self.ramp_step_percent.set(math.nan)
         self.guard_trips = Counter(f"{PREFIX}_guard_trips", "Times the rollback guard tripped.", registry=r)
         self.draining = Gauge(f"{PREFIX}_draining", "1 while the gateway drains for shutdown.", registry=r)
         self.pending_handshakes = Gauge(
@@ -156,6 +163,19 @@ class Metrics:
             else:
                 version = OTHER_VERSION
         self.app_version_sessions.labels(version, auth_style).inc()
+
+    def reply_totals(self) -> dict[str, tuple[float, int]]:
+        """Per backend, the reply-time histogram's (sum of seconds, count) so far: what the ramp's
+        reply gates read, at no cost to the relay."""
+        totals = {backend: [0.0, 0] for backend in ("old", "new")}
+        for family in self.reply_seconds.collect():
+            for sample in family.samples:
+                backend = sample.labels.get("backend", "")
+                if backend in totals and sample.name.endswith("_sum"):
+                    totals[backend][0] = sample.value
+                elif backend in totals and sample.name.endswith("_count"):
+                    totals[backend][1] = int(sample.value)
+        return {backend: (float(total), int(count)) for backend, (total, count) in totals.items()}
 
     def add_flow_collector(self, flows: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
         """Expose messages/bytes totals; `flows` yields (direction, frames, bytes) at scrape time."""

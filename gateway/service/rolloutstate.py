@@ -1,5 +1,6 @@
-"""The rollout as new sessions meet it: the config in force, the verifier built from it, and
-the rollback guard that may hold the configured percentage back.
+"""The rollout as new sessions meet it: the config in force, the verifier built from it, the
+ramp's step that replaces the configured percentage while ``rollout.ramp`` is on, and the
+rollback guard that may hold that percentage back.
 
 No I/O and no clock of its own: the caller passes the time and acts on the guard's
 transitions (log, metrics, sharing a trip with the other replicas), so all of it is
@@ -9,12 +10,14 @@ unit-tested with plain numbers.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from ..core.auth import Verifier
 from ..core.config import Config, keep_restart_keys, restart_required
 from ..core.guard import Guard, GuardState, Transition
 from .jwks import KeySet
+from ..core.config import RolloutConfig
 from ..core.routing import Route, choose_backend, held_back
 
 
@@ -29,13 +32,28 @@ class RolloutState:
         self.config = config
         self.verifier = Verifier(config.auth, keys)
         self.loaded_at = 0.0
+        self.ramp_percent: float | None = None  # the ramp's step, once one is known
+        self.routing: RolloutConfig = config.rollout  # what routing reads: the file's, or the ramp's step in it
 
     def apply(self, config: Config, wall: float) -> list[Transition]:
         """Serve `config` to new connections from `wall` (unix time) on; the guard's transitions."""
         self.config = config
         self.verifier = Verifier(config.auth, self.keys)
         self.loaded_at = wall
+        self._route_by(self.ramp_percent)
         return self.guard.configure(config.rollout.guard)
+
+    def follow_ramp(self, percent: float | None) -> bool:
+        """Route by the ramp's step `percent` (None: by ``rollout.new_percent``) while the ramp
+        is on; whether the percentage routing uses changed."""
+        before = self.routing.new_percent
+        self.ramp_percent = percent
+        self._route_by(percent)
+        return self.routing.new_percent != before
+
+    def _route_by(self, percent: float | None) -> None:
+        rollout = self.config.rollout
+        self.routing = replace(rollout, new_percent=percent) if rollout.ramp.enabled and percent is not None else rollout
 
     def reloaded(self, config: Config) -> tuple[Config, list[str]]:
         """What a reload may apply: keys bound at start-up keep their value; those it tried to change."""
@@ -45,7 +63,7 @@ class RolloutState:
     def route(self, user_id: str) -> Route:
         """`routing.choose_backend`, held back by the guard while it is tripped or recovering
         (tick the guard first: its state moves with time)."""
-        rollout = self.config.rollout
+        rollout = self.routing
         return held_back(choose_backend(user_id, rollout), rollout, self.guard.share(), self.guard.blocks_forced())
 
     def held_back_by_guard(self) -> tuple[float, bool]:
@@ -55,7 +73,7 @@ class RolloutState:
         return 1.0, False
 
     def effective_percent(self) -> float:
-        return self.config.rollout.new_percent * self.guard.share()
+        return self.routing.new_percent * self.guard.share()
 
     def status(self, now: float, utc: Callable[[float], str]) -> dict[str, Any]:
         """The rollout part of /rollout at `now` (the monotonic clock); `utc` words one of its times."""

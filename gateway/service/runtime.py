@@ -1,8 +1,9 @@
 """`Gateway`: what every connection of a running gateway shares, composed of one object per concern.
 
-`RolloutState` (the config in force, its verifier, the guard), `GuardSync` (the guard
-across replicas), `Rebalancer` (moving sessions whose route changed) and `Registry` (the
-open connections, their keepalive and their close). What stays here is the wiring between
+`RolloutState` (the config in force, its verifier, the ramp's step, the guard), `GuardSync`
+(the guard across replicas), `RampSync` (the ramp across replicas), `Rebalancer` (moving
+sessions whose route changed) and `Registry` (the open connections, their keepalive and
+their close). What stays here is the wiring between
 them and the metrics sink: the session outcomes a connection reports.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 import weakref
@@ -32,7 +34,9 @@ from .rebalancer import Rebalancer, moves
 from .registry import Registry, placement_answer
 from ..wire.services import OpenConnection
 from .rolloutstate import RolloutState
+from ..core.ramp import GuardView, Window, hold_ends, judge
 from ..core.routing import Route
+from .rampsync import RAMP_SYNC_SECONDS, Change, RampSync
 from .store import Store, StoreUnavailable, open_store, utc_day
 
 __all__ = ["GUARD_SYNC_SECONDS", "Gateway", "describe_error"]
@@ -86,11 +90,15 @@ class Gateway:
         self.rollout = RolloutState(config, keys, config_path=config_path)
         self.guard_sync = GuardSync(self.rollout.guard, self.store, clock=self._now, wall=self._wall)
         self.rebalancer = Rebalancer(self._now, self.registry.last_frame, self._move)
+        self._new_upstream = [0, 0, 0]  # new-backend attempts, opened, token refused: the ramp's gates
+        self.ramp_sync = RampSync(self.store, replica=self.guard_sync.replica, wall=self._wall, totals=self._ramp_totals)
+        self._ramp_due = asyncio.Event()
         self.pending = 0  # connections from accept until relaying or closed (listener.Request)
         self.upstream_errors: dict[str, dict[str, Any]] = {}  # the last one per backend, for /rollout
         self._background: set[asyncio.Task[Any]] = set()
         self._guard_sync: asyncio.Task[None] | None = None
         self._keepalive: asyncio.Task[None] | None = None
+        self._ramp: asyncio.Task[None] | None = None
         self._app_versions: dict[str, Any] | None = None  # today's usage by app version, as last read
         self._app_versions_read_at: float | None = None
         self.apply(config)
@@ -137,6 +145,7 @@ class Gateway:
         self.verifier: Verifier = self.rollout.verifier
         self._observe(transitions)
         self.store.retention_days = config.usage.retention_days
+        self._ramp_due.set()  # a ramp turned on, paused or edited is acted on at once
         self.refresh_gauges()
 
     def reload(self, config: Config) -> None:
@@ -191,13 +200,114 @@ class Gateway:
         """Share the guard with the other replicas (`GuardSync.sync_once`), and act on a trip adopted."""
         self._observe(await self.guard_sync.sync_once(self.config.rollout.guard), share=False)
 
+    # -- the ramp -------------------------------------------------------------------------------
+
+    def _ramp_totals(self) -> Window:
+        attempted, opened, rejected = self._new_upstream
+        replies = self.metrics.reply_totals()
+        (new_sum, new_count), (old_sum, old_count) = replies["new"], replies["old"]
+        return Window(attempted, opened, rejected, new_sum, new_count, old_sum, old_count)
+
+    def _guard_view(self) -> GuardView:
+        """The guard as the ramp judges it, its times on the wall clock every replica shares."""
+        guard = self.guard
+        tripped_at = guard.tripped_at
+        if not guard.config.enabled or guard.state is GuardState.HEALTHY:
+            return GuardView(healthy_since=self._wall_of(guard.since) if tripped_at is not None else None)
+        return GuardView(False, self._wall_of(tripped_at) if tripped_at is not None else None, guard.trip_detail)
+
+    def _wall_of(self, at: float) -> float:
+        return self.wall() - (self.clock() - at)
+
+    async def sync_ramp_once(self) -> None:
+        """One round of the shared ramp (`RampSync.sync_once`), then route by its step; off: by the file's percentage."""
+        plan = self.config.rollout.ramp
+        if not plan.enabled:
+            self._follow_ramp(None)
+            return
+        self._observe(self.guard.tick(self.clock()))
+        change = await self.ramp_sync.sync_once(plan, self._guard_view())
+        progress = self.ramp_sync.progress
+        if change is not None:
+            self._ramp_changed(change)
+        if self.config.rollout.ramp.enabled:  # a reload may have turned it off meanwhile
+            self._follow_ramp(progress.step_percent if progress is not None else None)
+
+    def _follow_ramp(self, percent: float | None) -> None:
+        if self.rollout.follow_ramp(percent):
+            self._set_gauges()
+            self.replan(f"the ramp moved to {percent:g}%" if percent is not None else "the ramp is off")
+
+    def _ramp_changed(self, change: Change) -> None:
+        after, before = change.after, change.before
+        extra = {
+            "ramp_state": after.state,
+            "step_percent": after.step_percent,
+            "previous_percent": before.step_percent if before is not None else None,
+            "decided_by": "this replica" if change.ours else "another replica",
+        }
+        if before is None and not change.ours:
+            where = f"step {after.step_index + 1} of {len(after.steps)} ({after.step_percent:g}%, {after.state})"
+            log.info(f"ramp: following the shared ramp at {where}; its last change: {after.reason}", extra=extra)
+        elif before is None or (after.reason, after.state, after.step_percent) != (before.reason, before.state, before.step_percent):
+            failing = after.state in ("holding", "stepped_back") and (before is None or before.window != after.window)
+            (log.warning if failing else log.info)("ramp: " + after.reason, extra=extra)
+
+    async def _ramp_loop(self) -> None:
+        """`sync_ramp_once` every RAMP_SYNC_SECONDS, and at once after a reload."""
+        while True:
+            try:
+                async with asyncio.timeout(RAMP_SYNC_SECONDS):  # wait_for may swallow a cancel that races the event
+                    await self._ramp_due.wait()
+            except TimeoutError:
+                pass
+            self._ramp_due.clear()
+            try:
+                await self.sync_ramp_once()
+            except Exception:  # the ramp must outlive any one round; it holds its step meanwhile
+                log.exception("ramp sync failed")
+
+    def ramp_status(self) -> dict[str, Any]:
+        """The ramp in /rollout: its plan, step, state and why, each gate against its threshold, the next step due."""
+        plan = self.config.rollout.ramp
+        progress = self.ramp_sync.progress if plan.enabled else None
+        numbers = self.ramp_sync.numbers
+        status: dict[str, Any] = {
+            "enabled": plan.enabled,
+            "state": None, "step_percent": None, "step_index": None, "reason": None, "since": None,
+            "next_step_in_seconds": None, "waiting_for": None,
+            "steps": list(plan.steps), "hold_minutes": plan.hold_minutes, "min_sessions": plan.min_sessions,
+            "on_failure": plan.on_failure, "paused": plan.paused,
+            "sessions": numbers.attempted if progress is not None else 0,
+            "gates": [gate.as_dict() for gate in judge(plan.gates, numbers if progress is not None else Window())],
+            "store_available": self.ramp_sync.reachable,
+        }
+        if progress is None:
+            return status
+        status.update(
+            state=progress.state, step_percent=progress.step_percent, step_index=progress.step_index,
+            reason=progress.reason, since=_iso(progress.since),
+        )
+        if progress.state in ("paused", "done"):
+            return status
+        guard = self._guard_view()
+        if not guard.healthy:
+            status["waiting_for"] = "the rollback guard to recover"
+            return status
+        status["next_step_in_seconds"] = round(max(0.0, hold_ends(plan, progress, guard) - self.wall()), 1)
+        if numbers.attempted < plan.min_sessions:
+            status["waiting_for"] = f"{numbers.attempted} of {plan.min_sessions} new-backend sessions"
+        if not self.ramp_sync.reachable:
+            status["waiting_for"] = "the shared store to answer"
+        return status
+
     # -- rebalancing open sessions ---------------------------------------------------------------
 
     def replan(self, why: str) -> None:
         """Schedule the close (1012) of every relaying session whose route changed and that is
         not on its new backend already; replaces any schedule in progress."""
         config = self.config.rollout.rebalance
-        found = moves(self.connections, self.config.rollout, *self.rollout.held_back_by_guard()) if config.enabled else []
+        found = moves(self.connections, self.rollout.routing, *self.rollout.held_back_by_guard()) if config.enabled else []
         self.rebalancer.replan(config, found, why)
         if found:
             log.warning(
@@ -247,6 +357,8 @@ class Gateway:
 
     def _set_gauges(self) -> None:
         self.metrics.configured_percent.set(self.config.rollout.new_percent)
+        ramp = self.rollout.ramp_percent if self.config.rollout.ramp.enabled else None
+        self.metrics.ramp_step_percent.set(ramp if ramp is not None else math.nan)
         self.metrics.effective_percent.set(self.effective_percent())
         self.metrics.guard_state.set(STATE_VALUES[self.guard.state])
         self.metrics.draining.set(1 if self.draining else 0)
@@ -264,6 +376,7 @@ class Gateway:
             "rebalance": self.rebalancer.status(),
             "last_upstream_error": {backend: self.upstream_errors.get(backend) for backend in ("old", "new")},
             "app_versions": self._app_versions_today(),
+            "ramp": self.ramp_status(),
         }
 
     def _utc(self, at: float) -> str:
@@ -309,6 +422,11 @@ class Gateway:
         bad_request (the client's request); only the backend's own faults reach the guard."""
         if result != "ok":
             self.metrics.upstream_failures.labels(backend, result).inc()
+        if backend == "new" and result != "bad_request":
+            counts = self._new_upstream
+            counts[0] += 1
+            counts[1] += result == "ok"
+            counts[2] += result == "rejected"
         if backend == "new" and result not in ("rejected", "bad_request"):
             self.new_backend_outcome(failed=result != "ok")
 
@@ -411,14 +529,19 @@ class Gateway:
             await self.keys.refresh()
             self.keys.start()
         await self.store.start()
+        try:
+            await self.sync_ramp_once()  # a restarted replica routes by the ramp's step from its first session
+        except Exception:
+            log.exception("ramp sync failed")
         self._guard_sync = asyncio.create_task(self.guard_sync.run(self.sync_guard_once))
+        self._ramp = asyncio.create_task(self._ramp_loop())
         self._keepalive = asyncio.create_task(self.registry.keep_alive(self._ping_interval))
 
     def _ping_interval(self) -> float:
         return self.config.limits.ping_interval_seconds
 
     async def stop(self) -> None:
-        for task in (self._guard_sync, self._keepalive):
+        for task in (self._guard_sync, self._keepalive, self._ramp):
             if task is not None:
                 task.cancel()
         self.rebalancer.cancel()

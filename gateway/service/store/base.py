@@ -32,6 +32,12 @@ What each operation promises
 * Guard: one small JSON record, last writer wins, expiring after ``ttl_seconds`` (of the
   ``wall`` clock in `MemoryStore`, of Redis's in `RedisStore`); every replica reads it
   once a second (``guardsync.GUARD_SYNC_SECONDS``).
+* Ramp (``rollout.ramp``): one JSON record, its progress, written only by compare-and-set
+  on its ``version`` (so of the replicas that decide at once, one writes and the others
+  read its result), and kept until overwritten (a ramp lasts days); and per window of the
+  ramp, one small JSON record of numbers per replica, kept `RAMP_WINDOW_TTL_SECONDS` after
+  its last write. Redis holds both for every replica; SQLite (``usage.path``) for the
+  processes sharing the file and across restarts; memory for this process's life.
 * `available` is False while the shared store cannot be reached (always True in memory);
   `retention_days` (``usage.retention_days``) may be reassigned on config reload.
 """
@@ -52,6 +58,7 @@ AUTH_WINDOW_SECONDS = 60
 AUTH_KEY_TTL_SECONDS = 2 * AUTH_WINDOW_SECONDS
 SESSION_TTL_SECONDS = 60.0
 GUARD_TTL_SECONDS = 600.0
+RAMP_WINDOW_TTL_SECONDS = 86400.0
 MAX_USAGE_USERS = 200_000
 MAX_AUTH_IPS = 100_000
 DEFAULT_PREFIX = "wsgw:"
@@ -192,6 +199,12 @@ def day_list(days: int, today: date | str | None) -> list[str]:
     return [(end - timedelta(days=back)).isoformat() for back in range(days - 1, -1, -1)]
 
 
+def ramp_version(record: Mapping[str, Any] | None) -> int:
+    """A ramp record's ``version``: 0 for none (the first write expects 0)."""
+    version = record.get("version") if record is not None else 0
+    return version if isinstance(version, int) and not isinstance(version, bool) else 0
+
+
 class Store(ABC):
     """What the gateway keeps across connections (and, with Redis, across replicas)."""
 
@@ -274,3 +287,22 @@ class Store(ABC):
     @abstractmethod
     async def read_guard(self) -> dict[str, Any] | None:
         """The last guard record any replica published, or None when there is none (or it expired)."""
+
+    # the ramp's progress ---------------------------------------------------------------------
+
+    @abstractmethod
+    async def read_ramp(self) -> dict[str, Any] | None:
+        """The ramp's progress record, or None before a ramp ever ran."""
+
+    @abstractmethod
+    async def write_ramp(self, record: dict[str, Any], expected_version: int) -> bool:
+        """Replace the record if its ``version`` is still `expected_version` (0: there is none);
+        False when another replica wrote first, or (`Resilient`) while the store is down."""
+
+    @abstractmethod
+    async def publish_ramp_window(self, window: int, replica: str, numbers: dict[str, Any]) -> None:
+        """This replica's numbers for ramp window `window` (replacing what it published before)."""
+
+    @abstractmethod
+    async def read_ramp_window(self, window: int) -> list[dict[str, Any]]:
+        """Every replica's numbers for ramp window `window`."""

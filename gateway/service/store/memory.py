@@ -33,6 +33,7 @@ from .base import (
     VersionUsage,
     check_usage,
     check_version,
+    ramp_version,
     day_list,
     sorted_versions,
     utc_day,
@@ -203,6 +204,8 @@ class MemoryStore(Store):
         self._sessions: dict[str, set[str]] = {}
         self._usage = _UsageBook(max_usage_users, retention_days)
         self._guard: tuple[dict[str, Any], float] | None = None
+        self._ramp: dict[str, Any] | None = None
+        self._ramp_windows: dict[int, dict[str, dict[str, Any]]] = {}
 
     @property
     def available(self) -> bool:
@@ -318,3 +321,26 @@ class MemoryStore(Store):
             self._guard = None
             return None
         return dict(record)
+
+    # the ramp's progress ---------------------------------------------------------------------
+
+    async def read_ramp(self) -> dict[str, Any] | None:
+        return dict(self._ramp) if self._ramp is not None else None
+
+    async def write_ramp(self, record: dict[str, Any], expected_version: int) -> bool:
+        if ramp_version(self._ramp) != expected_version:
+            return False
+        self.keep_ramp(record)
+        return True
+
+    def keep_ramp(self, record: dict[str, Any] | None) -> None:
+        """Hold `record` as the ramp's progress (`Resilient` keeps the last one it read here)."""
+        self._ramp = json.loads(json.dumps(record)) if record is not None else None
+
+    async def publish_ramp_window(self, window: int, replica: str, numbers: dict[str, Any]) -> None:
+        for old in [w for w in self._ramp_windows if w < window - 1]:  # only the live window is read
+            del self._ramp_windows[old]
+        self._ramp_windows.setdefault(window, {})[replica] = json.loads(json.dumps(numbers))
+
+    async def read_ramp_window(self, window: int) -> list[dict[str, Any]]:
+        return [dict(numbers) for numbers in self._ramp_windows.get(window, {}).values()]

@@ -31,6 +31,15 @@ log = logging.getLogger("gateway.store")
 T = TypeVar("T")
 
 
+def _cancel_swallowed() -> None:
+    """Raise the cancellation of this task if the remote call swallowed it: redis-py can lose
+    a cancel that lands mid-command (redis/redis-py#2028, #2551), and a background loop
+    that loses it never stops."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Remote(ABC):
     """What `Resilient` needs of the store it wraps: the shared operations, which raise one
     of `failures` when the store cannot answer, plus a probe and a bulk write of usage."""
@@ -89,6 +98,18 @@ class Remote(ABC):
 
     @abstractmethod
     async def read_guard(self) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    async def read_ramp(self) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    async def write_ramp(self, record: dict[str, Any], expected_version: int) -> bool: ...
+
+    @abstractmethod
+    async def publish_ramp_window(self, window: int, replica: str, numbers: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    async def read_ramp_window(self, window: int) -> list[dict[str, Any]]: ...
 
 
 class Resilient(Store):
@@ -214,10 +235,13 @@ class Resilient(Store):
             return await fallback()
         try:
             async with asyncio.timeout(self.timeout):
-                return await remote()
+                result = await remote()
         except self.remote.failures as exc:
+            _cancel_swallowed()
             self._failed(op, exc)
             return await fallback()
+        _cancel_swallowed()
+        return result
 
     async def _read(self, op: str, read: Callable[[], Awaitable[T]]) -> T:
         """A report's read: from the remote store only, never from memory."""
@@ -225,6 +249,7 @@ class Resilient(Store):
             async with asyncio.timeout(self.bulk_timeout):
                 result = await read()
         except self.remote.failures as exc:
+            _cancel_swallowed()
             self._failed(op, exc)
             remote = self.remote
             raise StoreUnavailable(f"{remote.kind} at {remote.location} did not answer: {remote.describe(exc)}") from None
@@ -422,3 +447,36 @@ class Resilient(Store):
 
     async def read_guard(self) -> dict[str, Any] | None:
         return await self._run("read_guard", self.remote.read_guard, self.memory.read_guard)
+
+    # -- the ramp's progress ---------------------------------------------------------------------
+    # While the store is down the ramp holds: its last record read stays in memory, and no
+    # replica may write (it could not tell whether another wrote first).
+
+    async def read_ramp(self) -> dict[str, Any] | None:
+        async def remote() -> dict[str, Any] | None:
+            record = await self.remote.read_ramp()
+            self.memory.keep_ramp(record)
+            return record
+
+        return await self._run("read_ramp", remote, self.memory.read_ramp)
+
+    async def write_ramp(self, record: dict[str, Any], expected_version: int) -> bool:
+        async def refused() -> bool:
+            return False
+
+        written = await self._run("write_ramp", lambda: self.remote.write_ramp(record, expected_version), refused)
+        if written:
+            self.memory.keep_ramp(record)
+        return written
+
+    async def publish_ramp_window(self, window: int, replica: str, numbers: dict[str, Any]) -> None:
+        async def nothing() -> None:
+            return None
+
+        await self._run("publish_ramp_window", lambda: self.remote.publish_ramp_window(window, replica, numbers), nothing)
+
+    async def read_ramp_window(self, window: int) -> list[dict[str, Any]]:
+        async def none() -> list[dict[str, Any]]:
+            return []
+
+        return await self._run("read_ramp_window", lambda: self.remote.read_ramp_window(window), none)

@@ -30,6 +30,10 @@ key                                    type         holds                       
 ``wsgw:usage:{day}:appv:{style}:{v}``  set          users of version ``v`` (BLAKE2b digests);    same as above
                                                     style = ``legacy`` or ``message``
 ``wsgw:guard``                         string       the guard record (JSON) last published       ``ttl_seconds`` of that publish
+``wsgw:ramp``                          string       the ramp's progress (JSON), written by       never
+                                                    compare-and-set on its ``version``
+``wsgw:ramp:window:{n}``               hash         field = replica id, value = its numbers      ``RAMP_WINDOW_TTL_SECONDS`` after
+                                                    for ramp window ``n`` (JSON)                 the last publish
 =====================================  ===========  ===========================================  ================================
 
 ``{day}`` is ``YYYY-MM-DD`` (UTC), ``{minute}`` is unix time // 60.
@@ -58,6 +62,7 @@ from .base import (
     AUTH_WINDOW_SECONDS,
     DEFAULT_PREFIX,
     MAX_USAGE_USERS,
+    RAMP_WINDOW_TTL_SECONDS,
     OTHER_VERSION,
     RETENTION_DAYS,
     SESSION_TTL_SECONDS,
@@ -152,6 +157,19 @@ redis.call('EXPIREAT', KEYS[1], ARGV[1])
 return 1
 """
 
+# Compare-and-set of the ramp's record: ARGV[1] the version expected (0: no record), ARGV[2] the new record.
+_WRITE_RAMP = """
+local current = redis.call('GET', KEYS[1])
+local version = 0
+if current then
+  local ok, record = pcall(cjson.decode, current)
+  if ok and type(record) == 'table' and type(record['version']) == 'number' then version = record['version'] end
+end
+if version ~= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
 # What counts as Redis failing (answered from memory instead). Anything else is a bug and propagates.
 _FAILURES = (RedisError, OSError, TimeoutError)
 
@@ -233,6 +251,7 @@ class RedisRemote(Remote):
         self._count_script = self._redis.register_script(_COUNT)
         self._version_script = self._redis.register_script(_COUNT_VERSION)
         self._seen_script = self._redis.register_script(_SEEN)
+        self._ramp_script = self._redis.register_script(_WRITE_RAMP)
 
     def describe(self, exc: BaseException) -> str:
         text = super().describe(exc)
@@ -373,14 +392,38 @@ class RedisRemote(Remote):
         await self._redis.set(self._key("guard"), payload, px=max(1, math.ceil(ttl_seconds * 1000)))
 
     async def read_guard(self) -> dict[str, Any] | None:
-        raw = await self._redis.get(self._key("guard"))
-        if raw is None:
-            return None
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            return None
-        return record if isinstance(record, dict) else None
+        return _json_object(await self._redis.get(self._key("guard")))
+
+    # -- the ramp's progress -----------------------------------------------------------------------
+
+    async def read_ramp(self) -> dict[str, Any] | None:
+        return _json_object(await self._redis.get(self._key("ramp")))
+
+    async def write_ramp(self, record: dict[str, Any], expected_version: int) -> bool:
+        payload = json.dumps(record, separators=(",", ":"))
+        return bool(await self._ramp_script(keys=[self._key("ramp")], args=[expected_version, payload]))
+
+    async def publish_ramp_window(self, window: int, replica: str, numbers: dict[str, Any]) -> None:
+        key = self._key("ramp", "window", str(window))
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, replica, json.dumps(numbers, separators=(",", ":")))
+            pipe.expire(key, int(RAMP_WINDOW_TTL_SECONDS))
+            await pipe.execute()
+
+    async def read_ramp_window(self, window: int) -> list[dict[str, Any]]:
+        values = await self._redis.hvals(self._key("ramp", "window", str(window)))
+        return [record for record in map(_json_object, values) if record is not None]
+
+
+def _json_object(raw: str | bytes | None) -> dict[str, Any] | None:
+    """A JSON object as Redis holds it; None for nothing or anything else."""
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class RedisStore(Resilient):
@@ -450,3 +493,4 @@ class RedisStore(Resilient):
     @wall.setter
     def wall(self, wall: Callable[[], float]) -> None:
         self.remote.wall = wall
+

@@ -11,7 +11,9 @@ once.
 Several processes may share one file (the workers of ``serve --workers N`` on one host):
 sessions are added up and users are merged per day with upserts, so the distinct-user
 counts are exact across them. User ids are stored as BLAKE2b digests, never in clear.
-Days older than ``usage.retention_days`` are deleted as new ones are written. Usage by app
+Days older than ``usage.retention_days`` are deleted as new ones are written. The ramp's
+progress (``rollout.ramp``) is kept in the file too, so the processes sharing it agree on
+the step and a restart keeps it. Usage by app
 version goes to two more tables the same way; after each write a process takes the day's
 versions from the file, so the ``max_versions`` cap holds across the processes sharing it
 (see `base`).
@@ -20,17 +22,31 @@ versions from the file, so the ``max_versions`` cap holds across the processes s
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 from datetime import date, timedelta
 from pathlib import Path
 
-from .base import USER_SETS, DayUsage, StoreUnavailable, VersionUsage, day_list, sorted_versions, user_hash, utc_day
+from .base import (
+    RAMP_WINDOW_TTL_SECONDS,
+    USER_SETS,
+    DayUsage,
+    StoreUnavailable,
+    VersionUsage,
+    day_list,
+    ramp_version,
+    sorted_versions,
+    user_hash,
+    utc_day,
+)
 from .memory import LEGACY_BIT, DayCounts, MemoryStore
 
 log = logging.getLogger("gateway.store")
+T = TypeVar("T")
 FLUSH_SECONDS = 5.0
 BUSY_TIMEOUT_SECONDS = 5.0  # another process holding the write lock (a worker mid-flush)
 
@@ -47,6 +63,10 @@ CREATE TABLE IF NOT EXISTS usage_version_users (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS usage_version_seen (
     day TEXT NOT NULL, version TEXT NOT NULL, last_seen REAL NOT NULL, PRIMARY KEY (day, version)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ramp (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ramp_window (
+    win INTEGER NOT NULL, replica TEXT NOT NULL, numbers TEXT NOT NULL, written REAL NOT NULL, PRIMARY KEY (win, replica)
 ) WITHOUT ROWID;
 """
 _TABLES = ("usage_sessions", "usage_users", "usage_version_users", "usage_version_seen")
@@ -138,6 +158,37 @@ def read_versions(path: str, days: list[str]) -> list[VersionUsage]:
     finally:
         db.close()
     return sorted_versions(VersionUsage(version, users, legacy, seen.get(version, 0.0)) for version, users, legacy in rows)
+
+
+def read_ramp(db: sqlite3.Connection) -> dict[str, Any] | None:
+    row = db.execute("SELECT record FROM ramp WHERE id = 1").fetchone()
+    record = json.loads(row[0]) if row is not None else None
+    return record if isinstance(record, dict) else None
+
+
+def write_ramp(db: sqlite3.Connection, record: dict[str, Any], expected_version: int) -> bool:
+    """Compare-and-set in one transaction: the file's version must still be `expected_version`."""
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        row = db.execute("SELECT version FROM ramp WHERE id = 1").fetchone()
+        if (row[0] if row is not None else 0) != expected_version:
+            return False
+        db.execute(
+            "INSERT OR REPLACE INTO ramp VALUES (1, ?, ?)", (ramp_version(record), json.dumps(record, separators=(",", ":")))
+        )
+        return True
+
+
+def publish_ramp_window(db: sqlite3.Connection, window: int, replica: str, numbers: dict[str, Any], now: float) -> None:
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT OR REPLACE INTO ramp_window VALUES (?, ?, ?, ?)", (window, replica, json.dumps(numbers), now))
+        db.execute("DELETE FROM ramp_window WHERE written < ?", (now - RAMP_WINDOW_TTL_SECONDS,))
+
+
+def read_ramp_window(db: sqlite3.Connection, window: int) -> list[dict[str, Any]]:
+    rows = db.execute("SELECT numbers FROM ramp_window WHERE win = ?", (window,)).fetchall()
+    return [record for (text,) in rows if isinstance(record := json.loads(text), dict)]
 
 
 def _open(path: str) -> sqlite3.Connection:
@@ -233,3 +284,29 @@ class SqliteStore(MemoryStore):
         """The report's per-version rows, read from the file after writing what is still in memory."""
         await self.flush()
         return await asyncio.to_thread(read_versions, self.path, day_list(days, today))
+
+    # -- the ramp's progress, in the file ----------------------------------------------------------
+
+    async def _in_file(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work` on the file, off the event loop; `StoreUnavailable` naming the file when it fails."""
+        async with self._lock:
+            db = self._db
+            if db is None:
+                raise StoreUnavailable(f"usage.path {self.path}: not open")
+            try:
+                return await asyncio.to_thread(work, db)
+            except (sqlite3.Error, ValueError) as exc:
+                raise StoreUnavailable(f"usage.path {self.path}: the ramp's progress: {exc}") from None
+
+    async def read_ramp(self) -> dict[str, Any] | None:
+        return await self._in_file(read_ramp)
+
+    async def write_ramp(self, record: dict[str, Any], expected_version: int) -> bool:
+        return await self._in_file(lambda db: write_ramp(db, record, expected_version))
+
+    async def publish_ramp_window(self, window: int, replica: str, numbers: dict[str, Any]) -> None:
+        now = self.wall()
+        await self._in_file(lambda db: publish_ramp_window(db, window, replica, numbers, now))
+
+    async def read_ramp_window(self, window: int) -> list[dict[str, Any]]:
+        return await self._in_file(lambda db: read_ramp_window(db, window))

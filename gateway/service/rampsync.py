@@ -1,0 +1,95 @@
+"""The ramp across replicas: every replica reads the shared progress, adds its numbers to the
+step's window and runs the same decision (`core.ramp.decide`); a change is written by
+compare-and-set, so when several decide at once one writes and the others follow it.
+
+A replica counts its window from the moment it learns of it (its totals then are the
+window's baseline), so a session started within a sync of a change may count towards the
+step before: the numbers are the step's to within `RAMP_SYNC_SECONDS`. While the store is
+down the ramp holds its step on every replica (none may write), and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..core.config import RampConfig
+from ..core.ramp import GuardView, Progress, Window, decide
+from .store import Store, StoreUnavailable
+from .store.base import ramp_version
+
+log = logging.getLogger("gateway")
+RAMP_SYNC_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Change:
+    """The progress this replica knew before a sync and after it; `ours` when this replica wrote it."""
+
+    before: Progress | None
+    after: Progress
+    ours: bool
+
+
+class RampSync:
+    """This replica's view of the shared ramp: the progress, and the step's window numbers over every replica."""
+
+    def __init__(self, store: Store, *, replica: str, wall: Callable[[], float], totals: Callable[[], Window]) -> None:
+        """`totals`: this replica's numbers since it started (a window is their difference)."""
+        self.store = store
+        self.replica = replica
+        self.wall = wall
+        self.totals = totals
+        self.progress: Progress | None = None
+        self.numbers = Window()  # the current window's, over every replica, as last read
+        self.reachable = True
+        self._window: int | None = None
+        self._base = Window()
+
+    async def sync_once(self, plan: RampConfig, guard: GuardView) -> Change | None:
+        """Publish, read, decide, and write if the decision changed the progress; the change
+        this replica saw (written by it or by another), None when there was none."""
+        before = self.progress
+        try:
+            raw = await self.store.read_ramp()
+            progress = Progress.from_record(raw)
+            if progress is not None:
+                self._follow(progress.window)
+                await self.store.publish_ramp_window(progress.window, self.replica, (self.totals() - self._base).as_dict())
+                published = await self.store.read_ramp_window(progress.window)
+                self.numbers = sum((Window.from_dict(numbers) for numbers in published), Window())
+            ours = False
+            if self.store.available:
+                decided = decide(plan, progress, self.numbers, guard, self.wall())
+                if decided != progress and await self.store.write_ramp(decided.as_record(), ramp_version(raw)):
+                    progress, ours = decided, True
+                    if self._follow(decided.window):
+                        self.numbers = Window()
+        except StoreUnavailable as exc:
+            self._unreachable(str(exc))
+            return None
+        self._reachable(self.store.available)
+        self.progress = progress
+        if progress is None or progress == before:
+            return None
+        return Change(before, progress, ours)
+
+    def _follow(self, window: int) -> bool:
+        """Count from now on for `window`; whether it is a window this replica had not counted for."""
+        if window == self._window:
+            return False
+        self._window, self._base = window, self.totals()
+        return True
+
+    def _reachable(self, up: bool) -> None:
+        if up and not self.reachable:
+            log.warning("ramp: the shared store answers again; the ramp goes on")
+        elif not up and self.reachable:
+            log.error("ramp: the shared store is unreachable; the ramp holds its step until it answers")
+        self.reachable = up
+
+    def _unreachable(self, why: str) -> None:
+        if self.reachable:
+            log.error("ramp: its progress cannot be read or written; the ramp holds its step", extra={"error": why})
+        self.reachable = False
