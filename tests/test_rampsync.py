@@ -88,7 +88,9 @@ async def test_a_store_that_cannot_answer_holds_the_ramp_and_says_so_once(
     assert await sync.sync_once(PLAN, GuardView()) is None
     assert await sync.sync_once(PLAN, GuardView()) is None
     assert not sync.reachable and sync.progress is None
-    assert sync.status(PLAN, GuardView(), str)["store_available"] is False
+    unreachable = sync.status(PLAN, GuardView(), str)
+    assert (unreachable["store_available"], unreachable["state"]) == (False, None)
+    assert unreachable["waiting_for"] == "the shared store to answer"
     held = [r for r in caplog.records if "the ramp holds its step" in r.getMessage()]
     assert len(held) == 1
     await store.start()

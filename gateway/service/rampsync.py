@@ -92,6 +92,8 @@ class RampSync:
             "store_available": self.reachable,
         }
         if progress is None:
+            if plan.enabled and not self.reachable:
+                status["waiting_for"] = "the shared store to answer"
             return status
         status.update(
             state=progress.state, step_percent=progress.step_percent, step_index=progress.step_index,
