@@ -373,3 +373,16 @@ async def test_the_background_sync_moves_the_ramp_without_the_test(servers: Serv
 
     assert await eventually(done)
     assert (await rollout(stack))["ramp"]["step_percent"] == 100.0
+
+
+async def test_the_step_survives_a_restart_on_redis(redis_server: RedisServer, servers: Servers) -> None:
+    clock = Clock()
+    shared = {"redis": {"url": redis_server.url, "timeout_seconds": 1.0}, "rollout": ramp(min_sessions=0)}
+    first = await ramped(servers, clock, **shared)
+    clock.advance(HOLD)
+    await first.gateway.sync_ramp_once()
+    await first.close()
+
+    second = await servers.stack(**shared, admin={"host": "127.0.0.1", "port": 0})
+    status = await rollout(second)
+    assert (status["ramp"]["step_percent"], status["effective_percent"]) == (50.0, 50.0)
