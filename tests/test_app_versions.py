@@ -476,3 +476,17 @@ async def test_sessions_over_real_sockets_are_counted_under_their_user_agents_ve
 
     assert await eventually(counted)
     assert rows(await stack.gateway.store.app_versions(1)) == {"2.3.1": (1, 0), "2.2.0": (1, 1), "unknown": (1, 1)}
+
+
+async def test_a_version_header_the_backend_is_not_sent_is_still_read(servers: Servers) -> None:
+    settings = {"app_version": {"header": "X-App-Version", "pattern": "^(?P<version>[0-9.]+)$"}}
+    stack = await servers.stack(usage=settings)
+    ws = await open_client(stack, "message", make_token("u1"), additional_headers={"X-App-Version": "3.1.4"})
+    assert json.loads(await ws.recv())["type"] == "connected"
+    await ws.close()
+
+    async def counted() -> bool:
+        return sum(v.users for v in await stack.gateway.store.app_versions(1)) == 1
+
+    assert await eventually(counted)
+    assert rows(await stack.gateway.store.app_versions(1)) == {"3.1.4": (1, 0)}

@@ -15,9 +15,11 @@ from dataclasses import replace
 import pytest
 from aiohttp import web
 
+from gateway.service.admin import create_admin_app
 from gateway.service.server import start_site
 
-from .helpers import TIMEOUT, Stack, headless_chromium, make_token
+from .helpers import TIMEOUT, Servers, Stack, eventually, headless_chromium, make_token
+from .test_status_page import dump_dom
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed"), pytest.mark.relays("byte", "frame")]
@@ -90,3 +92,26 @@ async def test_browser_client_chats_through_every_path_and_sees_close_codes(stac
         assert results[name]["extensions"].startswith("permessage-deflate"), name
     assert (results["bad-token"]["code"], results["bad-token"]["reason"]) == (1008, "malformed token")
     assert results["bad-token"]["seen"] == []
+
+
+@pytest.mark.relays("byte")
+async def test_status_page_shows_a_live_ramps_first_step_and_its_four_gates(servers: Servers) -> None:
+    stack = await servers.stack(rollout={"new_percent": 30, "ramp": {"enabled": True, "hold_minutes": 600}})
+    gateway = stack.gateway
+
+    async def started() -> bool:
+        return gateway.rollout_status()["ramp"]["state"] is not None
+
+    assert await eventually(started)
+    runner, port = await start_site(create_admin_app(gateway), "127.0.0.1", 0)
+    servers.closing(runner.cleanup)
+    dom = await dump_dom(f"http://127.0.0.1:{port}/")
+    assert "Ramp: step 1 of 5 (1 %) · advancing</h2>" in dom
+    assert '<li class="current" aria-current="step">1 %</li><li>5 %</li><li>25 %</li><li>50 %</li><li>100 %</li>' in dom
+    assert "advancing: started at step 1 of 5 (1%)" in dom
+    assert "waiting for 0 of 100 new-backend sessions" in dom
+    for gate, threshold in (("success_rate", "≥ 0.95"), ("auth_failure_rate", "≤ 0.05"),
+                            ("reply_seconds_avg", "≤ 2 s"), ("reply_ratio", "≤ 1.5")):
+        assert f'<tr data-gate="{gate}"><td>{gate}</td><td>no data</td><td>{threshold}</td><td>ok (no data yet)</td>' in dom, gate
+    assert "ramp step 1 % · guard healthy" in dom and "configured 30 %" not in dom
+    assert '<span class="c-ramp">ramp step: 1 %</span>' in dom  # ws_gateway_ramp_step_percent, sampled

@@ -979,12 +979,49 @@ def test_a_safe_config_has_no_warning() -> None:
         ({"auth": {"secret": "x" * 31}}, "auth.secret: shorter than 32 bytes"),
         ({"admin": {"host": "0.0.0.0", "port": 0}}, "admin.host: 0.0.0.0 listens on every interface"),
         ({"admin": {"host": "::", "port": 0}}, "admin.host: :: listens on every interface"),
+        ({"rollout": {"ramp": {"enabled": True}}}, "rollout.ramp: its progress is kept in memory"),
     ],
-    ids=["per_ip_limit_without_proxies", "short_secret", "admin_on_all_ipv4", "admin_on_all_ipv6"],
+    ids=["per_ip_limit_without_proxies", "short_secret", "admin_on_all_ipv4", "admin_on_all_ipv6", "ramp_in_memory"],
 )
 def test_each_combination_that_bites_is_one_warning_naming_its_key(sections: dict[str, Any], key: str) -> None:
     warnings = config_warnings(parse_config(raw_config(**sections)))
     assert len(warnings) == 1 and warnings[0].startswith(key), warnings
+
+
+def test_a_ramp_whose_progress_is_in_a_file_or_in_redis_is_fine() -> None:
+    ramp = {"ramp": {"enabled": True}}
+    assert config_warnings(parse_config(raw_config(rollout=ramp, usage={"path": "usage.sqlite"}))) == []
+    assert config_warnings(parse_config(raw_config(rollout=ramp, redis={"url": "redis://127.0.0.1:6379/0"}))) == []
+
+
+def test_the_ramps_plan_is_checked_key_by_key() -> None:
+    raw = raw_config(rollout={"ramp": {
+        "steps": [5, 1], "hold_minutes": -1, "on_failure": "panic", "gates": {"reply_ratio_max": 0, "colour": 1},
+    }})
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw)
+    assert caught.value.problems == [
+        "rollout.ramp.steps: [5, 1] must rise step by step (each percentage above the one before)",
+        "rollout.ramp.hold_minutes: -1 is out of range [0, 10080]",
+        "rollout.ramp.on_failure: 'panic' is not one of step_back, hold",
+        "rollout.ramp.gates.colour: unknown key (allowed: auth_failure_rate_max, reply_ratio_max, reply_seconds_avg_max, success_rate_min)",
+        "rollout.ramp.gates.reply_ratio_max: 0 is out of range (0, 1000]",
+    ]
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw_config(rollout={"ramp": {"steps": [0, 50, 101]}}))
+    assert caught.value.problems == ["rollout.ramp.steps: expected a non-empty list of percentages in (0, 100], got [0, 50, 101]"]
+
+
+def test_the_ramps_defaults_are_the_plans_alerts() -> None:
+    ramp = parse_config(raw_config()).rollout.ramp
+    assert (ramp.enabled, ramp.steps, ramp.hold_minutes, ramp.min_sessions, ramp.on_failure, ramp.paused) == (
+        False, (1.0, 5.0, 25.0, 50.0, 100.0), 30.0, 100, "step_back", False
+    )
+    gates = ramp.gates
+    assert (gates.success_rate_min, gates.auth_failure_rate_max, gates.reply_seconds_avg_max, gates.reply_ratio_max) == (
+        0.95, 0.05, 2.0, 1.5
+    )
+    assert parse_config(raw_config(rollout={"ramp": {"hold_minutes": 0.05}})).rollout.ramp.hold_minutes == 0.05
 
 
 def test_a_per_ip_limit_behind_trusted_proxies_and_a_32_byte_secret_are_fine() -> None:

@@ -60,7 +60,7 @@ def test_reaching_the_last_step_is_done_and_done_stays() -> None:
         (replace(GREEN, opened=100), "success_rate 0.833 < 0.95 (100 of 120 opened)"),
         (replace(GREEN, rejected=12), "auth_failure_rate 0.1 > 0.05 (12 of 120 tokens refused by the new backend)"),
         (replace(GREEN, reply_new_sum=250.0, reply_old_sum=200.0), "reply_seconds_avg 2.5 > 2 (over 100 new-backend replies)"),
-        (replace(GREEN, reply_new_sum=16.0), "reply_ratio 1.6 > 1.5 (new ÷ old average reply, 0.16 s ÷ 0.1 s)"),
+        (replace(GREEN, reply_new_sum=80.0, reply_old_sum=50.0), "reply_ratio 1.6 > 1.5 (new ÷ old average reply, 0.8 s ÷ 0.5 s)"),
     ],
 )
 def test_a_failed_gate_steps_back_and_says_which_gate_and_by_how_much(window: Window, words: str) -> None:
@@ -141,6 +141,14 @@ def test_a_done_ramp_whose_plan_grows_goes_on() -> None:
     done = at_step(3, state="done", plan=replace(PLAN, steps=(1.0, 5.0, 25.0, 50.0)))
     moved = decide(plan, done, Window(), HEALTHY, 5.0)
     assert (moved.step_percent, moved.state, moved.since) == (50.0, "advancing", 5.0)
+
+
+def test_a_reply_ratio_of_replies_under_100_ms_apart_is_shown_but_not_judged() -> None:
+    fast = replace(GREEN, reply_new_sum=0.4, reply_old_sum=0.1)  # 4 ms against 1 ms: a ratio of 4
+    ratio = judge(GatesConfig(), fast)[3]
+    assert (ratio.value, ratio.ok, ratio.judged) == (4.0, True, False)
+    assert ratio.words() == "reply_ratio 4 > 1.5 (new ÷ old average reply, 0.004 s ÷ 0.001 s; not judged under 100 ms apart)"
+    assert decide(PLAN, at_step(1), fast, HEALTHY, HOLD).step_percent == 25.0
 
 
 def test_gates_without_data_do_not_block() -> None:

@@ -15,10 +15,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from gateway.core.routing import bucket
+from gateway.service.reload import Reloader
 
-from .helpers import TIMEOUT, Clock, Servers, Stack, closed, eventually, make_config, make_token, metric, open_client
+from .helpers import (
+    TIMEOUT, Clock, Servers, Stack, closed, eventually, make_config, make_token, metric, open_client, raw_config,
+)
 from .redis_server import RedisServer, redis_server  # noqa: F401 - fixture
 
 HOLD_MINUTES = 10
@@ -232,14 +236,22 @@ def _record(*, step_index: int, steps: tuple[float, ...] = (10.0, 50.0, 100.0), 
     }
 
 
-async def test_paused_and_enabled_false_take_effect_on_reload(servers: Servers) -> None:
+async def test_paused_and_enabled_false_take_effect_on_reload_of_the_file(servers: Servers, tmp_path: Path) -> None:
     clock = Clock()
     stack = await ramped(servers, clock, rollout={**ramp(), "new_percent": 30})
     gateway = stack.gateway
     await sessions(stack, ["qa-1", "qa-2", "qa-3"])
+    path = tmp_path / "gateway.yaml"
 
-    paused = make_config(stack.old_port, stack.new_port, rollout={**ramp(paused=True), "new_percent": 30})
-    gateway.reload(paused)
+    def edit(**plan: Any) -> None:
+        """The operator's edit, read by the gateway's file watcher (`Reloader.check`)."""
+        raw = raw_config(stack.old_port, stack.new_port, rollout={**ramp(**plan), "new_percent": 30})
+        path.write_text(yaml.safe_dump(raw))
+
+    edit()
+    reloader = Reloader(str(path), gateway.reload, gateway.reload_failed)
+    edit(paused=True)
+    reloader.check()
     await gateway.sync_ramp_once()
     clock.advance(10 * HOLD)
     await gateway.sync_ramp_once()
@@ -247,18 +259,30 @@ async def test_paused_and_enabled_false_take_effect_on_reload(servers: Servers) 
     assert (status["state"], status["step_percent"], status["reason"]) == ("paused", 10.0, "paused by rollout.ramp.paused")
     assert status["next_step_in_seconds"] is None
 
-    off = make_config(stack.old_port, stack.new_port, rollout={**ramp(enabled=False), "new_percent": 30})
-    gateway.reload(off)
+    edit(enabled=False)
+    reloader.check()
     status = await rollout(stack)
     assert (status["ramp"]["enabled"], status["ramp"]["state"], status["effective_percent"]) == (False, None, 30.0)
     assert metric(stack, "ws_gateway_ramp_step_percent") != metric(stack, "ws_gateway_ramp_step_percent")  # NaN
     assert await session(stack, users_between(10, 30, 1)[0]) == "new"
 
-    gateway.reload(make_config(stack.old_port, stack.new_port, rollout={**ramp(), "new_percent": 30}))
+    edit()
+    reloader.check()
     await gateway.sync_ramp_once()
     status = await rollout(stack)
     assert (status["ramp"]["state"], status["ramp"]["step_percent"], status["effective_percent"]) == ("advancing", 10.0, 10.0)
     assert status["ramp"]["reason"] == "resumed: rollout.ramp.paused is off"
+    assert status["ramp"]["next_step_in_seconds"] == HOLD  # a fresh hold from the resume
+
+
+async def test_an_edited_plan_takes_effect_on_reload(servers: Servers) -> None:
+    clock = Clock()
+    stack = await ramped(servers, clock)
+    stack.gateway.reload(make_config(stack.old_port, stack.new_port, rollout=ramp(steps=[20, 100])))
+    await stack.gateway.sync_ramp_once()
+    status = await rollout(stack)
+    assert (status["ramp"]["steps"], status["ramp"]["step_percent"], status["effective_percent"]) == ([20.0, 100.0], 20.0, 20.0)
+    assert status["ramp"]["reason"] == "the plan changed: now at step 1 of 2 (20%)"
 
 
 async def test_stepping_down_rebalances_the_sessions_whose_route_changed(servers: Servers) -> None:
@@ -349,3 +373,16 @@ async def test_the_background_sync_moves_the_ramp_without_the_test(servers: Serv
 
     assert await eventually(done)
     assert (await rollout(stack))["ramp"]["step_percent"] == 100.0
+
+
+async def test_the_step_survives_a_restart_on_redis(redis_server: RedisServer, servers: Servers) -> None:
+    clock = Clock()
+    shared = {"redis": {"url": redis_server.url, "timeout_seconds": 1.0}, "rollout": ramp(min_sessions=0)}
+    first = await ramped(servers, clock, **shared)
+    clock.advance(HOLD)
+    await first.gateway.sync_ramp_once()
+    await first.close()
+
+    second = await servers.stack(**shared, admin={"host": "127.0.0.1", "port": 0})
+    status = await rollout(second)
+    assert (status["ramp"]["step_percent"], status["effective_percent"]) == (50.0, 50.0)

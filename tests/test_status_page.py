@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import yaml
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.metrics_core import Metric
 
 from gateway.service import status_assets
@@ -76,6 +78,24 @@ def test_sample_of_merged_worker_metrics_adds_them_up() -> None:
     assert sample.opened == {"old": 10, "new": 8}
     assert sample.configured_percent == 50  # a shared gauge: the largest, not the sum
     assert sample.reply["new"][-1] == (INF, 2)
+
+
+def ramp_gauge(percent: float) -> list[Metric]:
+    registry = CollectorRegistry()
+    Gauge("ws_gateway_ramp_step_percent", "the ramp's step", registry=registry).set(percent)
+    return list(registry.collect())
+
+
+def test_the_ramps_step_is_sampled_and_its_nan_while_off_is_none_so_status_json_stays_json() -> None:
+    on, off = sample_of(ramp_gauge(5.0), at=0.0), sample_of(ramp_gauge(math.nan), at=5.0)
+    assert (on.ramp_step_percent, off.ramp_step_percent, Sample(at=0.0).ramp_step_percent) == (5.0, None, None)
+    history = History(every=5, window=60)
+    for sample in (on, off):
+        history.add(sample)
+    body = status_json(history, sample_of(ramp_gauge(math.nan), at=10.0), {})
+    assert body["series"]["ramp_step_percent"] == [None] and body["recent"]["ramp_step_percent"] is None
+    json.dumps(body, allow_nan=False)
+    assert interval(off, on)["ramp_step_percent"] == 5.0
 
 
 # -- percentiles and rates -------------------------------------------------------------------------
@@ -417,6 +437,62 @@ async def test_browser_draws_every_chart_and_the_tiles_from_status_json() -> Non
     assert 'class="tile bad"' in dom
     assert "Draining: this gateway is shutting down" in dom
     assert "gateway.yaml &lt;b&gt;x&lt;/b&gt;" in dom  # data is text, never markup
+    assert '<section id="ramp" aria-label="the automatic ramp" hidden="">' in dom  # no ramp in /rollout
+    assert "configured 50 %" in dom
+    assert "ramp_step_percent" not in dom and "ramp step" not in dom  # the chart's ramp line only while there is one
+
+
+def stepped_back_ramp() -> dict[str, Any]:
+    """/rollout's `ramp` as ramp_shape.md documents it, just after a failed gate stepped it back."""
+    return {
+        "enabled": True, "state": "stepped_back", "step_percent": 5.0, "step_index": 1, "steps": [1, 5, 25, 50, 100],
+        "reason": "success_rate 0.62 < 0.95 (31 of 50 opened), over 50 new-backend sessions: stepped back from 25% to 5% <b>",
+        "since": "2026-12-07T07:00:00Z", "next_step_in_seconds": 412.5, "waiting_for": "38 of 100 new-backend sessions",
+        "sessions": 38, "min_sessions": 100, "hold_minutes": 30.0, "on_failure": "step_back", "paused": False,
+        "gates": [
+            {"name": "success_rate", "value": 0.8421, "threshold": 0.95, "bound": "min", "ok": False, "detail": "32 of 38 opened"},
+            {"name": "auth_failure_rate", "value": 0.0, "threshold": 0.05, "bound": "max", "ok": True,
+             "detail": "0 of 38 tokens refused by the new backend"},
+            {"name": "reply_seconds_avg", "value": None, "threshold": 2.0, "bound": "max", "ok": True, "detail": "over 0 new-backend replies"},
+            {"name": "reply_ratio", "value": None, "threshold": 1.5, "bound": "max", "ok": True, "detail": "new ÷ old average reply"},
+        ],
+        "store_available": True,
+    }
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+async def test_browser_shows_the_ramps_plan_state_reason_gates_and_next_step() -> None:
+    history = History(every=5, window=60)
+    history.add(Sample(at=0.0, ramp_step_percent=25.0))
+    history.add(Sample(at=5.0, ramp_step_percent=5.0))
+    rollout = {"configured_percent": 30, "effective_percent": 5, "ramp": stepped_back_ramp(),
+               "guard": {"enabled": True, "state": "healthy", "trips": 0}}
+    app = web.Application()
+    for path, body, content_type in (
+        ("/", status_assets.PAGE, "text/html"), ("/status.js", status_assets.SCRIPT, "text/javascript"),
+        ("/status.css", status_assets.STYLE, "text/css"),
+        ("/status.json", json.dumps(status_json(history, Sample(at=10.0, ramp_step_percent=5.0), rollout)), "application/json"),
+    ):
+        app.router.add_get(path, static(body, content_type))
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    try:
+        dom = await dump_dom(f"http://127.0.0.1:{port}/")
+    finally:
+        await runner.cleanup()
+    assert '<section id="ramp" aria-label="the automatic ramp" class="bad">' in dom
+    assert "Ramp: step 2 of 5 (5 %) · stepped back</h2>" in dom
+    assert '<li class="passed">1 %</li><li class="current" aria-current="step">5 %</li><li>25 %</li>' in dom
+    assert ('<p id="ramp-state" class="bad">stepped back: success_rate 0.62 &lt; 0.95 (31 of 50 opened), over 50 '
+            "new-backend sessions: stepped back from 25% to 5% &lt;b&gt;</p>") in dom
+    assert "next step in 6:53 · waiting for 38 of 100 new-backend sessions</p>" in dom
+    assert "38 of 100 new-backend sessions in this step's window since 07:00:00 UTC" in dom
+    assert ('<tr data-gate="success_rate"><td>success_rate</td><td>0.842</td><td>≥ 0.95</td><td class="bad">failing</td>'
+            "<td>32 of 38 opened</td></tr>") in dom
+    assert '<tr data-gate="auth_failure_rate"><td>auth_failure_rate</td><td>0</td><td>≤ 0.05</td><td>ok</td>' in dom
+    assert '<td>reply_seconds_avg</td><td>no data</td><td>≤ 2 s</td><td>ok (no data yet)</td>' in dom
+    assert dom.count("<tr data-gate=") == 4
+    assert "ramp step 5 % · guard healthy" in dom and "configured 30 %" not in dom
+    assert 'data-series="ramp_step_percent"' in dom and '<span class="c-ramp">ramp step: 5 %</span>' in dom
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")

@@ -336,6 +336,7 @@ def test_merge_adds_counts_up_takes_the_earliest_created_and_one_value_of_shared
             metrics.ready_seconds.labels("legacy", "old").observe(0.02)
         metrics.configured_percent.set(percent)
         metrics.store_up.set(store_up)
+    one.ramp_step_percent.set(25.0)  # the other worker has not read the ramp yet: NaN
     merged = merge_metrics([parse_openmetrics(generate_openmetrics(m.registry).decode()) for m in (one, two)])
 
     text = generate_latest(_Collected(merged)).decode()
@@ -352,6 +353,7 @@ def test_merge_adds_counts_up_takes_the_earliest_created_and_one_value_of_shared
     assert samples[("ws_gateway_session_ready_seconds_bucket", (*legacy_old, ("le", "0.01")))] == 0
     assert samples[("ws_gateway_rollout_configured_percent", ())] == 20.0  # max, not 30
     assert samples[("ws_gateway_store_up", ())] == 0  # min: some worker cannot reach Redis
+    assert samples[("ws_gateway_ramp_step_percent", ())] == 25.0  # the known step, not NaN
     created = [
         sample.value
         for metrics in (one, two)

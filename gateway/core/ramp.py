@@ -22,6 +22,10 @@ from typing import Any
 from .config import GatesConfig, RampConfig
 
 STATES = ("advancing", "holding", "stepped_back", "paused", "done")
+# reply_ratio is judged only when the new backend's average reply is at least this much
+# slower than the old's: a chat user does not notice less, and on fast backends (the stubs
+# answer within a millisecond) noise alone makes ratios of 2.
+REPLY_RATIO_FLOOR_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -68,18 +72,23 @@ class Gate:
     threshold: float
     bound: str  # "min" or "max"
     detail: str  # what the value was computed from
+    judged: bool = True  # False: the value is shown but too small to matter (REPLY_RATIO_FLOOR_SECONDS)
 
     @property
     def ok(self) -> bool:
-        if self.value is None:
+        if self.value is None or not self.judged:
             return True
         return self.value >= self.threshold if self.bound == "min" else self.value <= self.threshold
 
     def words(self) -> str:
         """The failure as an operator reads it: ``success_rate 0.62 < 0.95 (31 of 50 opened)``."""
-        relation = ("<" if self.bound == "min" else ">") if not self.ok else (">=" if self.bound == "min" else "<=")
-        shown = "no data" if self.value is None else f"{self.value:.3g}"
-        return f"{self.name} {shown} {relation} {self.threshold:g} ({self.detail})"
+        if self.value is None:
+            return f"{self.name} no data ({self.detail})"
+        if self.bound == "min":
+            relation = "<" if self.value < self.threshold else ">="
+        else:
+            relation = ">" if self.value > self.threshold else "<="
+        return f"{self.name} {self.value:.3g} {relation} {self.threshold:g} ({self.detail})"
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
@@ -91,6 +100,12 @@ def judge(gates: GatesConfig, window: Window) -> list[Gate]:
     new_avg = window.reply_new_sum / window.reply_new_count if window.reply_new_count else None
     old_avg = window.reply_old_sum / window.reply_old_count if window.reply_old_count else None
     ratio = new_avg / old_avg if new_avg is not None and old_avg else None
+    slower = new_avg - old_avg if new_avg is not None and old_avg is not None else 0.0
+    ratio_detail = "new ÷ old average reply"
+    if ratio is not None:
+        ratio_detail += f", {new_avg:.3g} s ÷ {old_avg:.3g} s"
+        if slower < REPLY_RATIO_FLOOR_SECONDS:
+            ratio_detail += f"; not judged under {REPLY_RATIO_FLOOR_SECONDS * 1000:g} ms apart"
     return [
         Gate("success_rate", window.opened / tried if tried else None, gates.success_rate_min, "min", f"{window.opened} of {tried} opened"),
         Gate(
@@ -101,10 +116,7 @@ def judge(gates: GatesConfig, window: Window) -> list[Gate]:
             "reply_seconds_avg", new_avg, gates.reply_seconds_avg_max, "max",
             f"over {window.reply_new_count} new-backend replies",
         ),
-        Gate(
-            "reply_ratio", ratio, gates.reply_ratio_max, "max",
-            "new ÷ old average reply" + (f", {new_avg:.3g} s ÷ {old_avg:.3g} s" if ratio is not None else ""),
-        ),
+        Gate("reply_ratio", ratio, gates.reply_ratio_max, "max", ratio_detail, slower >= REPLY_RATIO_FLOOR_SECONDS),
     ]
 
 

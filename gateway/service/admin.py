@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
@@ -213,8 +214,14 @@ _PAGE_HEADERS = {
 # value across workers (they agree unless a reload or a guard trip is on its way through
 # them, and then the largest is the one the slowest worker is about to reach or has just
 # left) — except `store_up`, where the smallest says "some worker cannot reach Redis".
+def _highest_known(seen: list[float]) -> float:
+    """The highest value, NaN (the ramp off) only when every worker says so."""
+    return max((value for value in seen if not math.isnan(value)), default=math.nan)
+
+
 SHARED_GAUGES: dict[str, Callable[[list[float]], float]] = {
     "ws_gateway_rollout_configured_percent": max,
+    "ws_gateway_ramp_step_percent": _highest_known,
     "ws_gateway_rollout_effective_percent": max,
     "ws_gateway_guard_state": max,
     "ws_gateway_draining": max,

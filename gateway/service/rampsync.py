@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..core.config import RampConfig
-from ..core.ramp import GuardView, Progress, Window, decide
+from ..core.ramp import GuardView, Progress, Window, decide, hold_ends, judge
 from .store import Store, StoreUnavailable
 from .store.base import ramp_version
 
@@ -74,6 +75,41 @@ class RampSync:
         if progress is None or progress == before:
             return None
         return Change(before, progress, ours)
+
+    def status(self, plan: RampConfig, guard: GuardView, utc: Callable[[float], str]) -> dict[str, Any]:
+        """The ramp in /rollout: its plan, step, state and why, each gate against its
+        threshold, and when the next step is due or what it waits for; `utc` words a time."""
+        progress = self.progress if plan.enabled else None
+        numbers = self.numbers if progress is not None else Window()
+        status: dict[str, Any] = {
+            "enabled": plan.enabled,
+            "state": None, "step_percent": None, "step_index": None, "reason": None, "since": None,
+            "next_step_in_seconds": None, "waiting_for": None,
+            "steps": list(plan.steps), "hold_minutes": plan.hold_minutes, "min_sessions": plan.min_sessions,
+            "on_failure": plan.on_failure, "paused": plan.paused,
+            "sessions": numbers.attempted,
+            "gates": [gate.as_dict() for gate in judge(plan.gates, numbers)],
+            "store_available": self.reachable,
+        }
+        if progress is None:
+            if plan.enabled and not self.reachable:
+                status["waiting_for"] = "the shared store to answer"
+            return status
+        status.update(
+            state=progress.state, step_percent=progress.step_percent, step_index=progress.step_index,
+            reason=progress.reason, since=utc(progress.since),
+        )
+        if progress.state in ("paused", "done"):
+            return status
+        if not guard.healthy:
+            status["waiting_for"] = "the rollback guard to recover"
+            return status
+        status["next_step_in_seconds"] = round(max(0.0, hold_ends(plan, progress, guard) - self.wall()), 1)
+        if numbers.attempted < plan.min_sessions:
+            status["waiting_for"] = f"{numbers.attempted} of {plan.min_sessions} new-backend sessions"
+        if not self.reachable:
+            status["waiting_for"] = "the shared store to answer"
+        return status
 
     def _follow(self, window: int) -> bool:
         """Count from now on for `window`; whether it is a window this replica had not counted for."""

@@ -34,7 +34,7 @@ from .rebalancer import Rebalancer, moves
 from .registry import Registry, placement_answer
 from ..wire.services import OpenConnection
 from .rolloutstate import RolloutState
-from ..core.ramp import GuardView, Window, hold_ends, judge
+from ..core.ramp import GuardView, Window
 from ..core.routing import Route
 from .rampsync import RAMP_SYNC_SECONDS, Change, RampSync
 from .store import Store, StoreUnavailable, open_store, utc_day
@@ -268,38 +268,8 @@ class Gateway:
                 log.exception("ramp sync failed")
 
     def ramp_status(self) -> dict[str, Any]:
-        """The ramp in /rollout: its plan, step, state and why, each gate against its threshold, the next step due."""
-        plan = self.config.rollout.ramp
-        progress = self.ramp_sync.progress if plan.enabled else None
-        numbers = self.ramp_sync.numbers
-        status: dict[str, Any] = {
-            "enabled": plan.enabled,
-            "state": None, "step_percent": None, "step_index": None, "reason": None, "since": None,
-            "next_step_in_seconds": None, "waiting_for": None,
-            "steps": list(plan.steps), "hold_minutes": plan.hold_minutes, "min_sessions": plan.min_sessions,
-            "on_failure": plan.on_failure, "paused": plan.paused,
-            "sessions": numbers.attempted if progress is not None else 0,
-            "gates": [gate.as_dict() for gate in judge(plan.gates, numbers if progress is not None else Window())],
-            "store_available": self.ramp_sync.reachable,
-        }
-        if progress is None:
-            return status
-        status.update(
-            state=progress.state, step_percent=progress.step_percent, step_index=progress.step_index,
-            reason=progress.reason, since=_iso(progress.since),
-        )
-        if progress.state in ("paused", "done"):
-            return status
-        guard = self._guard_view()
-        if not guard.healthy:
-            status["waiting_for"] = "the rollback guard to recover"
-            return status
-        status["next_step_in_seconds"] = round(max(0.0, hold_ends(plan, progress, guard) - self.wall()), 1)
-        if numbers.attempted < plan.min_sessions:
-            status["waiting_for"] = f"{numbers.attempted} of {plan.min_sessions} new-backend sessions"
-        if not self.ramp_sync.reachable:
-            status["waiting_for"] = "the shared store to answer"
-        return status
+        """The ramp in /rollout (`RampSync.status`)."""
+        return self.ramp_sync.status(self.config.rollout.ramp, self._guard_view(), _iso)
 
     # -- rebalancing open sessions ---------------------------------------------------------------
 

@@ -31,6 +31,17 @@ PAGE = """<!doctype html>
 </header>
 <p id="banner" hidden></p>
 <section id="tiles" aria-label="now"></section>
+<section id="ramp" aria-label="the automatic ramp" hidden>
+  <h2 id="ramp-title"></h2>
+  <ol id="ramp-steps"></ol>
+  <p id="ramp-state"></p>
+  <p id="ramp-next"></p>
+  <p id="ramp-window" class="muted"></p>
+  <table>
+    <thead><tr><th>gate</th><th>value</th><th>threshold</th><th>verdict</th><th>from</th></tr></thead>
+    <tbody id="ramp-gates"></tbody>
+  </table>
+</section>
 <form id="route-form" aria-label="where does a user go">
   <label for="route-user">Where does user</label>
   <input id="route-user" name="user" autocomplete="off" spellcheck="false" required maxlength="256">
@@ -56,7 +67,7 @@ PAGE = """<!doctype html>
 """
 
 STYLE = """
-:root { --old: #b45309; --new: #1d4ed8; --legacy: #6b7280; --message: #059669; --bad: #dc2626;
+:root { --old: #b45309; --new: #1d4ed8; --legacy: #6b7280; --message: #059669; --bad: #dc2626; --ramp: #7c3aed;
         --warn: #d97706; --ok: #15803d; --grid: #e5e7eb; --text: #111827; --muted: #6b7280; }
 * { box-sizing: border-box; }
 body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--text);
@@ -85,7 +96,7 @@ svg text { font-size: 10px; fill: var(--muted); }
 .legend span::before { content: ""; display: inline-block; width: 10px; height: 3px; margin-right: 4px;
                        vertical-align: middle; background: currentColor; }
 .c-old { color: var(--old); } .c-new { color: var(--new); } .c-legacy { color: var(--legacy); }
-.c-message { color: var(--message); } .c-bad { color: var(--bad); } .c-muted { color: var(--muted); }
+.c-message { color: var(--message); } .c-ramp { color: var(--ramp); } .c-bad { color: var(--bad); } .c-muted { color: var(--muted); }
 footer { margin-top: 16px; font-size: 12px; }
 #route-form { display: flex; align-items: baseline; gap: 8px; flex-wrap: wrap; margin: 0 0 16px; }
 #route-form input { font: inherit; padding: 2px 6px; min-width: 16em; }
@@ -99,15 +110,33 @@ footer { margin-top: 16px; font-size: 12px; }
 #versions th, #versions td { text-align: right; padding: 3px 8px; border-bottom: 1px solid var(--grid); }
 #versions th:first-child, #versions td:first-child { text-align: left; }
 #versions td.bad { color: var(--bad); font-weight: 600; }
+#ramp { background: #fff; border: 1px solid var(--grid); border-left: 6px solid var(--ok); border-radius: 6px;
+        padding: 8px 10px; margin: 0 0 16px; }
+#ramp.warn { border-left-color: var(--warn); }
+#ramp.bad { border-left-color: var(--bad); background: #fef2f2; }
+#ramp.quiet { border-left-color: var(--grid); }
+#ramp h2 { font-size: 14px; margin: 0 0 6px; }
+#ramp p { margin: 0 0 6px; }
+#ramp-steps { display: flex; gap: 4px; list-style: none; padding: 0; margin: 0 0 8px; flex-wrap: wrap; }
+#ramp-steps li { padding: 2px 10px; border: 1px solid var(--grid); border-radius: 12px; color: var(--muted); }
+#ramp-steps li.passed { color: var(--text); }
+#ramp-steps li.current { background: var(--new); border-color: var(--new); color: #fff; font-weight: 650; }
+#ramp-state.warn { color: var(--warn); font-weight: 600; }
+#ramp-state.bad { color: var(--bad); font-weight: 600; }
+#ramp table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
+#ramp th, #ramp td { text-align: left; padding: 3px 8px; border-bottom: 1px solid var(--grid); }
+#ramp td.bad { color: var(--bad); font-weight: 600; }
 """
 
 SCRIPT = r"""
 "use strict";
 const SVGNS = "http://www.w3.org/2000/svg";
-const COLOR = {old: "#b45309", new: "#1d4ed8", legacy: "#6b7280", message: "#059669", bad: "#dc2626", muted: "#9ca3af"};
+const COLOR = {old: "#b45309", new: "#1d4ed8", legacy: "#6b7280", message: "#059669", bad: "#dc2626", muted: "#9ca3af",
+               ramp: "#7c3aed"};
 const GUARD = {healthy: "healthy", recovering: "recovering", tripped: "TRIPPED"};
-const DASHED = new Set(["configured_percent", "reply_p95_old", "reply_p95_new"]);
+const DASHED = new Set(["configured_percent", "ramp_step_percent", "reply_p95_old", "reply_p95_new"]);
 // Each chart: its columns in status.json, a unit, and optionally a fixed top, an alert line, the guard band.
+// A line marked optional (a fourth element) is left out, legend too, while its column has no value.
 const CHARTS = [
   {title: "Sessions opened per second", unit: "/s", lines: [
     ["sessions_per_s_old", "old backend", "old"], ["sessions_per_s_new", "new backend", "new"]]},
@@ -125,7 +154,8 @@ const CHARTS = [
   {title: "Session ready p95 (upgrade to relaying)", unit: "s", alert: 2, lines: [
     ["ready_p95_old", "old backend", "old"], ["ready_p95_new", "new backend", "new"]]},
   {title: "Users routed to the new backend", unit: "%", top: 100, guard: true, lines: [
-    ["configured_percent", "configured", "muted"], ["effective_percent", "effective (after the guard)", "new"]]},
+    ["configured_percent", "configured", "muted"], ["ramp_step_percent", "ramp step", "ramp", true],
+    ["effective_percent", "effective (after the guard)", "new"]]},
 ];
 
 function node(tag, attrs, text) {
@@ -160,6 +190,8 @@ function niceTop(max) {
 }
 
 function chart(def, data) {
+  const lines = def.lines.filter(([key, , , optional]) =>
+    !optional || data.recent[key] !== null || data.series[key].some(v => v !== null));
   const W = 560, H = 150, L = 48, R = 8, T = 8, B = 20;
   // From the oldest sample (at least a minute back) to now: a young process fills the width too.
   const t = data.series.t, end = data.now, every = data.sampled_every_seconds;
@@ -167,7 +199,7 @@ function chart(def, data) {
   const x = v => L + (W - L - R) * (v - start) / (end - start);
   // Scaled to the data, so milliseconds stay readable under a 2 s alert; the alert line shows once in range.
   let max = 0;
-  for (const [key] of def.lines) for (const v of data.series[key]) if (v !== null && v > max) max = v;
+  for (const [key] of lines) for (const v of data.series[key]) if (v !== null && v > max) max = v;
   const top = def.top || niceTop(max * 1.1);
   const y = v => T + (H - T - B) * (1 - Math.min(v, top) / top);
   const root = svgNode("svg", {viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": def.title});
@@ -193,7 +225,7 @@ function chart(def, data) {
     root.appendChild(svgNode("line", {x1: L, x2: W - R, y1: y(def.alert), y2: y(def.alert), stroke: COLOR.bad,
       "stroke-dasharray": "4 3"}));
   }
-  for (const [key, , color] of def.lines) {
+  for (const [key, , color] of lines) {
     const values = data.series[key];
     let d = "", pen = "M";
     for (let i = 0; i < t.length; i++) {
@@ -211,7 +243,7 @@ function chart(def, data) {
   // the last 5-second point of the line, which on a few upgrades can say 50 % where the tile says 75 %.
   const legend = node("div", {class: "legend"});
   legend.appendChild(node("span", {class: "c-muted"}, spanOf(data.recent)));
-  for (const [key, label, color] of def.lines) {
+  for (const [key, label, color] of lines) {
     legend.appendChild(node("span", {class: "c-" + color}, `${label}: ${fmt(data.recent[key], def.unit)}`));
   }
   if (def.alert) legend.appendChild(node("span", {class: "c-bad"}, `alert at ${fmt(def.alert, def.unit)}`));
@@ -254,8 +286,11 @@ function render(data) {
     g.state === "tripped" ? `guard TRIPPED since ${utc(g.since)} \u00b7 retries at ${utc(g.retries_at)} ` +
       `(in ${g.retries_in_seconds} s) \u00b7 ${trips}` :
     `guard ${guardText} \u00b7 ${trips}`;
+  // While the ramp is on, its step is what the guard scales; rollout.new_percent is not used.
+  const ramp = ro.ramp && ro.ramp.enabled ? ro.ramp : null;
+  const planned = ramp ? `ramp step ${fmt(ramp.step_percent, "%")}` : `configured ${fmt(ro.configured_percent, "%")}`;
   tiles.appendChild(tile("New backend", `${fmt(ro.effective_percent, "%")} of users`,
-    `configured ${fmt(ro.configured_percent, "%")} \u00b7 ${guardDetail}`,
+    `${planned} \u00b7 ${guardDetail}`,
     g.state === "tripped" ? "bad" : g.state === "recovering" ? "warn" : ""));
   tiles.appendChild(tile("Open sessions", `old ${fmt(r.active_old)} \u00b7 new ${fmt(r.active_new)}`,
     `legacy app ${fmt(r.active_legacy)} \u00b7 current app ${fmt(r.active_message)}`, "quiet"));
@@ -276,7 +311,64 @@ function render(data) {
 
   const charts = document.getElementById("charts");
   charts.replaceChildren(...CHARTS.map(def => chart(def, data)));
+  renderRamp(ramp);
   renderVersions(ro.app_versions);
+}
+
+// The automatic ramp (rollout.ramp) as /rollout's `ramp` says it; hidden while it is off.
+const RAMP_STATES = {advancing: ["advancing", ""], holding: ["holding", "warn"], stepped_back: ["stepped back", "bad"],
+                     paused: ["paused", "quiet"], done: ["done", ""]};
+
+function countdown(seconds) {
+  const s = Math.max(0, Math.ceil(seconds)), pad = n => String(n).padStart(2, "0");
+  return s >= 3600 ? `${Math.floor(s / 3600)}:${pad(Math.floor(s / 60) % 60)}:${pad(s % 60)}` : `${Math.floor(s / 60)}:${pad(s % 60)}`;
+}
+
+// A gate's value as the ramp's log line writes it (three significant digits); its threshold as configured.
+function gateNumber(gate, value, exact) {
+  if (value === null || value === undefined) return "no data";
+  return (exact ? String(value) : String(Number(value.toPrecision(3)))) + (gate.name === "reply_seconds_avg" ? " s" : "");
+}
+
+function renderRamp(ramp) {
+  const section = document.getElementById("ramp");
+  section.hidden = !ramp;
+  if (!ramp) return;
+  // No state yet: the first sync with the shared store (within a second of the start) is still to come.
+  const [stateText, level] = ramp.state === null ? ["starting", "quiet"] : RAMP_STATES[ramp.state] || [String(ramp.state), "warn"];
+  section.className = level;
+  const steps = ramp.steps || [], at = ramp.step_index;
+  document.getElementById("ramp-title").textContent = at === null ? "Ramp: starting" :
+    `Ramp: step ${at + 1} of ${steps.length} (${fmt(ramp.step_percent, "%")}) \u00b7 ${stateText}`;
+  document.getElementById("ramp-steps").replaceChildren(...steps.map((step, i) =>
+    node("li", i === at ? {class: "current", "aria-current": "step"} : i < at ? {class: "passed"} : {}, fmt(step, "%"))));
+  const state = document.getElementById("ramp-state");
+  state.className = level;
+  state.textContent = ramp.reason ? `${stateText}: ${ramp.reason}` : stateText;
+  const next = [];
+  if (ramp.state !== "paused" && ramp.state !== "done") {
+    if (ramp.next_step_in_seconds > 0) next.push(`next step in ${countdown(ramp.next_step_in_seconds)}`);
+    if (ramp.waiting_for) next.push(`waiting for ${ramp.waiting_for}`);
+    else if (ramp.next_step_in_seconds === 0) next.push("next step due now");
+  }
+  const nextLine = document.getElementById("ramp-next");
+  nextLine.hidden = !next.length;
+  nextLine.textContent = next.join(" \u00b7 ");
+  const since = ramp.since ? ` since ${ramp.since.slice(11, 19)} UTC` : "";
+  document.getElementById("ramp-window").textContent =
+    `${ramp.sessions} of ${ramp.min_sessions} new-backend sessions in this step's window${since} (every replica) ` +
+    `\u00b7 hold ${ramp.hold_minutes} min \u00b7 on failure: ${ramp.on_failure === "step_back" ? "step back" : "hold"}` +
+    (ramp.store_available === false ? " \u00b7 the shared store is not answering" : "");
+  document.getElementById("ramp-gates").replaceChildren(...(ramp.gates || []).map(gate => {
+    const tr = node("tr", {"data-gate": gate.name});
+    const verdict = !gate.ok ? "failing" : gate.value === null ? "ok (no data yet)" : "ok";
+    for (const [text, cls] of [[gate.name], [gateNumber(gate, gate.value)],
+                               [`${gate.bound === "min" ? "\u2265" : "\u2264"} ${gateNumber(gate, gate.threshold, true)}`],
+                               [verdict, gate.ok ? "" : "bad"], [gate.detail]]) {
+      tr.appendChild(node("td", cls ? {class: cls} : {}, text));
+    }
+    return tr;
+  }));
 }
 
 // Today's users per app version (usage.app_version), as the gateway last read them from its store.

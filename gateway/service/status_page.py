@@ -52,6 +52,7 @@ class Sample:
     configured_percent: float = 0.0
     effective_percent: float = 0.0
     guard_state: float = 0.0  # 0 healthy, 1 recovering, 2 tripped
+    ramp_step_percent: float | None = None  # None while rollout.ramp is off (the gauge is NaN)
 
 
 def sample_of(families: Iterable[Metric], at: float) -> Sample:
@@ -94,7 +95,13 @@ def sample_of(families: Iterable[Metric], at: float) -> Sample:
         configured_percent=totals.get("ws_gateway_rollout_configured_percent", 0.0),
         effective_percent=totals.get("ws_gateway_rollout_effective_percent", 0.0),
         guard_state=totals.get("ws_gateway_guard_state", 0.0),
+        ramp_step_percent=_number(totals.get("ws_gateway_ramp_step_percent")),
     )
+
+
+def _number(value: float | None) -> float | None:
+    """A gauge's value for JSON, where NaN (a gauge saying "off") cannot go."""
+    return None if value is None or math.isnan(value) else value
 
 
 def quantile(q: float, before: Buckets, after: Buckets) -> float | None:
@@ -149,6 +156,7 @@ def interval(a: Sample, b: Sample) -> dict[str, Any]:
         "configured_percent": b.configured_percent,
         "effective_percent": b.effective_percent,
         "guard_state": b.guard_state,
+        "ramp_step_percent": b.ramp_step_percent,
     }
     for backend in BACKENDS:
         point[f"sessions_per_s_{backend}"] = _rate(a.opened.get(backend, 0.0), b.opened.get(backend, 0.0), seconds)

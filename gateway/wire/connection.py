@@ -71,7 +71,10 @@ class Connection:
         client_deflate: Deflate | None,
         clock: Callable[[], float],
         byte_relay: bool = True,
+        app_header: tuple[str, str] | None = None,
     ) -> None:
+        """`app_header`: the ``usage.app_version`` header when it is not among `upstream_headers`
+        (counted with the session, not forwarded)."""
         self.services = services
         self.session = session
         self.client = client
@@ -89,6 +92,7 @@ class Connection:
         self.byte_relay = byte_relay
         self.access: dict[str, Any] = {}  # the upgrade request, for the log line (remote, method, path, status)
         self._upstream_headers = upstream_headers
+        self._reported_headers = upstream_headers if app_header is None else [*upstream_headers, app_header]
         self._client_deflate = client_deflate
         limit = session.config.limits.max_message_bytes
         inflater = Inflater(no_context_takeover=client_deflate.client_no_context_takeover) if client_deflate else None
@@ -400,7 +404,7 @@ class Connection:
             timer.cancel()
         self._timers.clear()
         self.services.session_ready(
-            session.auth_style, session.backend, session.identity.user_id, self.ready_at - self.started, self._upstream_headers
+            session.auth_style, session.backend, session.identity.user_id, self.ready_at - self.started, self._reported_headers
         )
         client.peer, upstream.peer = upstream, client
         reply = self.reply = Reply(self.services.reply_observer(session.backend))

@@ -71,6 +71,10 @@ def request_id(given: str | None) -> str:
     return os.urandom(16).hex()
 
 
+FORWARDED_CLIENT_HEADERS = ("User-Agent", "Origin", "Accept-Language")
+_FORWARDED_LOWER = frozenset(name.lower() for name in FORWARDED_CLIENT_HEADERS)
+
+
 def upstream_headers(request: handshake.Request, peer: str, rid: str, proto: str) -> list[tuple[str, str]]:
     """Headers that tell the backend who the client is, as a reverse proxy would."""
     prior = request.headers.get("X-Forwarded-For")
@@ -79,11 +83,20 @@ def upstream_headers(request: handshake.Request, peer: str, rid: str, proto: str
         ("X-Forwarded-Proto", proto),
         ("X-Request-ID", rid),
     ]
-    for name in ("User-Agent", "Origin", "Accept-Language"):
+    for name in FORWARDED_CLIENT_HEADERS:
         value = request.headers.get(name)
         if value is not None:
             headers.append((name, value))
     return headers
+
+
+def app_header(request: handshake.Request, config: Config) -> tuple[str, str] | None:
+    """The ``usage.app_version`` header when it is one the backend is not sent (`upstream_headers`)."""
+    settings = config.usage.app_version
+    if settings is None or settings.header.lower() in _FORWARDED_LOWER:
+        return None
+    value = request.headers.get(settings.header)
+    return (settings.header, value) if value is not None else None
 
 
 def deprecation_headers(config: Config) -> list[tuple[str, str]]:
@@ -287,6 +300,7 @@ class RequestPhase(asyncio.Protocol):
             client_deflate=agreed[0] if agreed else None,
             clock=self.clock,
             byte_relay=gateway.byte_relay,
+            app_header=app_header(request, config),
         )
         conn.started = self.started
         conn.access = {"remote": peer, "method": request.method, "path": request.path, "status": 101}
