@@ -6,10 +6,11 @@ import re
 
 import pytest
 
+from gateway.core.config import GatesConfig
 from gateway.core.configparse import parse_config
 from gateway.core.ramp import Gate
 from gateway.staging.drill_plan import (
-    HEAL_SECONDS, MAX_FAILURE_RATIO, REPLY_RATIO_MAX, Plan, RampLeg, StepStats, Usage, failed_gates, parse_steps, percentile, ramp_table,
+    HEAL_SECONDS, MAX_FAILURE_RATIO, Plan, RampLeg, StepStats, Usage, failed_gates, parse_steps, percentile, ramp_table,
     ramp_verdict, table, verdict,
 )
 from gateway.service.store import DayUsage
@@ -202,7 +203,7 @@ def test_min_sessions_is_half_what_the_quietest_step_sees_in_a_hold() -> None:
 def test_the_drills_ramp_config_is_one_the_gateway_accepts() -> None:
     ramp = parse_config(raw_config("s" * 32, RAMP, 1, 2)).rollout.ramp
     assert ramp.enabled and ramp.steps == RAMP.path and ramp.on_failure == "step_back"
-    assert ramp.gates.success_rate_min == 0.95 and ramp.gates.reply_ratio_max == REPLY_RATIO_MAX
+    assert ramp.gates.success_rate_min == 0.95 and ramp.gates == GatesConfig()
 
 
 def test_the_guard_cools_down_until_the_heal_has_landed() -> None:

@@ -15,7 +15,7 @@ from gateway.wire.frames import parse_header
 
 from .helpers import TIMEOUT, Servers, make_token
 from .test_relay_switch import wire_stack
-from .wire import BackendWire, WireBackend, WireClient, frame_bytes
+from .wire import BackendWire, WireClient, frame_bytes
 
 pytestmark = pytest.mark.relays("byte", "frame")
 

@@ -484,8 +484,7 @@ def _report_start(drill: Drill, report: Callable[[str], None]) -> None:
                f"rollout.ramp {steps}")
         report(f"  ramp:        hold {ramp['hold_minutes']:g} min ({plan.step_seconds:.1f} s), min_sessions {ramp['min_sessions']} "
                f"(at {plan.path[0]:g}% {plan.routed_new(plan.path[0])} apps go new), on_failure step_back")
-        report(f"  gates:       at their defaults but reply_ratio_max {ramp['gates']['reply_ratio_max']:g} "
-               "(sub-millisecond stubs: one hiccup moves the ratio)")
+        report("  gates:       the plan's defaults (success >= 95%, auth failures <= 5%, reply <= 2 s avg and <= 1.5x old)")
     else:
         report(f"ws-gateway drill: {plan.apps} apps ({legacy} legacy, URL token) for {plan.duration:g} s; "
                f"new_percent {steps}, {plan.step_seconds:g} s per step")

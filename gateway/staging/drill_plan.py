@@ -33,11 +33,6 @@ MIN_HOLD_SECONDS = 4.0  # under this a hold is mostly the ramp's once-a-second s
 # a guard cooldown at least this long ends after the heal, so no recovery step meets the fault.
 HEAL_SECONDS = 2.0
 STOPPED = ("stepped_back", "holding")  # the ramp's states after a failure
-# The stubs answer in well under a millisecond, where one scheduling hiccup moves a window's
-# average: on a healthy loopback new ÷ old went over 2 within a step's window, and the
-# default 1.5 stopped the ramp with nothing wrong. The drill's fault is in handshakes, which
-# success_rate and the guard judge.
-REPLY_RATIO_MAX = 10.0
 
 
 @dataclass(frozen=True)
@@ -136,15 +131,13 @@ class Plan:
         return math.floor(self.routed_new(self.path[0]) * self.step_seconds / cycle / 2)
 
     def ramp_config(self) -> dict[str, Any]:
-        """``rollout.ramp``: the path with the hold scaled to the run; the gates at their
-        defaults but reply_ratio (REPLY_RATIO_MAX)."""
+        """``rollout.ramp``: the path with the hold scaled to the run, the gates at the plan's defaults."""
         return {
             "enabled": True,
             "steps": list(self.path),
             "hold_minutes": round(self.step_seconds / 60, 4),
             "min_sessions": self.min_sessions(),
             "on_failure": "step_back",
-            "gates": {"reply_ratio_max": REPLY_RATIO_MAX},
         }
 
     def is_legacy(self, app: int) -> bool:
