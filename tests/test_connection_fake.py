@@ -64,7 +64,9 @@ class FakeServices:
     def upstream_connected(self, backend: str, seconds: float) -> None:
         self.calls.append(("upstream_connected", backend))
 
-    def upstream_result(self, backend: str, result: str) -> None:
+    ramp_window = None
+
+    def upstream_result(self, backend: str, result: str, ramp_window: int | None) -> None:
         self.calls.append(("upstream_result", backend, result))
 
     def upstream_error(self, backend: str, url: str, error: BaseException) -> dict[str, Any]:

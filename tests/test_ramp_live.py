@@ -27,6 +27,7 @@ from .redis_server import RedisServer, redis_server  # noqa: F401 - fixture
 
 HOLD_MINUTES = 10
 HOLD = HOLD_MINUTES * 60.0
+IN_FLIGHT_SECONDS = 2.0  # how long the new backend holds an upgrade while the test moves the ramp
 SALT = "test-salt"
 
 
@@ -229,11 +230,36 @@ async def test_a_guard_trip_steps_the_ramp_back(servers: Servers) -> None:
     assert status["effective_percent"] == 0.0  # the guard still overrides the step
 
 
-def _record(*, step_index: int, steps: tuple[float, ...] = (10.0, 50.0, 100.0), version: int = 2) -> dict[str, Any]:
+def _record(
+    *, step_index: int, steps: tuple[float, ...] = (10.0, 50.0, 100.0), version: int = 2, window: int = 5
+) -> dict[str, Any]:
     return {
         "step_index": step_index, "step_percent": steps[step_index], "steps": list(steps), "state": "advancing",
-        "reason": "set by the test", "since": 0.0, "window": 5, "version": version,
+        "reason": "set by the test", "since": 0.0, "window": window, "version": version,
     }
+
+
+async def test_an_attempt_counts_in_the_window_it_began_in_not_the_next(servers: Servers) -> None:
+    """A failing step's handshakes still in flight when the ramp steps back end in the next
+    step's window: they must not fail that step too."""
+    stack = await ramped(servers, Clock(), rollout=ramp(min_sessions=1))
+    assert await stack.gateway.store.write_ramp(_record(step_index=1), 1)
+    await stack.gateway.sync_ramp_once()
+    await set_faults(stack.new_port, refuse_status=503, upgrade_delay=IN_FLIGHT_SECONDS)
+    app = asyncio.create_task(session(stack, "qa-1"))
+
+    async def upgrade_held() -> bool:
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{stack.new_port}/stub/faults") as response:
+            return (await response.json())["upgrades"] == 1
+
+    assert await eventually(upgrade_held)
+    assert await stack.gateway.store.write_ramp(_record(step_index=0, version=3, window=6), 2)  # a step back meanwhile
+    await stack.gateway.sync_ramp_once()
+    assert await app == "old"  # refused after the step back; the app fell back
+    await stack.gateway.sync_ramp_once()
+    status = (await rollout(stack))["ramp"]
+    assert (status["step_percent"], status["state"], status["sessions"]) == (10.0, "advancing", 0)
+    assert metric(stack, "ws_gateway_upstream_failures_total", backend="new", reason="connect") == 1.0  # a failure all the same
 
 
 async def test_paused_and_enabled_false_take_effect_on_reload_of_the_file(servers: Servers, tmp_path: Path) -> None:

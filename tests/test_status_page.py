@@ -485,7 +485,7 @@ async def test_browser_shows_the_ramps_plan_state_reason_gates_and_next_step() -
     assert ('<p id="ramp-state" class="bad">stepped back: success_rate 0.62 &lt; 0.95 (31 of 50 opened), over 50 '
             "new-backend sessions: stepped back from 25% to 5% &lt;b&gt;</p>") in dom
     assert "next step in 6:53 · waiting for 38 of 100 new-backend sessions</p>" in dom
-    assert "38 of 100 new-backend sessions in this step's window since 07:00:00 UTC" in dom
+    assert "38 new-backend sessions in this step's window since 07:00:00 UTC (every replica; judged from 100)" in dom
     assert ('<tr data-gate="success_rate"><td>success_rate</td><td>0.842</td><td>≥ 0.95</td><td class="bad">failing</td>'
             "<td>32 of 38 opened</td></tr>") in dom
     assert '<tr data-gate="auth_failure_rate"><td>auth_failure_rate</td><td>0</td><td>≤ 0.05</td><td>ok</td>' in dom

@@ -3,9 +3,10 @@ step's window and runs the same decision (`core.ramp.decide`); a change is writt
 compare-and-set, so when several decide at once one writes and the others follow it.
 
 A replica counts its window from the moment it learns of it (its totals then are the
-window's baseline), so a session started within a sync of a change may count towards the
-step before: the numbers are the step's to within `RAMP_SYNC_SECONDS`. While the store is
-down the ramp holds its step on every replica (none may write), and says so.
+window's baseline), within `RAMP_SYNC_SECONDS` of the change. A new-backend attempt counts
+in the window it began in, or in none (`window`): the handshakes a failing step left in
+flight end after the step back, and must not fail the step it stepped back to. While the
+store is down the ramp holds its step on every replica (none may write), and says so.
 """
 
 from __future__ import annotations
@@ -110,6 +111,11 @@ class RampSync:
         if not self.reachable:
             status["waiting_for"] = "the shared store to answer"
         return status
+
+    @property
+    def window(self) -> int | None:
+        """The window this replica counts for (None before its first sync)."""
+        return self._window
 
     def _follow(self, window: int) -> bool:
         """Count from now on for `window`; whether it is a window this replica had not counted for."""

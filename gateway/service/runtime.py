@@ -387,12 +387,17 @@ class Gateway:
     def upstream_connected(self, backend: str, seconds: float) -> None:
         self.metrics.upstream_connect_seconds.labels(backend).observe(seconds)
 
-    def upstream_result(self, backend: str, result: str) -> None:
+    @property
+    def ramp_window(self) -> int | None:
+        return self.ramp_sync.window
+
+    def upstream_result(self, backend: str, result: str, ramp_window: int | None) -> None:
         """How one upstream attempt ended: ok, connect, handshake, rejected (the token) or
-        bad_request (the client's request); only the backend's own faults reach the guard."""
+        bad_request (the client's request); only the backend's own faults reach the guard,
+        and only an attempt begun in the ramp's current window counts in it."""
         if result != "ok":
             self.metrics.upstream_failures.labels(backend, result).inc()
-        if backend == "new" and result != "bad_request":
+        if backend == "new" and result != "bad_request" and ramp_window == self.ramp_sync.window:
             counts = self._new_upstream
             counts[0] += 1
             counts[1] += result == "ok"

@@ -356,7 +356,8 @@ function renderRamp(ramp) {
   nextLine.textContent = next.join(" \u00b7 ");
   const since = ramp.since ? ` since ${ramp.since.slice(11, 19)} UTC` : "";
   document.getElementById("ramp-window").textContent =
-    `${ramp.sessions} of ${ramp.min_sessions} new-backend sessions in this step's window${since} (every replica) ` +
+    `${ramp.sessions} new-backend sessions in this step's window${since} (every replica; ` +
+    (ramp.min_sessions ? `judged from ${ramp.min_sessions}) ` : "judged from the first) ") +
     `\u00b7 hold ${ramp.hold_minutes} min \u00b7 on failure: ${ramp.on_failure === "step_back" ? "step back" : "hold"}` +
     (ramp.store_available === false ? " \u00b7 the shared store is not answering" : "");
   document.getElementById("ramp-gates").replaceChildren(...(ramp.gates || []).map(gate => {

@@ -108,6 +108,7 @@ class Connection:
         self._asked_at: float | None = None  # the first chat frame read before it
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connecting: asyncio.Task[None] | None = None
+        self._ramp_window: int | None = None  # the ramp's window as the upstream attempt began
         self.relay: RelayRules | None = None  # from the switch to the relay
         client.owner = self
 
@@ -162,7 +163,7 @@ class Connection:
                 self.client.send_message(action.data)
             elif kind is UpstreamResult:
                 assert isinstance(action, UpstreamResult)
-                self.services.upstream_result(action.backend, action.result)
+                self.services.upstream_result(action.backend, action.result, self._ramp_window)
             elif kind is FetchKeys:
                 self._spawn(self._fetch_keys())
             elif kind is RouteUser:
@@ -290,6 +291,7 @@ class Connection:
         session = self.session
         started = self.clock()
         services = self.services
+        self._ramp_window = services.ramp_window
         try:
             opened = await open_upstream(
                 services.connector, action, self._upstream_headers, self._client_deflate, session.connect_timeout,
