@@ -330,8 +330,9 @@ def failed_gates(reason: str) -> list[str]:
 
 def _stop_part(plan: Plan, legs: list[RampLeg]) -> tuple[bool, str]:
     """Whether the ramp stopped at the fault, and not before it. A stop after the heal is named
-    but passes: the step's fresh window may still count the fault's last handshakes (they end
-    at their timeout), and what it costs shows in whether the ramp reached 100 % in time."""
+    but passes: when the gate stepped back first, the guard may still trip on the fault's last
+    handshakes (they end at their timeout), a trip in the next step's window, and what it
+    costs shows in whether the ramp reached 100 % in time."""
     stops = [i for i, leg in enumerate(legs) if leg.state in STOPPED]
     fault = next((i for i, leg in enumerate(legs) if leg.fault), None)
     percent = plan.path[plan.fault_step]
