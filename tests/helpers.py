@@ -6,6 +6,7 @@ import asyncio
 import copy
 import json
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -24,6 +25,7 @@ from gateway.core.closecodes import SENDABLE
 from gateway.core.config import Config
 from gateway.core.configparse import parse_config
 from gateway.wire.listener import Listener
+from gateway.service import status_assets
 from gateway.service.runtime import Gateway
 from gateway.service.server import RunningGateway, start_site
 from gateway.staging.stub_backend import create_stub_app
@@ -157,6 +159,41 @@ async def headless_chromium(
             with suppress(ProcessLookupError):
                 os.killpg(browser.pid, signal.SIGKILL)
             await browser.wait()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+async def dump_dom(url: str) -> str:
+    """The page's DOM after its script ran, from headless Chromium."""
+    assert CHROMIUM is not None
+    async with headless_chromium(
+        CHROMIUM, url, "--virtual-time-budget=3000", "--dump-dom", stdout=asyncio.subprocess.PIPE
+    ) as browser, asyncio.timeout(3 * TIMEOUT):
+        out, _ = await browser.communicate()
+    return out.decode()
+
+
+async def status_page_dom(status: dict[str, Any]) -> str:
+    """The status page's DOM with `status` as its status.json, served on a free loopback port."""
+    app = web.Application()
+    for path, body, content_type in (
+        ("/", status_assets.PAGE, "text/html"), ("/status.js", status_assets.SCRIPT, "text/javascript"),
+        ("/status.css", status_assets.STYLE, "text/css"), ("/status.json", json.dumps(status), "application/json"),
+    ):
+        app.router.add_get(path, _serving(body, content_type))
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    try:
+        return await dump_dom(f"http://127.0.0.1:{port}/")
+    finally:
+        await runner.cleanup()
+
+
+def _serving(body: str, content_type: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text=body, content_type=content_type)
+
+    return handler
 
 
 def metric(stack: Stack, name: str, **labels: str) -> float:

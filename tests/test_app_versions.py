@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -20,10 +19,8 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 import yaml
-from aiohttp import web
 
 import gateway as gateway_package
-from gateway.service import status_assets
 from gateway.service.admin import create_admin_app
 from gateway.service.appversion import app_version
 from gateway.core.config import AppVersionConfig
@@ -33,7 +30,9 @@ from gateway.service.server import start_site
 from gateway.service.status_page import History, Sample, status_json
 from gateway.service.store import MemoryStore, RedisStore, SqliteStore, Store, StoreUnavailable, VersionUsage, utc_day
 
-from .helpers import TIMEOUT, Servers, eventually, headless_chromium, make_config, make_token, open_client, raw_config
+from .helpers import (
+    CHROMIUM, TIMEOUT, Servers, eventually, make_config, make_token, open_client, raw_config, status_page_dom,
+)
 from .redis_server import RedisServer, redis_server  # noqa: F401 - fixture
 
 PATTERN = "WealthCoach/(?P<version>[0-9.]+)"
@@ -356,7 +355,6 @@ async def test_status_json_and_rollout_show_todays_table_per_version() -> None:
     assert rollout["app_versions"]["versions"] == body["versions"]
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
@@ -371,29 +369,8 @@ async def test_browser_draws_the_table_per_version_as_text() -> None:
             {"version": "<b>2.2</b>", "users": 80, "users_legacy": 30, "legacy_share_percent": 37.5, "last_seen": NOON},
         ],
     }
-    body = status_json(history, history.samples[-1], {"guard": {}, "app_versions": table})
 
-    def serving(text: str, content_type: str) -> Any:
-        async def handler(request: web.Request) -> web.Response:
-            return web.Response(text=text, content_type=content_type)
-
-        return handler
-
-    app = web.Application()
-    app.router.add_get("/", serving(status_assets.PAGE, "text/html"))
-    app.router.add_get("/status.js", serving(status_assets.SCRIPT, "text/javascript"))
-    app.router.add_get("/status.css", serving(status_assets.STYLE, "text/css"))
-    app.router.add_get("/status.json", serving(json.dumps(body), "application/json"))
-    runner, port = await start_site(app, "127.0.0.1", 0)
-    try:
-        assert CHROMIUM is not None
-        async with headless_chromium(
-            CHROMIUM, f"http://127.0.0.1:{port}/", "--virtual-time-budget=3000", "--dump-dom", stdout=asyncio.subprocess.PIPE
-        ) as browser, asyncio.timeout(3 * TIMEOUT):
-            out, _ = await browser.communicate()
-    finally:
-        await runner.cleanup()
-    dom = out.decode()
+    dom = await status_page_dom(status_json(history, history.samples[-1], {"guard": {}, "app_versions": table}))
     assert '<section id="versions" aria-label="usage by app version">' in dom  # no longer hidden
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(NOON))
     assert f'<tr data-version="2.3.1"><td>2.3.1</td><td>900</td><td>0</td><td>0.00 %</td><td>{when}</td></tr>' in dom

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from dataclasses import replace
 
 import pytest
@@ -18,10 +17,8 @@ from aiohttp import web
 from gateway.service.admin import create_admin_app
 from gateway.service.server import start_site
 
-from .helpers import TIMEOUT, Servers, Stack, eventually, headless_chromium, make_token
-from .test_status_page import dump_dom
+from .helpers import CHROMIUM, TIMEOUT, Servers, Stack, dump_dom, eventually, headless_chromium, make_token
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed"), pytest.mark.relays("byte", "frame")]
 
 PAGE = """<!doctype html><html><body><script>

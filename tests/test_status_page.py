@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -28,9 +27,10 @@ from gateway.service.runtime import Gateway
 from gateway.service.server import start_site
 from gateway.service.status_page import History, Sample, interval, quantile, sample_of, status_json
 
-from .helpers import SECRET, TIMEOUT, Servers, headless_chromium, make_token, open_client, raw_config
+from .helpers import (
+    CHROMIUM, SECRET, TIMEOUT, Servers, dump_dom, headless_chromium, make_token, open_client, raw_config, status_page_dom,
+)
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 INF = float("inf")
 
 
@@ -369,16 +369,6 @@ async def test_route_refuses_a_missing_or_impossible_user_id(admin, query: str, 
 # -- the page in a real browser ----------------------------------------------------------------------
 
 
-async def dump_dom(url: str) -> str:
-    """The page's DOM after its script ran, from headless Chromium."""
-    assert CHROMIUM is not None
-    async with headless_chromium(
-        CHROMIUM, url, "--virtual-time-budget=3000", "--dump-dom", stdout=asyncio.subprocess.PIPE
-    ) as browser, asyncio.timeout(3 * TIMEOUT):
-        out, _ = await browser.communicate()
-    return out.decode()
-
-
 def eventful_status() -> dict[str, Any]:
     """Ten minutes of a rollout: the new backend fails, the guard trips and recovers."""
     history = History(every=60, window=3600)
@@ -409,25 +399,9 @@ def eventful_status() -> dict[str, Any]:
     return status_json(history, history.samples[-1], rollout)
 
 
-def static(body: str, content_type: str) -> Any:
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(text=body, content_type=content_type)
-
-    return handler
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 async def test_browser_draws_every_chart_and_the_tiles_from_status_json() -> None:
-    app = web.Application()
-    app.router.add_get("/", static(status_assets.PAGE, "text/html"))
-    app.router.add_get("/status.js", static(status_assets.SCRIPT, "text/javascript"))
-    app.router.add_get("/status.css", static(status_assets.STYLE, "text/css"))
-    app.router.add_get("/status.json", static(json.dumps(eventful_status()), "application/json"))
-    runner, port = await start_site(app, "127.0.0.1", 0)
-    try:
-        dom = await dump_dom(f"http://127.0.0.1:{port}/")
-    finally:
-        await runner.cleanup()
+    dom = await status_page_dom(eventful_status())
     assert dom.count("<figure>") == 8
     for series in ("sessions_per_s_old", "sessions_per_s_new", "active_new", "upstream_failures_per_s_new",
                    "reply_p95_new", "reply_avg_new", "effective_percent", "configured_percent", "success_percent"):
@@ -467,18 +441,7 @@ async def test_browser_shows_the_ramps_plan_state_reason_gates_and_next_step() -
     history.add(Sample(at=5.0, ramp_step_percent=5.0))
     rollout = {"configured_percent": 30, "effective_percent": 5, "ramp": stepped_back_ramp(),
                "guard": {"enabled": True, "state": "healthy", "trips": 0}}
-    app = web.Application()
-    for path, body, content_type in (
-        ("/", status_assets.PAGE, "text/html"), ("/status.js", status_assets.SCRIPT, "text/javascript"),
-        ("/status.css", status_assets.STYLE, "text/css"),
-        ("/status.json", json.dumps(status_json(history, Sample(at=10.0, ramp_step_percent=5.0), rollout)), "application/json"),
-    ):
-        app.router.add_get(path, static(body, content_type))
-    runner, port = await start_site(app, "127.0.0.1", 0)
-    try:
-        dom = await dump_dom(f"http://127.0.0.1:{port}/")
-    finally:
-        await runner.cleanup()
+    dom = await status_page_dom(status_json(history, Sample(at=10.0, ramp_step_percent=5.0), rollout))
     assert '<section id="ramp" aria-label="the automatic ramp" class="bad">' in dom
     assert "Ramp: step 2 of 5 (5 %) · stepped back</h2>" in dom
     assert '<li class="passed">1 %</li><li class="current" aria-current="step">5 %</li><li>25 %</li>' in dom
@@ -534,17 +497,7 @@ def success_window_status() -> dict[str, Any]:
 async def test_browser_success_tile_and_its_chart_legend_show_the_same_number() -> None:
     status = success_window_status()
     assert status["recent"]["success_percent"] == 90.0 and status["series"]["success_percent"][-1] == 50.0
-    app = web.Application()
-    for path, body, content_type in (
-        ("/", status_assets.PAGE, "text/html"), ("/status.js", status_assets.SCRIPT, "text/javascript"),
-        ("/status.css", status_assets.STYLE, "text/css"), ("/status.json", json.dumps(status), "application/json"),
-    ):
-        app.router.add_get(path, static(body, content_type))
-    runner, port = await start_site(app, "127.0.0.1", 0)
-    try:
-        dom = await dump_dom(f"http://127.0.0.1:{port}/")
-    finally:
-        await runner.cleanup()
+    dom = await status_page_dom(status)
     assert '<h2>Connection success</h2><div class="value">90 %</div><div class="detail">last 5 min' in dom
     assert '<span class="c-message">success: 90 %</span>' in dom
     assert "success: 50 %" not in dom
