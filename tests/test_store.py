@@ -344,6 +344,31 @@ async def test_a_loop_of_store_calls_stops_when_cancelled(replicas):
     assert task.cancelled()
 
 
+async def test_a_loop_of_session_refreshes_stops_when_cancelled(replicas):
+    """The session refresher's call, cancelled mid-pipeline at shutdown, must stop the loop
+    too: a refresher that lost its cancel hung the store's close."""
+    store = replicas()
+    looping = asyncio.Event()
+    calls = 0
+
+    async def loop() -> None:
+        nonlocal calls
+        while True:
+            await store.refresh_sessions([("alice", "s1"), ("bob", "s2")])
+            calls += 1
+            if calls == 20:
+                looping.set()
+
+    for _ in range(20):
+        calls = 0
+        looping.clear()
+        task = asyncio.create_task(loop())
+        await asyncio.wait_for(looping.wait(), TIMEOUT)
+        task.cancel()
+        await asyncio.wait({task}, timeout=TIMEOUT)
+        assert task.cancelled()
+
+
 # -- replicas sharing one Redis ----------------------------------------------------------------
 
 

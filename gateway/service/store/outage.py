@@ -299,6 +299,7 @@ class Resilient(Store):
             async with asyncio.timeout(self.timeout):
                 await self.remote.ping()
         except self.remote.failures as exc:
+            _cancel_swallowed()
             if self._up:
                 self._failed("probe", exc)
             else:
@@ -306,6 +307,7 @@ class Resilient(Store):
                 self._backoff = min(self._backoff * 2, self._backoff_max)
                 self._retry_at = self.clock() + self._backoff
             return False
+        _cancel_swallowed()
         if not self._up:
             self._recovered()
         return True
@@ -381,7 +383,9 @@ class Resilient(Store):
         try:
             await self.remote.refresh_sessions(held)
         except self.remote.failures as exc:
+            _cancel_swallowed()
             self._failed("refresh_sessions", exc)
+        _cancel_swallowed()
 
     # -- migration usage -------------------------------------------------------------------
 
@@ -408,11 +412,13 @@ class Resilient(Store):
                         await self.remote.write_usage_day(day, pending)
                 except self.remote.failures as exc:
                     self.memory.put_back_usage_day(day, pending)
+                    _cancel_swallowed()
                     self._failed("flush_pending", exc)
                     return False
                 except BaseException:
                     self.memory.put_back_usage_day(day, pending)
                     raise
+                _cancel_swallowed()
                 written += 1
             if written:
                 log.info(f"usage counted during the {kind} outage written to {kind}", extra={"days": written})
