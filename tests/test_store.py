@@ -322,51 +322,39 @@ async def test_a_ramp_record_read_before_an_outage_is_kept_through_it(replicas, 
     assert not await store.write_ramp({**record, "version": 5}, 4)
 
 
+async def stops_when_cancelled(call: Callable[[], Awaitable[object]]) -> None:
+    """A loop of `call`, cancelled after 20 calls, 20 times over: each time the cancel stops it."""
+    for _ in range(20):
+        calls = 0
+        looping = asyncio.Event()
+
+        async def loop() -> None:
+            nonlocal calls
+            while True:
+                await call()
+                calls += 1
+                if calls == 20:
+                    looping.set()
+
+        task = asyncio.create_task(loop())
+        await asyncio.wait_for(looping.wait(), TIMEOUT)
+        task.cancel()
+        await asyncio.wait({task}, timeout=TIMEOUT)
+        assert task.cancelled()
+
+
 async def test_a_loop_of_store_calls_stops_when_cancelled(replicas):
     """redis-py can swallow a cancel that lands mid-command; the store raises it again, so a
     background loop (the ramp's, the guard's) stops with the gateway."""
     store = replicas()
-    looping = asyncio.Event()
-    calls = 0
-
-    async def loop() -> None:
-        nonlocal calls
-        while True:
-            await store.read_ramp()
-            calls += 1
-            if calls == 20:
-                looping.set()
-
-    task = asyncio.create_task(loop())
-    await asyncio.wait_for(looping.wait(), TIMEOUT)
-    task.cancel()
-    await asyncio.wait({task}, timeout=TIMEOUT)
-    assert task.cancelled()
+    await stops_when_cancelled(store.read_ramp)
 
 
 async def test_a_loop_of_session_refreshes_stops_when_cancelled(replicas):
     """The session refresher's call, cancelled mid-pipeline at shutdown, must stop the loop
     too: a refresher that lost its cancel hung the store's close."""
     store = replicas()
-    looping = asyncio.Event()
-    calls = 0
-
-    async def loop() -> None:
-        nonlocal calls
-        while True:
-            await store.refresh_sessions([("alice", "s1"), ("bob", "s2")])
-            calls += 1
-            if calls == 20:
-                looping.set()
-
-    for _ in range(20):
-        calls = 0
-        looping.clear()
-        task = asyncio.create_task(loop())
-        await asyncio.wait_for(looping.wait(), TIMEOUT)
-        task.cancel()
-        await asyncio.wait({task}, timeout=TIMEOUT)
-        assert task.cancelled()
+    await stops_when_cancelled(lambda: store.refresh_sessions([("alice", "s1"), ("bob", "s2")]))
 
 
 # -- replicas sharing one Redis ----------------------------------------------------------------
